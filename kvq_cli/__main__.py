@@ -1,0 +1,3 @@
+from kvq_cli.cli import main
+
+main()

@@ -1,0 +1,248 @@
+"""Thin Typer CLI: parse options, call the library stage, render. Heavy imports stay lazy."""
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from typing import Annotated, Any, Callable, Optional
+
+import typer
+
+from kvq_cli.errors import KvqError
+
+app = typer.Typer(
+    name="kvq",
+    help="Adaptive per-token KV-cache quantization for small LLMs on-device.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+# Shared options, defined once.
+ModelArg = Annotated[Optional[str], typer.Argument(
+    help="Registry alias (see `kvq models`), hub id, or path to a .gguf file. "
+         "Default: smollm2-135m-instruct (embedded).", show_default=False)]
+KvOpt = Annotated[str, typer.Option("--kv", help="KV cache type: stock-f16, stock-q8_0, stock-q4_0.")]
+CtxOpt = Annotated[int, typer.Option("--ctx", help="Context size in tokens (0 = the model's training context).")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Sampling seed (same seed, same output).")]
+ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="CPU threads (default: all cores).")]
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+def _stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
+
+
+def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Map KvqError (and Ctrl-C) to one stderr line and exit code 1 (130 for Ctrl-C)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except KvqError as e:
+            if os.environ.get("KVQ_DEBUG"):
+                raise
+            typer.echo(f"kvq: error: {e.one_line()}", err=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            typer.echo("kvq: interrupted", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+@app.command("models")
+@handle_errors
+def models_cmd(json_out: JsonFlag = False) -> None:
+    """List the SmolLM/SmolLM2 registry with local status.
+
+    Example: kvq models
+    """
+    import json
+
+    from kvq_cli.hub import hub_cached_dir
+    from kvq_cli.models import REGISTRY, local_gguf
+
+    rows = []
+    for spec in REGISTRY.values():
+        gguf = local_gguf(spec)
+        hub = None if gguf else hub_cached_dir(spec)
+        status = ("embedded" if spec.embedded and gguf else "gguf" if gguf
+                  else "checkpoint" if hub else "not downloaded")
+        rows.append({"alias": spec.alias, "repo_id": spec.repo_id, "params": spec.params,
+                     "instruct": spec.instruct, "status": status,
+                     "path": str(gguf or hub) if (gguf or hub) else None})
+    if json_out:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="kvq models")
+    for col in ("alias", "hub repo", "params", "status"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["alias"], r["repo_id"], r["params"], r["status"])
+    Console().print(table)
+
+
+@app.command("pull")
+@handle_errors
+def pull_cmd(
+    model: Annotated[str, typer.Argument(help="Registry alias or hub id, e.g. smollm2-360m-instruct.")],
+    revision: Annotated[Optional[str], typer.Option(help="Hub revision (branch, tag or commit).")] = None,
+) -> None:
+    """Download a model's safetensors checkpoint from the Hugging Face hub (resumable).
+
+    Example: kvq pull smollm2-360m-instruct
+    """
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from kvq_cli.hub import pull
+    from kvq_cli.models import get_spec
+
+    spec = get_spec(model)
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                  TimeRemainingColumn(), console=_stderr_console(), transient=True) as progress:
+        result = pull(spec, revision=revision, progress=progress)
+    where = result.gguf or result.local_dir
+    typer.echo(f"{result.alias}: {where}")
+    if result.note:
+        typer.echo(f"kvq: {result.note}", err=True)
+
+
+@app.command("inspect")
+@handle_errors
+def inspect_cmd(
+    file: Annotated[str, typer.Argument(help="Path to a .gguf file.")],
+    json_out: JsonFlag = False,
+) -> None:
+    """Show a GGUF's architecture, dims, tensor types and metadata (incl. kvq.* keys).
+
+    Example: kvq inspect model.gguf --json
+    """
+    import json
+
+    from kvq_cli.gguf_info import inspect_gguf
+
+    info = inspect_gguf(file)
+    if json_out:
+        typer.echo(json.dumps(info.to_json(), indent=2, default=str))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    out = Console()
+    d = info.dims
+    summary = Table(title=f"{info.path}", show_header=False)
+    for k, v in [("architecture", info.architecture), ("name", info.name),
+                 ("size", f"{info.size_bytes / 2**20:.1f} MiB"), ("gguf version", info.gguf_version),
+                 ("layers", d.n_layer), ("embedding", d.n_embd),
+                 ("heads / kv heads", f"{d.n_head} / {d.n_head_kv}"), ("head dim", d.head_dim),
+                 ("train context", d.n_ctx_train), ("vocab", d.n_vocab),
+                 ("KV elems / token", d.kv_elems_per_token),
+                 ("tensors", f"{info.n_tensors} ({', '.join(f'{k}: {v}' for k, v in info.tensor_types.items())})"),
+                 ("kvq controller", "yes" if info.kvq else "none")]:
+        summary.add_row(k, str(v))
+    out.print(summary)
+    meta = Table(title="metadata")
+    meta.add_column("key")
+    meta.add_column("value", overflow="fold")
+    for k, v in {**info.metadata, **info.kvq}.items():
+        text = str(v)
+        meta.add_row(k, text if len(text) <= 120 else text[:117] + "...")
+    out.print(meta)
+
+
+@app.command("chat")
+@handle_errors
+def chat_cmd(
+    model: ModelArg = None,
+    prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="One-shot: print the reply to this prompt and exit.")] = None,
+    kv: KvOpt = "stock-f16",
+    ctx: CtxOpt = 2048,
+    seed: SeedOpt = 0,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", help="Maximum tokens per reply.")] = 256,
+    temperature: Annotated[float, typer.Option("--temp", help="Sampling temperature (0 = greedy).")] = 0.7,
+    system: Annotated[Optional[str], typer.Option("--system", help="System prompt.")] = None,
+    threads: ThreadsOpt = None,
+) -> None:
+    """Chat with a model (streaming, multi-turn; /exit quits, /reset forgets).
+
+    Example: kvq chat --prompt "Name three colours." --seed 1
+    """
+    from kvq_cli.chat import ChatSession
+    from kvq_cli.config import GenerationConfig
+    from kvq_cli.errors import BadOption
+    from kvq_cli.models import resolve
+    from kvq_cli.runtime.engine import Engine
+    from kvq_cli.runtime.kv import parse_kv
+
+    policy = parse_kv(kv)
+    if ctx < 0:
+        raise BadOption(f"--ctx must be >= 0, got {ctx}")
+    if max_tokens <= 0:
+        raise BadOption(f"--max-tokens must be > 0, got {max_tokens}")
+    resolved = resolve(model)
+    err = _stderr_console()
+    gen = GenerationConfig(max_tokens=max_tokens, temperature=temperature, seed=seed)
+    with Engine(resolved.path, kv=policy, n_ctx=ctx, seed=seed, n_threads=threads) as engine:
+        session = ChatSession(engine, gen, system=system)
+        if prompt is not None:
+            for piece in session.reply(prompt):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+            err.print(engine.kv_stats().summary(), style="dim")
+            return
+        _interactive(session, resolved.name, err)
+
+
+def _interactive(session, name: str, err) -> None:
+    from rich.console import Console
+
+    out = Console(highlight=False)
+    err.print(f"kvq chat: {name}, KV {session.engine.kv.name}, ctx {session.engine.n_ctx}. "
+              "/exit to quit, /reset to forget, Ctrl-C stops a reply.", style="dim")
+    while True:
+        try:
+            line = out.input("[bold green]>>> [/]")
+        except (EOFError, KeyboardInterrupt):
+            out.print()
+            return
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit", "/bye"):
+            return
+        if text == "/reset":
+            session.reset()
+            err.print("(conversation forgotten)", style="dim")
+            continue
+        dropped = session.dropped_turns
+        try:
+            for piece in session.reply(text):
+                out.print(piece, end="", markup=False, highlight=False)
+        except KeyboardInterrupt:
+            out.print(" [interrupted]", style="dim", end="")
+        except KvqError as e:
+            out.print()
+            err.print(f"kvq: {e.one_line()}", style="red")
+            continue
+        out.print()
+        if session.dropped_turns > dropped:
+            err.print("(context full: oldest turns dropped)", style="dim")
+        err.print(session.engine.kv_stats().summary(), style="dim")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

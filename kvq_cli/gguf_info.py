@@ -1,0 +1,154 @@
+"""Read and validate GGUF files: the `kvq inspect` stage and the check every command runs."""
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kvq_cli.errors import InvalidGGUF
+from kvq_cli.gguf_keys import KVQ_PREFIX, Llm
+
+GGUF_MAGIC = b"GGUF"
+# Long arrays (vocab, merges) are summarised rather than dumped.
+MAX_ARRAY_ITEMS = 8
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """Shapes that matter for the KV cache."""
+
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_ctx_train: int
+    n_vocab: int
+
+    @property
+    def kv_elems_per_token(self) -> int:
+        """K and V elements stored per token over all layers."""
+        return 2 * self.n_layer * self.n_head_kv * self.head_dim
+
+
+@dataclass
+class GGUFInfo:
+    """What `kvq inspect` reports about a file."""
+
+    path: str
+    size_bytes: int
+    gguf_version: int
+    architecture: str
+    name: str | None
+    dims: ModelDims
+    n_tensors: int
+    tensor_types: dict[str, int]
+    metadata: dict[str, Any] = field(default_factory=dict)
+    kvq: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-serialisable dict."""
+        from dataclasses import asdict
+
+        d = asdict(self)
+        d["dims"]["kv_elems_per_token"] = self.dims.kv_elems_per_token
+        return d
+
+
+def _summarise(value: Any) -> Any:
+    if isinstance(value, list) and len(value) > MAX_ARRAY_ITEMS:
+        return {"array_len": len(value), "head": value[:MAX_ARRAY_ITEMS]}
+    return value
+
+
+def check_gguf(path: str | os.PathLike) -> Path:
+    """Fail with InvalidGGUF unless `path` is an existing, readable GGUF file."""
+    p = Path(path)
+    if not p.exists():
+        raise InvalidGGUF(f"no such file: {p}")
+    if not p.is_file():
+        raise InvalidGGUF(f"not a file: {p}")
+    try:
+        with p.open("rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise InvalidGGUF(f"cannot read {p}: {e.strerror}") from None
+    if magic != GGUF_MAGIC:
+        raise InvalidGGUF(f"{p} is not a GGUF file (magic {magic!r})")
+    return p
+
+
+def read_gguf(path: str | os.PathLike):
+    """Open a GGUF with gguf-py's reader, verifying every tensor lies inside the file."""
+    import gguf
+
+    p = check_gguf(path)
+    size = p.stat().st_size
+    try:
+        reader = gguf.GGUFReader(p)
+    except Exception as e:  # gguf-py raises ValueError/IndexError/... on damaged headers
+        raise InvalidGGUF(f"{p} is truncated or corrupt ({type(e).__name__}: {e})") from None
+    for t in reader.tensors:
+        if t.data_offset + t.n_bytes > size:
+            raise InvalidGGUF(f"{p} is truncated: tensor {t.name} ends past the end of the file")
+    return reader
+
+
+def field_value(reader, key: str, default: Any = None) -> Any:
+    """The python value of a metadata field, or `default`."""
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    return f.contents()
+
+
+def model_dims(reader) -> tuple[str, ModelDims]:
+    """Architecture name and KV-relevant dims from the metadata."""
+    arch = field_value(reader, Llm.ARCHITECTURE)
+    if not arch:
+        raise InvalidGGUF("GGUF has no general.architecture")
+
+    def get(key: str, default: Any = None) -> Any:
+        return field_value(reader, key.format(arch=arch), default)
+
+    n_embd = int(get(Llm.EMBEDDING_LENGTH, 0))
+    n_head = int(get(Llm.HEAD_COUNT, 0) or 0)
+    n_head_kv = int(get(Llm.HEAD_COUNT_KV, n_head) or n_head)
+    head_dim = int(get(Llm.KEY_LENGTH, 0) or (n_embd // n_head if n_head else 0))
+    n_vocab = get(Llm.VOCAB_SIZE)
+    if n_vocab is None:
+        toks = reader.fields.get("tokenizer.ggml.tokens")
+        n_vocab = len(toks.data) if toks is not None else 0
+    dims = ModelDims(
+        n_layer=int(get(Llm.BLOCK_COUNT, 0)), n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv,
+        head_dim=head_dim, n_ctx_train=int(get(Llm.CONTEXT_LENGTH, 0)), n_vocab=int(n_vocab),
+    )
+    return arch, dims
+
+
+def inspect_gguf(path: str | os.PathLike) -> GGUFInfo:
+    """Architecture, dims, tensor types and metadata (incl. `kvq.*`) of a GGUF file."""
+    reader = read_gguf(path)
+    arch, dims = model_dims(reader)
+    types = Counter(t.tensor_type.name for t in reader.tensors)
+    meta: dict[str, Any] = {}
+    kvq: dict[str, Any] = {}
+    for key, f in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        try:
+            value = f.contents()
+        except Exception:  # an unreadable value is reported, not fatal for inspect
+            value = "<unreadable>"
+        if key.startswith(KVQ_PREFIX):
+            kvq[key] = value if not isinstance(value, list) else _summarise(value)
+        else:
+            meta[key] = _summarise(value)
+    return GGUFInfo(
+        path=str(path), size_bytes=Path(path).stat().st_size,
+        gguf_version=int(field_value(reader, "GGUF.version", 0)), architecture=arch,
+        name=field_value(reader, Llm.NAME), dims=dims, n_tensors=len(reader.tensors),
+        tensor_types=dict(sorted(types.items())), metadata=meta, kvq=kvq,
+    )

