@@ -27,6 +27,7 @@ KvOpt = Annotated[str, typer.Option("--kv", help="KV cache type: stock-f16, stoc
 CtxOpt = Annotated[int, typer.Option("--ctx", help="Context size in tokens (0 = the model's training context).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Sampling seed (same seed, same output).")]
 ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="CPU threads (default: all cores).")]
+OutTypeOpt = Annotated[str, typer.Option("--outtype", help="GGUF weight type: f16, q8_0 or q4_0.")]
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 
@@ -95,24 +96,116 @@ def models_cmd(json_out: JsonFlag = False) -> None:
 def pull_cmd(
     model: Annotated[str, typer.Argument(help="Registry alias or hub id, e.g. smollm2-360m-instruct.")],
     revision: Annotated[Optional[str], typer.Option(help="Hub revision (branch, tag or commit).")] = None,
+    outtype: OutTypeOpt = "f16",
 ) -> None:
-    """Download a model's safetensors checkpoint from the Hugging Face hub (resumable).
+    """Download a model's safetensors checkpoint from the hub (resumable) and convert it to GGUF.
+
+    The GGUF lands in $KVQ_HOME/models (default ~/.cache/kvq/models), with the model's
+    default controller embedded when kvq ships one.
 
     Example: kvq pull smollm2-360m-instruct
     """
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
-
-    from kvq_cli.hub import pull
     from kvq_cli.models import get_spec
 
-    spec = get_spec(model)
-    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                  TimeRemainingColumn(), console=_stderr_console(), transient=True) as progress:
-        result = pull(spec, revision=revision, progress=progress)
-    where = result.gguf or result.local_dir
-    typer.echo(f"{result.alias}: {where}")
+    result = _fetch(get_spec(model), outtype=outtype, revision=revision)
+    typer.echo(f"{result.alias}: {result.gguf}")
     if result.note:
         typer.echo(f"kvq: {result.note}", err=True)
+
+
+def _progress():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeRemainingColumn(), console=_stderr_console(), transient=True)
+
+
+def _tensor_progress(progress, what: str):
+    task = progress.add_task(what, total=None)
+
+    def on_tensor(name: str, i: int, n: int) -> None:
+        progress.update(task, completed=i, total=n, description=f"{what} {name}")
+
+    return on_tensor
+
+
+def _fetch(spec, *, outtype: str = "f16", revision: str | None = None):
+    """Download + convert with progress bars (used by `pull` and by `chat` for a missing model)."""
+    from kvq_cli.convert import pull_and_convert
+
+    with _progress() as progress:
+        result, _ = pull_and_convert(spec, outtype=outtype, revision=revision, progress=progress,
+                                     on_tensor=_tensor_progress(progress, "converting"))
+    return result
+
+
+@app.command("convert")
+@handle_errors
+def convert_cmd(
+    src: Annotated[str, typer.Argument(help="HF checkpoint dir (config.json, *.safetensors, tokenizer.json), or a registry alias / hub id.")],
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Output .gguf (default: $KVQ_HOME/models/ALIAS-OUTTYPE.gguf for an alias, ./DIR-OUTTYPE.gguf for a dir).")] = None,
+    outtype: OutTypeOpt = "f16",
+    controller: Annotated[Optional[str], typer.Option("--controller", help="Controller JSON to embed, or 'default' for the model's shipped one.")] = None,
+) -> None:
+    """Convert an HF SmolLM/SmolLM2 checkpoint to GGUF (atomic: no partial file on failure).
+
+    Example: kvq convert ./SmolLM2-360M --out smollm2-360m.gguf --outtype q8_0
+    """
+    from pathlib import Path
+
+    from kvq_cli.convert import convert, resolve_controller
+    from kvq_cli.errors import ConversionError
+    from kvq_cli.hub import pull
+    from kvq_cli.models import converted_path, get_spec
+
+    alias = None
+    if Path(src).is_dir():
+        model_dir = Path(src)
+        default_out = Path(f"{model_dir.resolve().name}-{outtype}.gguf")
+    elif Path(src).exists():
+        raise ConversionError(f"{src} is a file; SRC must be a checkpoint directory or a model name")
+    else:
+        spec = get_spec(src)
+        alias = spec.alias
+        with _progress() as progress:
+            pulled = pull(spec, progress=progress)
+        if pulled.local_dir is None:
+            raise ConversionError(f"{spec.alias} ships as GGUF ({pulled.gguf}); there is no checkpoint to convert")
+        model_dir = pulled.local_dir
+        default_out = converted_path(alias, outtype)
+        default_out.parent.mkdir(parents=True, exist_ok=True)
+    ctrl = resolve_controller(controller, alias)
+    with _progress() as progress:
+        result = convert(model_dir, out or default_out, outtype=outtype, controller=ctrl,
+                         on_tensor=_tensor_progress(progress, "converting"))
+    typer.echo(str(result.out))
+    _stderr_console().print(
+        f"{result.n_tensors} tensors, {result.n_params / 1e6:.1f}M params, {result.outtype}, "
+        f"{result.size_bytes / 2**20:.1f} MiB" + (", controller embedded" if result.controller else ""),
+        style="dim")
+
+
+@app.command("embed")
+@handle_errors
+def embed_cmd(
+    model: Annotated[str, typer.Argument(help="Input .gguf (left untouched).")],
+    controller: Annotated[str, typer.Argument(help="Controller JSON file (from `kvq train`).")],
+    out: Annotated[str, typer.Option("--out", "-o", help="Output .gguf (must differ from the input).")],
+) -> None:
+    """Copy a GGUF with a controller in its kvq.controller.* metadata (never edits in place).
+
+    Example: kvq embed model.gguf controller.json --out model-kvq.gguf
+    """
+    from kvq_cli.controller import load_controller
+    from kvq_cli.embed import embed
+
+    ctrl = load_controller(controller)
+    with _progress() as progress:
+        task = progress.add_task("copying", total=None)
+        result = embed(model, ctrl, out, on_tensor=lambda name: progress.advance(task))
+    typer.echo(str(result.out))
+    if result.replaced:
+        _stderr_console().print("replaced the controller the input already had", style="dim")
 
 
 @app.command("inspect")
@@ -146,7 +239,7 @@ def inspect_cmd(
                  ("train context", d.n_ctx_train), ("vocab", d.n_vocab),
                  ("KV elems / token", d.kv_elems_per_token),
                  ("tensors", f"{info.n_tensors} ({', '.join(f'{k}: {v}' for k, v in info.tensor_types.items())})"),
-                 ("kvq controller", "yes" if info.kvq else "none")]:
+                 ("kvq controller", _controller_text(info.controller))]:
         summary.add_row(k, str(v))
     out.print(summary)
     meta = Table(title="metadata")
@@ -156,6 +249,15 @@ def inspect_cmd(
         text = str(v)
         meta.add_row(k, text if len(text) <= 120 else text[:117] + "...")
     out.print(meta)
+
+
+def _controller_text(c) -> str:
+    if c is None:
+        return "none"
+    if "error" in c:
+        return f"invalid: {c['error']}"
+    return (f"v{c['version']}, features {', '.join(c['features'])}; precisions {c['precisions']} bits; "
+            f"w1 {c['w1'][0]}x{c['w1'][1]}, w2 {c['w2'][0]}x{c['w2'][1]}; trained for {c['budget_bits']:g} bits")
 
 
 @app.command("chat")
@@ -177,8 +279,8 @@ def chat_cmd(
     """
     from kvq_cli.chat import ChatSession
     from kvq_cli.config import GenerationConfig
-    from kvq_cli.errors import BadOption
-    from kvq_cli.models import resolve
+    from kvq_cli.errors import BadOption, ModelNotDownloaded
+    from kvq_cli.models import get_spec, resolve
     from kvq_cli.runtime.engine import Engine
     from kvq_cli.runtime.kv import parse_kv
 
@@ -187,7 +289,15 @@ def chat_cmd(
         raise BadOption(f"--ctx must be >= 0, got {ctx}")
     if max_tokens <= 0:
         raise BadOption(f"--max-tokens must be > 0, got {max_tokens}")
-    resolved = resolve(model)
+    try:
+        resolved = resolve(model)
+    except ModelNotDownloaded as e:
+        spec = get_spec(model) if model else None
+        if spec is None or spec.embedded:
+            raise
+        _stderr_console().print(f"{e}: pulling it now", style="dim")
+        _fetch(spec)
+        resolved = resolve(model)
     err = _stderr_console()
     gen = GenerationConfig(max_tokens=max_tokens, temperature=temperature, seed=seed)
     with Engine(resolved.path, kv=policy, n_ctx=ctx, seed=seed, n_threads=threads) as engine:

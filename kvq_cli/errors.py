@@ -53,3 +53,7 @@ class RuntimeMissing(KvqError):
 
 class ContextOverflow(KvqError):
     """The prompt does not fit the context window."""
+
+
+class OutputError(KvqError):
+    """An output file could not be written (permissions, disk full, bad path)."""

@@ -47,6 +47,7 @@ class GGUFInfo:
     tensor_types: dict[str, int]
     metadata: dict[str, Any] = field(default_factory=dict)
     kvq: dict[str, Any] = field(default_factory=dict)
+    controller: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-serialisable dict."""
@@ -128,6 +129,22 @@ def model_dims(reader) -> tuple[str, ModelDims]:
     return arch, dims
 
 
+def _controller_summary(reader) -> dict[str, Any] | None:
+    """Version, features, shapes and budget of an embedded controller (or why it is invalid)."""
+    from kvq_cli.controller import controller_from_reader
+    from kvq_cli.errors import ControllerError
+
+    try:
+        c = controller_from_reader(reader)
+    except ControllerError as e:
+        return {"error": e.one_line()}
+    if c is None:
+        return None
+    return {"version": c.version, "features": c.features, "precisions": c.precisions,
+            "w1": [c.hidden, len(c.features)], "w2": [len(c.precisions), c.hidden],
+            "budget_bits": c.budget_bits}
+
+
 def inspect_gguf(path: str | os.PathLike) -> GGUFInfo:
     """Architecture, dims, tensor types and metadata (incl. `kvq.*`) of a GGUF file."""
     reader = read_gguf(path)
@@ -147,7 +164,7 @@ def inspect_gguf(path: str | os.PathLike) -> GGUFInfo:
         else:
             meta[key] = _summarise(value)
     return GGUFInfo(
-        path=str(path), size_bytes=Path(path).stat().st_size,
+        controller=_controller_summary(reader), path=str(path), size_bytes=Path(path).stat().st_size,
         gguf_version=int(field_value(reader, "GGUF.version", 0)), architecture=arch,
         name=field_value(reader, Llm.NAME), dims=dims, n_tensors=len(reader.tensors),
         tensor_types=dict(sorted(types.items())), metadata=meta, kvq=kvq,

@@ -94,8 +94,7 @@ def pull(spec: ModelSpec, *, revision: str | None = None, cache_dir: str | None 
     files = sorted(str(p.relative_to(local_dir)) for p in local_dir.rglob("*") if p.is_file())
     if not any(f.endswith(".safetensors") for f in files):
         raise DownloadError(f"{spec.repo_id}: no safetensors weights in {local_dir}")
-    return PullResult(spec.alias, spec.repo_id, "hub", local_dir=local_dir, files=files,
-                      note="checkpoint is in the hub cache; GGUF conversion (`kvq convert`) is not implemented yet")
+    return PullResult(spec.alias, spec.repo_id, "hub", local_dir=local_dir, files=files)
 
 
 def hub_cached_dir(spec: ModelSpec) -> Path | None:

@@ -64,3 +64,24 @@ def write_tiny_gguf(path: Path, extra: dict | None = None) -> Path:
 @pytest.fixture()
 def tiny_gguf(tmp_path) -> Path:
     return write_tiny_gguf(tmp_path / "tiny.gguf")
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoint(tmp_path_factory, model_path) -> Path:
+    """A real HF-format checkpoint rebuilt from the embedded GGUF (see tests/hf_fixture.py)."""
+    from .hf_fixture import build_hf_checkpoint
+
+    return build_hf_checkpoint(model_path, tmp_path_factory.mktemp("hf") / "SmolLM2-135M-Instruct")
+
+
+@pytest.fixture(scope="session")
+def converted_f16(tmp_path_factory, hf_checkpoint) -> Path:
+    """`kvq convert` of the rebuilt checkpoint at f16."""
+    from kvq_cli.convert import convert
+
+    out = tmp_path_factory.mktemp("conv") / "smollm2-135m-instruct-f16.gguf"
+    convert(hf_checkpoint, out, outtype="f16")
+    return out
+
+
+GOLDEN = ROOT / "tests" / "golden"

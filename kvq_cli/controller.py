@@ -1,0 +1,202 @@
+"""The precision controller: a tiny MLP over per-token features, its file format and GGUF keys.
+
+Forward pass (the C runtime computes the same):
+    z      = (x - feature_mean) / feature_std          x: [n_features]
+    h      = relu(w1 @ z + b1)                          w1: [hidden, n_features]
+    logits = w2 @ h + b2                                w2: [n_precisions, hidden]
+    bits   = precisions[argmax(logits)]
+The controller file (`kvq train --out`, `kvq embed`, `kvq convert --controller`) is JSON with
+the same fields, matrices as nested lists.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kvq_cli.errors import ControllerError
+from kvq_cli.gguf_keys import Controller as K
+
+CONTROLLER_VERSION = 1
+# Features the runtime computes per token, by name (order in a controller is its own).
+KNOWN_FEATURES = (
+    "token_freq",      # occurrences of this token id so far / tokens so far
+    "quality",         # quantization-damage proxy: relative K/V error at the lowest precision
+    "attn_var",        # variance across heads of the attention the token received
+    "attn_entropy",    # entropy of the attention rows that attended to it
+    "layer_frac",      # layer index / n_layer (for per-token-and-layer decisions)
+    "position_frac",   # position / context size
+    "k_absmax",        # max |K| of the token
+    "v_absmax",        # max |V| of the token
+)
+PRECISION_BITS = (2, 4, 8, 16)
+
+
+@dataclass
+class ControllerSpec:
+    """Weights, normalisation and metadata of one controller."""
+
+    features: list[str]
+    precisions: list[int]
+    w1: list[list[float]]
+    b1: list[float]
+    w2: list[list[float]]
+    b2: list[float]
+    feature_mean: list[float]
+    feature_std: list[float]
+    budget_bits: float = 0.0
+    version: int = CONTROLLER_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def hidden(self) -> int:
+        return len(self.b1)
+
+    def validate(self) -> "ControllerSpec":
+        """Check version, names, shapes and finiteness; raise ControllerError on the first problem."""
+        if self.version != CONTROLLER_VERSION:
+            raise ControllerError(f"unsupported controller version {self.version} "
+                                  f"(this kvq reads version {CONTROLLER_VERSION})")
+        nf, nh, npr = len(self.features), len(self.b1), len(self.b2)
+        if nf == 0 or nh == 0:
+            raise ControllerError("controller has no features or no hidden units")
+        unknown = [f for f in self.features if f not in KNOWN_FEATURES]
+        if unknown:
+            raise ControllerError(f"controller uses unknown feature(s) {', '.join(unknown)}",
+                                  hint=f"known: {', '.join(KNOWN_FEATURES)}")
+        if len(set(self.features)) != nf:
+            raise ControllerError("controller lists a feature twice")
+        bad_prec = [p for p in self.precisions if p not in PRECISION_BITS]
+        if bad_prec or len(self.precisions) != npr or npr < 2:
+            raise ControllerError(f"controller precisions {self.precisions} must be {npr} >= 2 "
+                                  f"values from {PRECISION_BITS}, one per output")
+        shapes = {"w1": (self.w1, (nh, nf)), "w2": (self.w2, (npr, nh))}
+        for name, (mat, (rows, cols)) in shapes.items():
+            if len(mat) != rows or any(len(r) != cols for r in mat):
+                raise ControllerError(f"controller {name} must be {rows}x{cols}")
+        for name, vec in (("feature_mean", self.feature_mean), ("feature_std", self.feature_std)):
+            if len(vec) != nf:
+                raise ControllerError(f"controller {name} must have {nf} values")
+        if any(s <= 0 for s in self.feature_std if math.isfinite(s)):
+            raise ControllerError("controller feature_std must be > 0")
+        for name in ("w1", "b1", "w2", "b2", "feature_mean", "feature_std"):
+            value = getattr(self, name)
+            flat = [x for r in value for x in r] if name in ("w1", "w2") else value
+            if not all(isinstance(x, (int, float)) and math.isfinite(x) for x in flat):
+                raise ControllerError(f"controller {name} has non-finite values")
+        if not math.isfinite(self.budget_bits):
+            raise ControllerError("controller budget_bits is not finite")
+        return self
+
+    # -- decisions (NumPy reference of the C forward pass) ------------------------
+    def logits(self, x):
+        """Output logits for a [n, n_features] feature matrix."""
+        import numpy as np
+
+        z = (np.asarray(x, np.float32) - np.asarray(self.feature_mean, np.float32)) \
+            / np.asarray(self.feature_std, np.float32)
+        h = np.maximum(z @ np.asarray(self.w1, np.float32).T + np.asarray(self.b1, np.float32), 0)
+        return h @ np.asarray(self.w2, np.float32).T + np.asarray(self.b2, np.float32)
+
+    def decide(self, x):
+        """Chosen precision in bits per row of `x`."""
+        import numpy as np
+
+        return np.asarray(self.precisions)[np.argmax(self.logits(x), axis=-1)]
+
+    # -- file format --------------------------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        return {"format": "kvq-controller", "version": self.version, "features": self.features,
+                "precisions": self.precisions, "budget_bits": self.budget_bits, "w1": self.w1,
+                "b1": self.b1, "w2": self.w2, "b2": self.b2, "feature_mean": self.feature_mean,
+                "feature_std": self.feature_std, **({"extra": self.extra} if self.extra else {})}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "ControllerSpec":
+        if not isinstance(d, dict) or d.get("format") != "kvq-controller":
+            raise ControllerError("not a kvq controller file (missing \"format\": \"kvq-controller\")")
+        try:
+            spec = cls(features=list(d["features"]), precisions=[int(p) for p in d["precisions"]],
+                       w1=[[float(x) for x in r] for r in d["w1"]], b1=[float(x) for x in d["b1"]],
+                       w2=[[float(x) for x in r] for r in d["w2"]], b2=[float(x) for x in d["b2"]],
+                       feature_mean=[float(x) for x in d["feature_mean"]],
+                       feature_std=[float(x) for x in d["feature_std"]],
+                       budget_bits=float(d.get("budget_bits", 0.0)), version=int(d["version"]),
+                       extra=dict(d.get("extra", {})))
+        except KeyError as e:
+            raise ControllerError(f"controller file lacks field {e.args[0]!r}") from None
+        except (TypeError, ValueError) as e:
+            raise ControllerError(f"controller file has a malformed field ({e})") from None
+        return spec.validate()
+
+    # -- GGUF metadata ------------------------------------------------------------
+    def gguf_items(self) -> list[tuple[str, Any, str]]:
+        """(key, value, kind) triples to write; kind is 'u32', 'f32', 'f32[]', 'i32[]' or 'str[]'."""
+        flat = lambda m: [float(x) for r in m for x in r]  # noqa: E731 (row-major)
+        return [
+            (K.VERSION, self.version, "u32"),
+            (K.FEATURES, list(self.features), "str[]"),
+            (K.PRECISIONS, [int(p) for p in self.precisions], "i32[]"),
+            (K.HIDDEN, self.hidden, "u32"),
+            (K.W1, flat(self.w1), "f32[]"),
+            (K.B1, [float(x) for x in self.b1], "f32[]"),
+            (K.W2, flat(self.w2), "f32[]"),
+            (K.B2, [float(x) for x in self.b2], "f32[]"),
+            (K.FEATURE_MEAN, [float(x) for x in self.feature_mean], "f32[]"),
+            (K.FEATURE_STD, [float(x) for x in self.feature_std], "f32[]"),
+            (K.BUDGET_BITS, float(self.budget_bits), "f32"),
+        ]
+
+    @classmethod
+    def from_gguf_fields(cls, get) -> "ControllerSpec | None":
+        """Read from GGUF metadata through `get(key) -> value | None`; None when absent."""
+        version = get(K.VERSION)
+        if version is None:
+            return None
+        try:
+            nh = int(get(K.HIDDEN))
+            features = list(get(K.FEATURES))
+            precisions = [int(p) for p in get(K.PRECISIONS)]
+            w1, w2 = list(get(K.W1)), list(get(K.W2))
+            nf, npr = len(features), len(precisions)
+            if len(w1) != nh * nf or len(w2) != npr * nh:
+                raise ControllerError(f"GGUF controller weights have wrong sizes "
+                                      f"(w1 {len(w1)} != {nh}x{nf} or w2 {len(w2)} != {npr}x{nh})")
+            spec = cls(features=features, precisions=precisions,
+                       w1=[w1[i * nf:(i + 1) * nf] for i in range(nh)], b1=list(get(K.B1)),
+                       w2=[w2[i * nh:(i + 1) * nh] for i in range(npr)], b2=list(get(K.B2)),
+                       feature_mean=list(get(K.FEATURE_MEAN)), feature_std=list(get(K.FEATURE_STD)),
+                       budget_bits=float(get(K.BUDGET_BITS) or 0.0), version=int(version))
+        except (TypeError, ValueError) as e:
+            raise ControllerError(f"GGUF controller metadata is incomplete or malformed ({e})") from None
+        return spec.validate()
+
+
+def default_controller_path(alias: str) -> Path | None:
+    """The controller shipped in kvq_cli/controllers/ for a registry alias, if any."""
+    p = Path(__file__).parent / "controllers" / f"{alias}.json"
+    return p if p.is_file() else None
+
+
+def load_controller(path: str | os.PathLike) -> ControllerSpec:
+    """Read and validate a controller JSON file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ControllerError(f"no such controller file: {p}")
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ControllerError(f"cannot read controller {p}: {e}") from None
+    return ControllerSpec.from_json(data)
+
+
+def controller_from_reader(reader) -> ControllerSpec | None:
+    """The controller embedded in an open GGUFReader, or None."""
+    def get(key):
+        f = reader.fields.get(key)
+        return None if f is None else f.contents()
+
+    return ControllerSpec.from_gguf_fields(get)

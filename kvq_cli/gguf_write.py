@@ -1,0 +1,93 @@
+"""Writing GGUF files: atomic outputs, typed metadata, copy-with-new-metadata (gguf_new_metadata.py style)."""
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+from kvq_cli.errors import OutputError
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp path next to `path`; rename it over `path` only if the block succeeds.
+
+    Any failure (including Ctrl-C) removes the temp file, so no partial output ever exists.
+    """
+    out = Path(path)
+    if out.is_dir():
+        raise OutputError(f"output {out} is a directory")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputError(f"output directory {parent} does not exist")
+    try:
+        fd, tmp_name = tempfile.mkstemp(dir=parent, prefix=f".{out.name}.", suffix=".tmp")
+    except OSError as e:
+        raise _output_error(out, e) from None
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, out)
+    except OSError as e:
+        raise _output_error(out, e) from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def _output_error(out: Path, e: OSError) -> OutputError:
+    if e.errno == errno.ENOSPC:
+        return OutputError(f"cannot write {out}: no space left on device")
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return OutputError(f"cannot write {out}: permission denied")
+    return OutputError(f"cannot write {out}: {e.strerror or e}")
+
+
+def add_typed(writer, key: str, value: Any, kind: str) -> None:
+    """Add one metadata value with an explicit GGUF type ('u32', 'f32', 'f32[]', 'i32[]', 'str[]')."""
+    import gguf
+
+    T = gguf.GGUFValueType
+    if kind == "u32":
+        writer.add_uint32(key, int(value))
+    elif kind == "f32":
+        writer.add_float32(key, float(value))
+    elif kind.endswith("[]"):
+        sub = {"f32[]": T.FLOAT32, "i32[]": T.INT32, "str[]": T.STRING}[kind]
+        writer.add_key_value(key, list(value), T.ARRAY, sub_type=sub)
+    else:
+        raise ValueError(f"unknown metadata kind {kind}")
+
+
+def copy_with_metadata(reader, dst: Path, *, drop: Callable[[str], bool],
+                       add: Iterable[tuple[str, Any, str]], progress: Callable[[str], None] | None = None) -> None:
+    """Write `dst` as a copy of `reader`'s file: same tensors and metadata, minus `drop`, plus `add`."""
+    import gguf
+
+    arch = reader.fields["general.architecture"].contents()
+    writer = gguf.GGUFWriter(str(dst), arch=arch, endianess=reader.endianess)
+    align = reader.fields.get("general.alignment")
+    if align is not None:
+        writer.data_alignment = int(align.contents())
+    for key, f in reader.fields.items():
+        # GGUF.* are header fields; the writer adds general.architecture itself.
+        if key.startswith("GGUF.") or key == "general.architecture" or drop(key):
+            continue
+        sub = f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, f.contents(), f.types[0], sub_type=sub)
+    for key, value, kind in add:
+        add_typed(writer, key, value, kind)
+    for t in reader.tensors:
+        writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for t in reader.tensors:
+        writer.write_tensor_data(t.data)
+        if progress:
+            progress(t.name)
+    writer.close()
