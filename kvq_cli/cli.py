@@ -23,7 +23,9 @@ app = typer.Typer(
 ModelArg = Annotated[Optional[str], typer.Argument(
     help="Registry alias (see `kvq models`), hub id, or path to a .gguf file. "
          "Default: smollm2-135m-instruct (embedded).", show_default=False)]
-KvOpt = Annotated[str, typer.Option("--kv", help="KV cache type: stock-f16, stock-q8_0, stock-q4_0.")]
+KvOpt = Annotated[str, typer.Option("--kv", help="KV cache policy: f16, q8, q4, q2 (kvq pools, static), rule, adaptive (needs a controller in the GGUF), or stock llama.cpp caches stock-f16, stock-q8_0, stock-q4_0, stock-q2_0.")]
+KvBitsOpt = Annotated[Optional[float], typer.Option("--kv-bits", help="kvq memory budget in bits per KV element at full context (a full pool demotes, never overflows).")]
+KvWindowOpt = Annotated[Optional[int], typer.Option("--kv-window", help="kvq: recent tokens kept in f16 before a precision decision (default 0 for static, 32 for rule/adaptive).")]
 CtxOpt = Annotated[int, typer.Option("--ctx", help="Context size in tokens (0 = the model's training context).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Sampling seed (same seed, same output).")]
 ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="CPU threads (default: all cores).")]
@@ -251,6 +253,20 @@ def inspect_cmd(
     out.print(meta)
 
 
+def kvq_options(policy, kv_bits: float | None, kv_window: int | None):
+    """Validate --kv-bits/--kv-window against the policy; the KvqOptions for the engine."""
+    from kvq_cli.errors import BadOption
+    from kvq_cli.runtime.kv import KvqOptions
+
+    if (kv_bits is not None or kv_window is not None) and policy.is_stock:
+        raise BadOption(f"--kv-bits/--kv-window apply to kvq policies, not {policy.name}")
+    if kv_bits is not None and not (2.0 <= kv_bits <= 16.0):
+        raise BadOption(f"--kv-bits must be between 2 and 16, got {kv_bits:g}")
+    if kv_window is not None and kv_window < 0:
+        raise BadOption(f"--kv-window must be >= 0, got {kv_window}")
+    return KvqOptions(window=kv_window, budget_bits=kv_bits)
+
+
 def _controller_text(c) -> str:
     if c is None:
         return "none"
@@ -266,6 +282,8 @@ def chat_cmd(
     model: ModelArg = None,
     prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="One-shot: print the reply to this prompt and exit.")] = None,
     kv: KvOpt = "stock-f16",
+    kv_bits: KvBitsOpt = None,
+    kv_window: KvWindowOpt = None,
     ctx: CtxOpt = 2048,
     seed: SeedOpt = 0,
     max_tokens: Annotated[int, typer.Option("--max-tokens", help="Maximum tokens per reply.")] = 256,
@@ -285,6 +303,7 @@ def chat_cmd(
     from kvq_cli.runtime.kv import parse_kv
 
     policy = parse_kv(kv)
+    opts = kvq_options(policy, kv_bits, kv_window)
     if ctx < 0:
         raise BadOption(f"--ctx must be >= 0, got {ctx}")
     if max_tokens <= 0:
@@ -300,14 +319,14 @@ def chat_cmd(
         resolved = resolve(model)
     err = _stderr_console()
     gen = GenerationConfig(max_tokens=max_tokens, temperature=temperature, seed=seed)
-    with Engine(resolved.path, kv=policy, n_ctx=ctx, seed=seed, n_threads=threads) as engine:
+    with Engine(resolved.path, kv=policy, n_ctx=ctx, seed=seed, n_threads=threads, kvq=opts) as engine:
         session = ChatSession(engine, gen, system=system)
         if prompt is not None:
             for piece in session.reply(prompt):
                 sys.stdout.write(piece)
                 sys.stdout.flush()
             sys.stdout.write("\n")
-            err.print(engine.kv_stats().summary(), style="dim")
+            err.print(engine.kv_stats().summary(), style="dim", markup=False)
             return
         _interactive(session, resolved.name, err)
 
@@ -346,7 +365,7 @@ def _interactive(session, name: str, err) -> None:
         out.print()
         if session.dropped_turns > dropped:
             err.print("(context full: oldest turns dropped)", style="dim")
-        err.print(session.engine.kv_stats().summary(), style="dim")
+        err.print(session.engine.kv_stats().summary(), style="dim", markup=False)
 
 
 def main() -> None:

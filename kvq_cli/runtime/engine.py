@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from kvq_cli.errors import ContextOverflow, InvalidGGUF, RuntimeMissing
-from kvq_cli.gguf_info import ModelDims, model_dims, read_gguf
-from kvq_cli.runtime.kv import KvPolicy
+from kvq_cli.errors import BadOption, ContextOverflow, ControllerError, InvalidGGUF, RuntimeMissing
+from kvq_cli.gguf_info import model_dims, read_gguf
+from kvq_cli.runtime.kv import KvPolicy, KvqOptions
 
 log = logging.getLogger(__name__)
 
@@ -24,12 +24,22 @@ class KvStats:
     bytes_held: int
     bytes_allocated: int
     bits_per_elem: float
+    rows: dict[str, int] | None = None   # kvq: token-layer rows per class (window, f16, q8, q4, q2)
+    bytes_budget: int = 0
+    budget_demotions: int = 0
+    policy_ms: float = 0.0
+    attn_ms: float = 0.0
 
     def summary(self) -> str:
         """One line for stderr after a reply."""
-        return (f"KV: {self.tokens} tokens, {self.bytes_held / MIB:.2f} MiB held "
+        line = (f"KV: {self.tokens} tokens, {self.bytes_held / MIB:.2f} MiB held "
                 f"({self.bytes_allocated / MIB:.1f} MiB allocated), "
                 f"{self.bits_per_elem:.2f} bits/elem")
+        if self.rows:
+            total = sum(self.rows.values()) or 1
+            mix = ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in self.rows.items() if v)
+            line += f" [{mix}]"
+        return line
 
 
 def _import_llama_cpp():
@@ -45,7 +55,8 @@ class Engine:
 
     def __init__(self, model_path: str | os.PathLike, *, kv: KvPolicy, n_ctx: int = 2048,
                  seed: int = 0, n_threads: int | None = None, n_batch: int = 512,
-                 logits_all: bool = False, flash_attn: bool | None = None):
+                 logits_all: bool = False, flash_attn: bool | None = None, n_ubatch: int = 512,
+                 kvq: KvqOptions | None = None):
         reader = read_gguf(model_path)  # clean error for missing/non-GGUF/truncated files
         self.arch, self.dims = model_dims(reader)
         del reader
@@ -54,17 +65,72 @@ class Engine:
         self.path = Path(model_path)
         self.kv = kv
         self.n_ctx = n_ctx
+        self.kvq_opts = kvq or KvqOptions()
         llama_cpp = _import_llama_cpp()
-        ggml_type = getattr(llama_cpp, f"GGML_TYPE_{kv.ggml_type}")
+        lib = None
+        if not kv.is_stock:
+            from kvq_cli.runtime._lib import kvq_lib
+
+            lib = kvq_lib()  # RuntimeMissing before loading anything if this is not our build
+        # With kvq the stock cache is never read or written; it is created at its smallest
+        # type (q2_0, which llama.cpp only allows with flash attention) and counted honestly.
+        stock_type = kv.ggml_type if kv.is_stock else "Q2_0"
+        ggml_type = getattr(llama_cpp, f"GGML_TYPE_{stock_type}")
         flash = kv.needs_flash if flash_attn is None else (flash_attn or kv.needs_flash)
+        if not kv.is_stock:
+            flash = True
         try:
             self.llm = llama_cpp.Llama(
                 model_path=str(model_path), n_ctx=n_ctx, n_batch=min(n_batch, n_ctx),
-                n_threads=n_threads, n_threads_batch=n_threads, seed=seed, type_k=ggml_type,
-                type_v=ggml_type, flash_attn=flash, logits_all=logits_all, verbose=False,
+                n_ubatch=min(n_ubatch, n_batch, n_ctx), n_threads=n_threads,
+                n_threads_batch=n_threads, seed=seed, type_k=ggml_type, type_v=ggml_type,
+                flash_attn=flash, logits_all=logits_all, verbose=False,
             )
         except ValueError as e:
             raise InvalidGGUF(f"llama.cpp could not load {model_path}: {e}") from None
+        self._lib = lib
+        if lib is not None:
+            try:
+                self._enable_kvq(lib)
+            except BaseException:
+                self.close()
+                raise
+
+    def _enable_kvq(self, lib) -> None:
+        """Switch the fresh context to kvq pools with this engine's policy (before any decode)."""
+        import ctypes
+
+        from kvq_cli.runtime import _lib as L
+
+        kv, opts = self.kv, self.kvq_opts
+        p = lib.llama_kvq_default_params()
+        p.window = opts.window_for(kv)
+        p.budget_bits = float(opts.budget_bits or 0.0)
+        p.per_layer = int(opts.per_layer)
+        p.trace = int(opts.trace)
+        p.rotate = int(opts.rotate)
+        if kv.kvq == "static":
+            p.policy, p.static_bits = L.POLICY_STATIC, kv.static_bits
+        elif kv.kvq == "rule":
+            p.policy = L.POLICY_RULE
+            # below 4 bits of budget the rule's base precision is 2-bit
+            p.rule_base_bits = 2 if opts.budget_bits and opts.budget_bits < 4.0 else 4
+        elif kv.kvq == "adaptive":
+            p.policy = L.POLICY_LEARNED
+            if lib.llama_kvq_model_controller(self.llm.model) <= 0:
+                state = lib.llama_kvq_model_controller(self.llm.model)
+                if state == 0:
+                    raise ControllerError(f"{self.path.name} has no kvq controller, needed by --kv adaptive",
+                                          hint="embed one with `kvq embed MODEL.gguf CONTROLLER --out FILE`")
+                raise ControllerError(lib.last_error())
+        elif kv.kvq == "assign":
+            p.policy = L.POLICY_ASSIGN
+        if lib.llama_kvq_enable(self.llm.ctx, ctypes.byref(p)) != 0:
+            raise BadOption(f"kvq: {lib.last_error()}")
+
+    @property
+    def kvq_enabled(self) -> bool:
+        return self._lib is not None
 
     # -- lifetime -------------------------------------------------------------------
     def close(self) -> None:
@@ -96,6 +162,8 @@ class Engine:
 
     def kv_stats(self) -> KvStats:
         """Bytes held by the KV cache for the tokens it holds (block scales included)."""
+        if self._lib is not None:
+            return self._kvq_stats()
         per_token = self.dims.kv_elems_per_token * self.kv.bits_per_elem / 8
         return KvStats(
             tokens=self.n_tokens,
@@ -103,6 +171,24 @@ class Engine:
             bytes_allocated=int(round(self.n_ctx * per_token)),
             bits_per_elem=self.kv.bits_per_elem,
         )
+
+    def _kvq_stats(self) -> KvStats:
+        import ctypes
+
+        from kvq_cli.runtime._lib import POOL_NAMES, KvqStats
+
+        st = KvqStats()
+        if self._lib.llama_kvq_get_stats(self.llm.ctx, ctypes.byref(st)) != 0:
+            raise RuntimeMissing(f"kvq stats: {self._lib.last_error()}")
+        from kvq_cli.runtime.kv import STOCK_POLICIES
+
+        unused_stock = self.n_ctx * self.dims.kv_elems_per_token * STOCK_POLICIES["stock-q2_0"].bits_per_elem / 8
+        return KvStats(
+            tokens=int(st.n_tokens), bytes_held=int(st.bytes_held),
+            bytes_allocated=int(st.bytes_held + unused_stock),
+            bits_per_elem=float(st.bits_per_elem), rows=dict(zip(POOL_NAMES, map(int, st.rows))),
+            bytes_budget=int(st.bytes_budget), budget_demotions=int(st.n_budget_demotions),
+            policy_ms=float(st.t_policy_ms), attn_ms=float(st.t_attn_ms))
 
     # -- chat -----------------------------------------------------------------------
     def chat_prompt_tokens(self, messages: list[dict[str, str]]) -> int:

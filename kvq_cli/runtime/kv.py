@@ -8,29 +8,46 @@ from kvq_cli.errors import BadOption
 
 @dataclass(frozen=True)
 class KvPolicy:
-    """A parsed `--kv` value."""
+    """A parsed `--kv` value: a stock llama.cpp cache type, or a kvq policy over precision pools."""
 
     name: str
-    ggml_type: str          # ggml type name of the stock cache ("F16", "Q8_0", "Q4_0")
-    bits_per_elem: float    # bytes held per element x 8, block scales included
-    needs_flash: bool       # quantized V is only supported by the flash-attention path
+    ggml_type: str = "F16"        # stock cache type (kvq policies leave the stock cache unused)
+    bits_per_elem: float = 16.0   # stock: bytes held per element x 8, block scales included
+    needs_flash: bool = False     # stock quantized V only works on the flash-attention path
+    kvq: str | None = None        # None (stock) | "static" | "rule" | "adaptive"
+    static_bits: int = 16         # kvq static precision
+
+    @property
+    def is_stock(self) -> bool:
+        return self.kvq is None
 
 
-# ggml block layouts: q8_0 = 32 x int8 + f16 scale (34 B / 32), q4_0 = 32 x 4 bit + f16 scale (18 B / 32).
+# ggml block layouts: q8_0 = 32 x int8 + f16 scale (34 B / 32), q4_0 = 32 x 4 bit + f16 scale
+# (18 B / 32), q2_0 = 64 x 2 bit + f16 scale (18 B / 64).
 STOCK_POLICIES: dict[str, KvPolicy] = {
     "stock-f16": KvPolicy("stock-f16", "F16", 16.0, False),
     "stock-q8_0": KvPolicy("stock-q8_0", "Q8_0", 34 * 8 / 32, True),
     "stock-q4_0": KvPolicy("stock-q4_0", "Q4_0", 18 * 8 / 32, True),
+    "stock-q2_0": KvPolicy("stock-q2_0", "Q2_0", 18 * 8 / 64, True),
 }
-
-KV_CHOICES = list(STOCK_POLICIES)
+# kvq pools: f16, q8_0, q4_0 and kvq2 (64 x 2 bit + f16 scale + f16 min: 20 B / 64 = 2.5 bits).
+KVQ_POLICIES: dict[str, KvPolicy] = {
+    "f16": KvPolicy("f16", kvq="static", static_bits=16),
+    "q8": KvPolicy("q8", kvq="static", static_bits=8),
+    "q4": KvPolicy("q4", kvq="static", static_bits=4),
+    "q2": KvPolicy("q2", kvq="static", static_bits=2),
+    "rule": KvPolicy("rule", kvq="rule"),
+    "adaptive": KvPolicy("adaptive", kvq="adaptive"),
+}
+ALL_POLICIES = {**KVQ_POLICIES, **STOCK_POLICIES}
+KV_CHOICES = list(ALL_POLICIES)
 
 
 def parse_kv(value: str) -> KvPolicy:
     """Parse one `--kv` value, failing with BadOption that lists the valid ones."""
     key = value.strip().lower()
-    if key in STOCK_POLICIES:
-        return STOCK_POLICIES[key]
+    if key in ALL_POLICIES:
+        return ALL_POLICIES[key]
     raise BadOption(f"unknown --kv value '{value}'", hint=f"choose one of: {', '.join(KV_CHOICES)}")
 
 
@@ -40,3 +57,20 @@ def parse_kv_list(value: str) -> list[KvPolicy]:
     if not items:
         raise BadOption("empty --kv list", hint=f"choose from: {', '.join(KV_CHOICES)}")
     return [parse_kv(v) for v in items]
+
+
+@dataclass(frozen=True)
+class KvqOptions:
+    """Knobs of the kvq pools: window W (None = policy default), budget in bits/element."""
+
+    window: int | None = None
+    budget_bits: float | None = None
+    per_layer: bool = False
+    trace: bool = False
+    rotate: bool = True
+
+    def window_for(self, policy: KvPolicy) -> int:
+        """Default W: 0 for static policies (stock semantics), 32 where decisions use attention."""
+        if self.window is not None:
+            return self.window
+        return 0 if policy.kvq == "static" else 32

@@ -1,0 +1,272 @@
+"""The patched runtime: kvq precision pools against stock llama.cpp and a NumPy reference."""
+from __future__ import annotations
+
+import ctypes
+import json
+
+import numpy as np
+import pytest
+
+from kvq_cli.cli import app
+from kvq_cli.errors import ControllerError
+from kvq_cli.runtime._lib import kvq_lib
+from kvq_cli.runtime.engine import Engine
+from kvq_cli.runtime.kv import KvPolicy, KvqOptions, parse_kv
+
+from .conftest import GOLDEN, SHARED_DATA
+from .test_errors import assert_one_line_error
+
+TEXT = (SHARED_DATA / "wikitext2" / "wiki.test.nonempty-lf.raw").read_text(encoding="utf-8")[:8000]
+N_LAYER, N_EMBD_KV = 30, 192
+ROW_BYTES = {"f16": 384, "q8": 204, "q4": 108, "q2": 60}  # one token-layer K (or V) row, 3 heads x 64
+ASSIGN = KvPolicy("assign", kvq="assign")
+
+
+def _ptr(a, t=ctypes.c_float):
+    return a.ctypes.data_as(ctypes.POINTER(t))
+
+
+def run_logits(model, kv: str | KvPolicy, n_tokens=512, flash=None, n_ctx=1024, **kw):
+    """Logits of the first n_tokens of TEXT, and the KV stats after."""
+    policy = parse_kv(kv) if isinstance(kv, str) else kv
+    with Engine(model, kv=policy, n_ctx=n_ctx, logits_all=True, flash_attn=flash, **kw) as e:
+        toks = e.tokenize(TEXT)[:n_tokens]
+        assert len(toks) == n_tokens
+        e.llm.eval(toks)
+        return np.array(e.llm.scores[:n_tokens], dtype=np.float64), e.kv_stats()
+
+
+def kl(a, b):
+    def lsm(x):
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    pa, pb = lsm(a), lsm(b)
+    return float((np.exp(pa) * (pa - pb)).sum(-1).mean())
+
+
+@pytest.fixture(scope="module")
+def f16_ref(converted_f16):
+    return run_logits(converted_f16, "stock-f16")[0]
+
+
+def test_static_f16_matches_stock_f16(converted_f16, f16_ref):
+    # f16 weights: no activation quantization, so the comparison is of attention alone.
+    ours, st = run_logits(converted_f16, "f16")
+    assert kl(f16_ref, ours) < 1e-4
+    assert (f16_ref.argmax(-1) == ours.argmax(-1)).mean() > 0.99
+    assert np.abs(f16_ref - ours).max() < 0.3
+    assert st.rows == {"window": 0, "f16": 512 * N_LAYER, "q8": 0, "q4": 0, "q2": 0}
+
+
+def test_static_f16_on_the_q4_1_model_is_within_stock_noise(model_path):
+    # Q4_1 weights quantize activations to q8_1: tiny differences get amplified. Stock flash
+    # vs non-flash attention shows that noise floor; ours must sit inside it.
+    ref, _ = run_logits(model_path, "stock-f16", flash=False)
+    flash, _ = run_logits(model_path, "stock-f16", flash=True)
+    ours, _ = run_logits(model_path, "f16")
+    floor = kl(ref, flash)
+    assert kl(ref, ours) < 2 * floor + 1e-3, (kl(ref, ours), floor)
+
+
+@pytest.mark.parametrize("ours,stock", [("q8", "stock-q8_0"), ("q4", "stock-q4_0")])
+def test_static_quantized_matches_stock_damage(converted_f16, f16_ref, ours, stock):
+    o, st = run_logits(converted_f16, ours)
+    s, _ = run_logits(converted_f16, stock)
+    k_ours, k_stock = kl(f16_ref, o), kl(f16_ref, s)
+    assert 0.5 * k_stock <= k_ours <= 1.25 * k_stock, (k_ours, k_stock)
+    assert (o.argmax(-1) == s.argmax(-1)).mean() > 0.85
+
+
+def test_2bit_is_usable_where_stock_q2_0_is_not(converted_f16, f16_ref):
+    o, st = run_logits(converted_f16, "q2")
+    s, _ = run_logits(converted_f16, "stock-q2_0")
+    assert st.bits_per_elem == 2.5
+    assert kl(f16_ref, o) < 0.3 * kl(f16_ref, s)
+
+
+@pytest.mark.parametrize("kv", ["f16", "q8", "q4", "q2"])
+def test_bytes_held_are_analytic(model_path, kv):
+    n = 300
+    _, st = run_logits(model_path, kv, n_tokens=n, n_ctx=512)
+    assert st.tokens == n
+    assert st.bytes_held == n * N_LAYER * 2 * ROW_BYTES[kv]
+    assert st.bits_per_elem == pytest.approx(ROW_BYTES[kv] * 8 / N_EMBD_KV)
+    if kv == "q4":
+        assert st.bytes_held / (n * N_LAYER * 2 * ROW_BYTES["f16"]) == pytest.approx(0.28125)
+
+
+def _assigned_engine(model_path, n=200, seed=0):
+    lib = kvq_lib()
+    e = Engine(model_path, kv=ASSIGN, n_ctx=512, kvq=KvqOptions(window=0))
+    bits = np.random.default_rng(seed).choice([16, 8, 4, 2], size=n).astype(np.int32)
+    assert lib.llama_kvq_set_assignment(e.llm.ctx, _ptr(bits, ctypes.c_int32), n) == 0
+    e.llm.eval(e.tokenize(TEXT)[:n])
+    return e, bits
+
+
+def test_mixed_assignment_bytes_follow_the_mix(model_path):
+    e, bits = _assigned_engine(model_path)
+    with e:
+        st = e.kv_stats()
+        counts = {b: int((bits == b).sum()) for b in (16, 8, 4, 2)}
+        assert st.rows == {"window": 0, "f16": counts[16] * N_LAYER, "q8": counts[8] * N_LAYER,
+                           "q4": counts[4] * N_LAYER, "q2": counts[2] * N_LAYER}
+        want = sum(counts[b] * N_LAYER * 2 * ROW_BYTES[k] for b, k in ((16, "f16"), (8, "q8"), (4, "q4"), (2, "q2")))
+        assert st.bytes_held == want
+
+
+@pytest.mark.parametrize("il", [0, 17, 29])
+def test_mixed_assignment_attention_matches_numpy(model_path, il):
+    lib = kvq_lib()
+    e, bits = _assigned_engine(model_path, seed=il)
+    with e:
+        n = 200
+        K = np.zeros((n, N_EMBD_KV), np.float32)
+        V = np.zeros_like(K)
+        pos = np.zeros(n, np.int32)
+        prec = np.zeros(n, np.int32)
+        got = lib.llama_kvq_read_layer(e.llm.ctx, il, _ptr(K), _ptr(V), _ptr(pos, ctypes.c_int32),
+                                       _ptr(prec, ctypes.c_int32), n)
+        assert got == n and sorted(pos) == list(range(n))
+        cls = {16: 1, 8: 2, 4: 3, 2: 4}
+        assert all(prec[i] == cls[bits[pos[i]]] for i in range(n))
+        rng = np.random.default_rng(1)
+        q = (rng.normal(size=(5, 9, 64)) * 2).astype(np.float32)
+        qpos = np.array([199, 150, 60, 1, 0], np.int32)
+        out = np.zeros_like(q)
+        assert lib.llama_kvq_attend(e.llm.ctx, il, _ptr(q), 5, _ptr(qpos, ctypes.c_int32), _ptr(out)) == 0
+        Kh, Vh = K.reshape(n, 3, 64), V.reshape(n, 3, 64)
+        ref = np.zeros_like(out)
+        for i in range(5):
+            m = pos <= qpos[i]
+            for h in range(9):
+                s = Kh[m, h // 3] @ q[i, h] / 8.0
+                p = np.exp(s - s.max())
+                ref[i, h] = (p / p.sum()) @ Vh[m, h // 3]
+        # the kernel dots q as f16 (f16 rows) or q8_0 (quantized rows), as llama.cpp does
+        assert np.abs(out - ref).max() <= 0.02 * np.abs(ref).max()
+        assert np.abs(out[4] - Vh[pos == 0, np.arange(9) // 3]).max() < 1e-6  # position 0 sees itself only
+
+
+def test_prefix_reuse_drops_removed_positions(model_path):
+    toks = None
+    with Engine(model_path, kv=parse_kv("q4"), n_ctx=512, logits_all=True) as e:
+        toks = e.tokenize(TEXT)[:160]
+        other = toks[:80] + e.tokenize(" The quick brown fox jumps over the lazy dog." * 8)[:80]
+        e.llm.eval(toks)
+        e.llm.n_tokens = 80          # keep the shared prefix, as llama-cpp-python's prefix match does
+        e.llm.eval(other[80:])
+        reused = np.array(e.llm.scores[80:160])
+        assert e.kv_stats().tokens == 160
+    with Engine(model_path, kv=parse_kv("q4"), n_ctx=512, logits_all=True) as e:
+        e.llm.eval(other)
+        fresh = np.array(e.llm.scores[80:160])
+    np.testing.assert_allclose(reused, fresh, atol=1e-4)
+
+
+@pytest.mark.parametrize("kv,budget", [("rule", 3.0), ("q8", 4.0)])
+def test_budget_is_never_exceeded(model_path, kv, budget):
+    n_ctx = 256
+    opts = KvqOptions(budget_bits=budget, window=4)
+    with Engine(model_path, kv=parse_kv(kv), n_ctx=n_ctx, kvq=opts, n_batch=64, n_ubatch=16) as e:
+        toks = e.tokenize(TEXT)[: n_ctx - 8]
+        cap = budget / 8 * n_ctx * 11520
+        for i in range(0, len(toks), 16):
+            e.llm.eval(toks[i:i + 16])
+            st = e.kv_stats()
+            assert st.bytes_budget == int(cap)
+            assert st.bytes_held <= st.bytes_budget
+        assert st.bytes_held * 8 / (n_ctx * 11520) <= budget
+        assert st.budget_demotions > 0  # the policy alone would have used more bits
+        assert sum(st.rows.values()) == len(toks) * N_LAYER
+
+
+def test_rule_policy_keeps_sinks_and_traces_features(model_path):
+    lib = kvq_lib()
+    opts = KvqOptions(window=8, trace=True)
+    with Engine(model_path, kv=parse_kv("rule"), n_ctx=256, kvq=opts, n_batch=32, n_ubatch=8) as e:
+        e.llm.eval(e.tokenize(TEXT)[:96])
+        st = e.kv_stats()
+        assert st.rows["window"] == 8 * N_LAYER and st.rows["f16"] >= 4 * N_LAYER
+        n = lib.llama_kvq_get_trace(e.llm.ctx, None, None, None, None, None, 0)
+        assert n == 88  # one per token that left the window
+        pos, layer, tok, bits = (np.zeros(n, np.int32) for _ in range(4))
+        feat = np.zeros((n, 8), np.float32)
+        P = lambda a: _ptr(a, ctypes.c_int32)  # noqa: E731
+        lib.llama_kvq_get_trace(e.llm.ctx, P(pos), P(layer), P(tok), P(bits), _ptr(feat), n)
+        assert sorted(pos) == list(range(88)) and set(layer) == {-1}
+        assert set(bits[pos < 4]) == {16} and set(bits) <= {16, 8, 4}
+        names = lib.feature_names()
+        assert names == ["token_freq", "quality", "attn_var", "attn_entropy", "layer_frac",
+                         "position_frac", "k_absmax", "v_absmax"]
+        assert np.isfinite(feat).all()
+        f = dict(zip(names, feat.T))
+        assert (f["token_freq"] > 0).all() and (f["token_freq"] <= 1).all()
+        assert (f["quality"] > 0.01).all() and (f["quality"] < 1).all()   # 2-bit relative error
+        assert (f["attn_entropy"] >= 0).all() and (f["attn_entropy"][1:] <= 1.0001).all()
+        assert f["attn_var"].max() > 0 and (f["k_absmax"] > 0).all()
+
+
+def _controller_gguf(tmp_path, model_path, items):
+    from kvq_cli.gguf_info import read_gguf
+    from kvq_cli.gguf_write import copy_with_metadata
+
+    out = tmp_path / "ctrl.gguf"
+    copy_with_metadata(read_gguf(model_path), out, drop=lambda k: False, add=items)
+    return out
+
+
+def test_adaptive_with_embedded_controller(runner, model_path, tmp_path):
+    from kvq_cli.controller import load_controller
+
+    ctrl = load_controller(GOLDEN / "controller_handmade.json")
+    path = _controller_gguf(tmp_path, model_path, ctrl.gguf_items())
+    lib = kvq_lib()
+    with Engine(path, kv=parse_kv("adaptive"), n_ctx=256, kvq=KvqOptions(window=8, trace=True),
+                n_batch=32, n_ubatch=8) as e:
+        e.llm.eval(e.tokenize(TEXT)[:64])
+        n = lib.llama_kvq_get_trace(e.llm.ctx, None, None, None, None, None, 0)
+        bits, feat = np.zeros(n, np.int32), np.zeros((n, 8), np.float32)
+        lib.llama_kvq_get_trace(e.llm.ctx, None, None, None, _ptr(bits, ctypes.c_int32), _ptr(feat), n)
+        names = lib.feature_names()
+        x = feat[:, [names.index(f) for f in ctrl.features]]
+        np.testing.assert_array_equal(bits, ctrl.decide(x))   # C decisions == NumPy decisions
+        c_bits = np.zeros(n, np.int32)
+        assert lib.llama_kvq_controller_eval(e.llm.model, _ptr(feat), n, _ptr(c_bits, ctypes.c_int32)) == 0
+        np.testing.assert_array_equal(c_bits, bits)
+    r = runner.invoke(app, ["chat", str(path), "--kv", "adaptive", "-p", "Hi!", "--max-tokens", "8", "--ctx", "128"])
+    assert r.exit_code == 0 and r.stdout.strip(), r.output
+
+
+def test_adaptive_without_controller_is_a_clear_error(runner, model_path):
+    with pytest.raises(ControllerError, match="has no kvq controller"):
+        Engine(model_path, kv=parse_kv("adaptive"), n_ctx=128)
+    r = runner.invoke(app, ["chat", "--kv", "adaptive", "-p", "hi"])
+    assert_one_line_error(r, "has no kvq controller", "kvq embed")
+
+
+@pytest.mark.parametrize("change,needle", [
+    ({"kvq.controller.w1": [1.0, 2.0]}, "kvq.controller.w1 has 2 values, expected 3x4"),
+    ({"kvq.controller.b2": [0.0, float("nan"), 0.0, 0.0]}, "non-finite"),
+    ({"kvq.controller.version": 9}, "unsupported controller version 9"),
+])
+def test_malformed_controller_metadata_is_a_clear_error(runner, model_path, tmp_path, change, needle):
+    from kvq_cli.controller import load_controller
+
+    items = [(k, change.get(k, v), kind) for k, v, kind in load_controller(GOLDEN / "controller_handmade.json").gguf_items()]
+    path = _controller_gguf(tmp_path, model_path, items)
+    with pytest.raises(ControllerError, match=needle):
+        Engine(path, kv=parse_kv("adaptive"), n_ctx=128)
+    # other policies still work on that file
+    with Engine(path, kv=parse_kv("q4"), n_ctx=128) as e:
+        e.llm.eval(e.tokenize("Hello there")[:3])
+    r = runner.invoke(app, ["chat", str(path), "--kv", "adaptive", "-p", "hi"])
+    assert_one_line_error(r, needle)
+    info = json.loads(runner.invoke(app, ["inspect", str(path), "--json"]).stdout)
+    assert "error" in info["controller"]
+
+
+def test_budget_too_small_is_a_clear_error(runner):
+    r = runner.invoke(app, ["chat", "--kv", "rule", "--kv-bits", "2.1", "--kv-window", "64", "--ctx", "256", "-p", "hi"])
+    assert_one_line_error(r, "budget too small")
