@@ -253,18 +253,80 @@ def inspect_cmd(
     out.print(meta)
 
 
-def kvq_options(policy, kv_bits: float | None, kv_window: int | None):
-    """Validate --kv-bits/--kv-window against the policy; the KvqOptions for the engine."""
+def kvq_options(policies, kv_bits: float | None, kv_window: int | None):
+    """Validate --kv-bits/--kv-window against the policies; the KvqOptions for the engine."""
     from kvq_cli.errors import BadOption
     from kvq_cli.runtime.kv import KvqOptions
 
-    if (kv_bits is not None or kv_window is not None) and policy.is_stock:
-        raise BadOption(f"--kv-bits/--kv-window apply to kvq policies, not {policy.name}")
+    if (kv_bits is not None or kv_window is not None) and all(p.is_stock for p in policies):
+        raise BadOption(f"--kv-bits/--kv-window apply to kvq policies, not {', '.join(p.name for p in policies)}")
     if kv_bits is not None and not (2.0 <= kv_bits <= 16.0):
         raise BadOption(f"--kv-bits must be between 2 and 16, got {kv_bits:g}")
     if kv_window is not None and kv_window < 0:
         raise BadOption(f"--kv-window must be >= 0, got {kv_window}")
     return KvqOptions(window=kv_window, budget_bits=kv_bits)
+
+
+@app.command("bench")
+@handle_errors
+def bench_cmd(
+    model: ModelArg = None,
+    kv: Annotated[str, typer.Option("--kv", help="Comma-separated policies to compare (see `kvq chat --help`).")] = "stock-f16,f16,q8,q4",
+    ctx: Annotated[str, typer.Option("--ctx", help="Comma-separated context lengths; each prefills ctx-gen tokens.")] = "512,2048",
+    gen: Annotated[int, typer.Option("--gen", help="Tokens to decode after the prefill.")] = 32,
+    repeats: Annotated[int, typer.Option("--repeats", help="Interleaved repeats per policy; records keep the median.")] = 1,
+    kv_bits: KvBitsOpt = None,
+    kv_window: KvWindowOpt = None,
+    text: Annotated[Optional[str], typer.Option("--text", help="Text file to prefill (default: wikitext-2 from --data, else Python's stdlib docstrings).")] = None,
+    data: Annotated[Optional[str], typer.Option("--data", help="Evaluation data dir (uses wikitext2/wiki.test.nonempty-lf.raw).")] = None,
+    threads: ThreadsOpt = None,
+    json_path: Annotated[Optional[str], typer.Option("--json", help="Write the records (a JSON list) to this file.")] = None,
+) -> None:
+    """Prefill and decode speed, KV bytes and bits/element for each policy and context.
+
+    Example: kvq bench --kv stock-f16,q4,rule --ctx 512,2048 --gen 32 --json results/bench.json
+    """
+    import json
+
+    from kvq_cli.bench import bench, load_text, records_to_json
+    from kvq_cli.errors import BadOption
+    from kvq_cli.gguf_write import atomic_output
+    from kvq_cli.models import resolve
+    from kvq_cli.runtime.kv import parse_kv_list
+
+    policies = parse_kv_list(kv)
+    try:
+        ctxs = [int(c) for c in ctx.split(",") if c.strip()]
+    except ValueError:
+        raise BadOption(f"--ctx takes comma-separated integers, got '{ctx}'") from None
+    if not ctxs or min(ctxs) < 2:
+        raise BadOption("--ctx needs context lengths >= 2")
+    opts = kvq_options(policies, kv_bits, kv_window)
+    resolved = resolve(model)
+    body, source = load_text(text, data)
+    err = _stderr_console()
+    with _progress() as progress:
+        task = progress.add_task("bench", total=len(policies) * len(ctxs) * repeats)
+
+        def on_run(name: str, c: int) -> None:
+            progress.update(task, description=f"{name} @ {c} done", advance=1)
+
+        records = bench(resolved.path, policies, ctxs, n_gen=gen, repeats=repeats, text=body, kvq=opts,
+                        n_threads=threads, on_run=on_run)
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"kvq bench: {resolved.path.name}, text {source}, gen {gen}, repeats {repeats}")
+    for col in ("kv", "ctx", "prefill t/s", "decode t/s", "ms/tok", "KV MiB", "bits", "policy%"):
+        table.add_column(col, justify="right" if col != "kv" else "left")
+    for r in records:
+        table.add_row(r.kv, str(r.ctx), f"{r.prefill_tok_s:.1f}", f"{r.decode_tok_s:.2f}", f"{r.decode_ms_per_tok:.1f}",
+                      f"{r.kv_bytes / 2**20:.2f}", f"{r.bits_per_elem:.2f}", f"{100 * r.policy_share:.1f}")
+    Console().print(table)
+    if json_path:
+        with atomic_output(json_path) as tmp:
+            tmp.write_text(json.dumps(records_to_json(records), indent=2) + "\n")
+        err.print(f"wrote {json_path}", style="dim")
 
 
 def _controller_text(c) -> str:
@@ -303,7 +365,7 @@ def chat_cmd(
     from kvq_cli.runtime.kv import parse_kv
 
     policy = parse_kv(kv)
-    opts = kvq_options(policy, kv_bits, kv_window)
+    opts = kvq_options([policy], kv_bits, kv_window)
     if ctx < 0:
         raise BadOption(f"--ctx must be >= 0, got {ctx}")
     if max_tokens <= 0:

@@ -141,9 +141,10 @@ def test_embed_round_trip_and_stock_load(runner, converted_f16, tmp_path, model_
                                   "w1": [3, 4], "w2": [4, 3], "budget_bits": 4.0}
     table = runner.invoke(app, ["inspect", str(out)], env={"COLUMNS": "300"})
     assert "trained for 4 bits" in table.stdout
-    # Stock llama.cpp ignores the kvq.* keys: the file loads and generates.
-    g = runner.invoke(app, ["chat", str(out), "-p", "Say hi.", "--max-tokens", "8", "--ctx", "128"])
-    assert g.exit_code == 0 and g.stdout.strip(), g.output
+    # The stock cache path ignores the kvq.* keys; the kvq runtime runs the controller.
+    for kv in ("stock-f16", "adaptive"):
+        g = runner.invoke(app, ["chat", str(out), "-p", "Say hi.", "--max-tokens", "8", "--ctx", "128", "--kv", kv])
+        assert g.exit_code == 0 and g.stdout.strip(), (kv, g.output)
     # Re-embedding replaces, never duplicates, the controller keys.
     out2 = tmp_path / "again.gguf"
     r2 = runner.invoke(app, ["embed", str(out), str(ctrl_file), "--out", str(out2)])

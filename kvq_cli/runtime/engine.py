@@ -76,9 +76,7 @@ class Engine:
         # type (q2_0, which llama.cpp only allows with flash attention) and counted honestly.
         stock_type = kv.ggml_type if kv.is_stock else "Q2_0"
         ggml_type = getattr(llama_cpp, f"GGML_TYPE_{stock_type}")
-        flash = kv.needs_flash if flash_attn is None else (flash_attn or kv.needs_flash)
-        if not kv.is_stock:
-            flash = True
+        flash = (kv.needs_flash or bool(flash_attn)) if kv.is_stock else True
         try:
             self.llm = llama_cpp.Llama(
                 model_path=str(model_path), n_ctx=n_ctx, n_batch=min(n_batch, n_ctx),
@@ -117,11 +115,11 @@ class Engine:
             p.rule_base_bits = 2 if opts.budget_bits and opts.budget_bits < 4.0 else 4
         elif kv.kvq == "adaptive":
             p.policy = L.POLICY_LEARNED
-            if lib.llama_kvq_model_controller(self.llm.model) <= 0:
-                state = lib.llama_kvq_model_controller(self.llm.model)
-                if state == 0:
-                    raise ControllerError(f"{self.path.name} has no kvq controller, needed by --kv adaptive",
-                                          hint="embed one with `kvq embed MODEL.gguf CONTROLLER --out FILE`")
+            state = lib.llama_kvq_model_controller(self.llm.model)
+            if state == 0:
+                raise ControllerError(f"{self.path.name} has no kvq controller, needed by --kv adaptive",
+                                      hint="embed one with `kvq embed MODEL.gguf CONTROLLER --out FILE`")
+            if state < 0:
                 raise ControllerError(lib.last_error())
         elif kv.kvq == "assign":
             p.policy = L.POLICY_ASSIGN

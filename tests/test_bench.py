@@ -1,0 +1,50 @@
+"""`kvq bench`: records, honest bytes, bad input."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kvq_cli.cli import app
+
+from .test_errors import assert_one_line_error
+
+FIELDS = {"model", "kv", "ctx", "prefill_tok_s", "decode_tok_s", "kv_bytes", "bits_per_elem", "repeats",
+          "decode_ms_per_tok", "policy_ms_per_tok", "policy_share", "n_prefill", "n_gen"}
+
+
+def test_bench_json_records(runner, tmp_path):
+    out = tmp_path / "b.json"
+    r = runner.invoke(app, ["bench", "--kv", "stock-f16,f16,q4,rule", "--ctx", "96,160", "--gen", "4",
+                            "--json", str(out)], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    recs = json.loads(out.read_text())
+    assert [(x["kv"], x["ctx"]) for x in recs] == [(k, c) for c in (96, 160) for k in ("stock-f16", "f16", "q4", "rule")]
+    for x in recs:
+        assert FIELDS <= set(x)
+        assert x["prefill_tok_s"] > 0 and x["decode_tok_s"] > 0 and x["n_gen"] == 4
+        assert x["n_prefill"] == x["ctx"] - 4
+    by = {(x["kv"], x["ctx"]): x for x in recs}
+    for c in (96, 160):
+        held = c  # prefill ctx-gen tokens, then gen decoded tokens are evaluated
+        assert by[("stock-f16", c)]["kv_bytes"] == held * 11520 * 2
+        assert by[("f16", c)]["kv_bytes"] == held * 11520 * 2
+        assert by[("q4", c)]["kv_bytes"] == held * 11520 * 18 // 32
+        assert by[("q4", c)]["bits_per_elem"] == 4.5
+        assert 4.5 < by[("rule", c)]["bits_per_elem"] < 16
+        assert by[("stock-f16", c)]["policy_share"] == 0 and by[("rule", c)]["policy_ms_per_tok"] > 0
+    assert "decode t/s" in r.stdout and "rule" in r.stdout
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--kv", "f16,q3"], "unknown --kv value 'q3'"),
+    (["--ctx", "12,x"], "--ctx takes comma-separated integers"),
+    (["--ctx", "8", "--gen", "8"], "leaves no room to prefill"),
+    (["--text", "/nonexistent.txt"], "no such text file"),
+    (["--data", "/tmp"], "wikitext2"),
+])
+def test_bench_bad_input(runner, tmp_path, args, needle):
+    out = tmp_path / "b.json"
+    r = runner.invoke(app, ["bench", *args, "--json", str(out)])
+    assert_one_line_error(r, needle)
+    assert not out.exists()
