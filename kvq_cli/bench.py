@@ -95,11 +95,11 @@ def _run_once(model: Path, policy: KvPolicy, ctx: int, prompt: list[int], n_gen:
         e.llm.eval(prompt)
         t1 = time.perf_counter()
         pol0 = e.kv_stats().policy_ms if e.kvq_enabled else 0.0
-        tok = int(np.argmax(e.llm.scores[e.llm.n_tokens - 1]))
+        tok = int(np.argmax(e.last_logits()))
         t2 = time.perf_counter()
         for _ in range(n_gen):
             e.llm.eval([tok])
-            tok = int(np.argmax(e.llm.scores[e.llm.n_tokens - 1]))
+            tok = int(np.argmax(e.last_logits()))
         t3 = time.perf_counter()
         st = e.kv_stats()
         pol = (st.policy_ms - pol0) if e.kvq_enabled else 0.0

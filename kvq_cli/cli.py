@@ -54,6 +54,14 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except KeyboardInterrupt:
             typer.echo("kvq: interrupted", err=True)
             raise typer.Exit(130) from None
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
+        except Exception as e:  # a bug: still one line, the traceback on request
+            if os.environ.get("KVQ_DEBUG"):
+                raise
+            msg = " ".join(str(e).split())
+            typer.echo(f"kvq: internal error: {type(e).__name__}: {msg} (KVQ_DEBUG=1 shows the traceback)", err=True)
+            raise typer.Exit(1) from None
 
     return wrapper
 
@@ -118,8 +126,10 @@ def pull_cmd(
 def _progress():
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    console = _stderr_console()
+    # drawn only on a terminal: piped stderr keeps just the result and error lines
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeRemainingColumn(), console=_stderr_console(), transient=True)
+                    TimeRemainingColumn(), console=console, transient=True, disable=not console.is_terminal)
 
 
 def _tensor_progress(progress, what: str):

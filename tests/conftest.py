@@ -1,6 +1,7 @@
 """Shared fixtures: the real embedded model, a CLI runner, tiny synthetic GGUFs."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,8 @@ from typer.testing import CliRunner
 from kvq_cli.models import embedded_path
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED_DATA = ROOT.parent / "shared" / "data"
+# Evaluation data: passed explicitly (the package never reads ../shared at run time).
+SHARED_DATA = Path(os.environ.get("KVQ_TEST_DATA", ROOT.parent / "shared" / "data"))
 
 
 @pytest.fixture(scope="session")

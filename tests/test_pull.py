@@ -39,12 +39,17 @@ def run_kvq(args, env_extra):
                           text=True, env=env, timeout=120)
 
 
-def test_pull_from_hub_cache_offline(tmp_path):
-    snap = make_hub_cache(tmp_path / "hub", "HuggingFaceTB/SmolLM2-360M")
-    r = run_kvq(["pull", "smollm2-360m"], {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")})
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == f"smollm2-360m: {snap}"
-    assert "conversion" in r.stderr and "downloaded" not in r.stderr
+def test_pull_from_hub_cache_offline_then_convert_fails_cleanly(tmp_path):
+    # huggingface-hub finds the cached snapshot offline; its config is incomplete, so the
+    # conversion that follows fails in one line and leaves no GGUF behind.
+    make_hub_cache(tmp_path / "hub", "HuggingFaceTB/SmolLM2-360M")
+    home = tmp_path / "home"
+    r = run_kvq(["pull", "smollm2-360m"], {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"),
+                                           "KVQ_HOME": str(home)})
+    assert r.returncode == 1
+    assert r.stderr.splitlines() == ["kvq: error: config.json lacks num_attention_heads"]
+    assert r.stdout == ""
+    assert not (home / "models").exists() or not any((home / "models").iterdir())
 
 
 def test_pull_offline_without_cache_fails_cleanly(tmp_path):

@@ -153,6 +153,14 @@ class Engine:
         """Text of `tokens`."""
         return self.llm.detokenize(tokens).decode("utf-8", errors="replace")
 
+    def last_logits(self):
+        """Logits of the last evaluated token (a NumPy view valid until the next decode)."""
+        import llama_cpp
+        import numpy as np
+
+        ptr = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.dims.n_vocab,))
+
     @property
     def n_tokens(self) -> int:
         """Tokens currently held in the KV cache."""
