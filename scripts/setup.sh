@@ -6,9 +6,12 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=.venv
 
-if ! command -v ccache >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-  echo "[setup] installing ccache (keeps native rebuilds fast)" >&2
-  (apt-get update -qq && apt-get install -y -qq ccache) >/dev/null 2>&1 || echo "[setup] ccache unavailable; continuing without it" >&2
+# Build tools from Debian when missing: patch (applies the series), ccache (fast rebuilds).
+missing=""
+for tool in patch ccache cmake; do command -v "$tool" >/dev/null 2>&1 || missing="$missing $tool"; done
+if [ -n "$missing" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "[setup] installing$missing" >&2
+  (apt-get update -qq && apt-get install -y -qq $missing) >/dev/null 2>&1 || echo "[setup] could not install$missing" >&2
 fi
 
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
