@@ -17,7 +17,7 @@ import numpy as np
 
 from kvq_cli.errors import BadOption
 from kvq_cli.runtime.engine import Engine
-from kvq_cli.runtime.kv import KvPolicy, KvqOptions
+from kvq_cli.runtime.kv import STOCK_POLICIES, KvPolicy, KvqOptions
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def bench(model: str | Path, policies: list[KvPolicy], ctxs: list[int], *, n_gen
     model = Path(model)
     if n_gen < 1 or repeats < 1:
         raise BadOption("--gen and --repeats must be >= 1")
-    with Engine(model, kv=policies[0] if policies[0].is_stock else KvPolicy("stock-f16"), n_ctx=64) as tok_engine:
+    with Engine(model, kv=STOCK_POLICIES["stock-f16"], n_ctx=64) as tok_engine:  # tokenizer only
         all_tokens = tok_engine.tokenize(text)
     records = []
     for ctx in ctxs:

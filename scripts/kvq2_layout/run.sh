@@ -4,8 +4,6 @@
 # candidates on Gaussian/Laplace/Student-t data, with and without a 64-point Hadamard
 # rotation, vs stock q2_0/q4_0) and the type's test program (test_kvq2.c) against the
 # kept runtime build (run `make setup` first), then runs both.
-# sim2..sim5.c are the side sweeps (affine level spacing, inner/outer level ratio,
-# search-grid size) quoted in the patch's comments; build them the same way.
 set -euo pipefail
 B=${KVQ_BUILD_CACHE:-$HOME/.cache/kvq-build}
 here=$(cd "$(dirname "$0")" && pwd)
