@@ -100,8 +100,10 @@ def fetch_sdist(cache: Path, upstream: dict[str, str]) -> Path:
         log(f"downloading llama-cpp-python=={version} sdist")
         sdist_dir.mkdir(parents=True, exist_ok=True)
         r = subprocess.run(
+            # pip prepares the sdist's metadata in an isolated env (it fetches scikit-build-core),
+            # so a fresh venv needs nothing preinstalled
             [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-             "--no-build-isolation", f"llama-cpp-python=={version}", "-d", str(sdist_dir)],
+             f"llama-cpp-python=={version}", "-d", str(sdist_dir)],
             stdout=sys.stderr, stderr=sys.stderr,
         )
         if r.returncode != 0 or not sdist.is_file():
