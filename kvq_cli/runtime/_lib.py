@@ -15,6 +15,8 @@ POOL_NAMES = ("window", "f16", "q8", "q4", "q2")
 POOL_BITS = (16, 16, 8, 4, 2)
 
 POLICY_STATIC, POLICY_RULE, POLICY_LEARNED, POLICY_ASSIGN = 0, 1, 2, 3
+# enum llama_kvq_attn_kernel
+ATTN_DEFAULT, ATTN_REF, ATTN_FUSED_SCALAR, ATTN_FUSED_SIMD = 0, 1, 2, 3
 
 
 class KvqParams(ctypes.Structure):
@@ -32,6 +34,7 @@ class KvqParams(ctypes.Structure):
         ("rule_sink", c_int32),
         ("rule_heavy", c_float),
         ("rule_base_bits", c_int32),
+        ("attn_ref", c_int32),
     ]
 
 
@@ -87,6 +90,9 @@ _PROTOTYPES = {
     # int32_t llama_kvq_attend(struct llama_context * ctx, int32_t il, const float * q, int32_t n_q,
     #                          const int32_t * q_pos, float * out);
     "llama_kvq_attend": (c_int32, [c_void_p, c_int32, _P_f32, c_int32, _P_i32, _P_f32]),
+    # int32_t llama_kvq_attend_kernel(struct llama_context * ctx, int32_t kernel, int32_t il, const float * q,
+    #                                 int32_t n_q, const int32_t * q_pos, float * out);
+    "llama_kvq_attend_kernel": (c_int32, [c_void_p, c_int32, c_int32, _P_f32, c_int32, _P_i32, _P_f32]),
 }
 
 

@@ -68,6 +68,7 @@ class KvqOptions:
     per_layer: bool = False
     trace: bool = False
     rotate: bool = True
+    attn_ref: bool = False   # reference attention kernel instead of the fused one (tests, A/B)
 
     def window_for(self, policy: KvPolicy) -> int:
         """Default W: 0 for static policies (stock semantics), 32 where decisions use attention."""
