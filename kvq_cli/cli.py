@@ -348,6 +348,156 @@ def _controller_text(c) -> str:
             f"w1 {c['w1'][0]}x{c['w1'][1]}, w2 {c['w2'][0]}x{c['w2'][1]}; trained for {c['budget_bits']:g} bits")
 
 
+def _ci(x, ci, pct: bool = True) -> str:
+    """value±half-width of its 95% interval (the JSON keeps the exact bounds)."""
+    if x is None:
+        return "-"
+    k, d = (100, 1) if pct else (1, 4)
+    return f"{k * x:.{d}f}±{k * (ci[1] - ci[0]) / 2:.{d}f}" if ci else f"{k * x:.{d}f}"
+
+
+@app.command("eval")
+@handle_errors
+def eval_cmd(
+    model: ModelArg = None,
+    task: Annotated[str, typer.Option("--task", help="Comma-separated tasks: hellaswag, arc-easy, arc-challenge, openbookqa, wikitext2 (or all).")] = "all",
+    kv: Annotated[str, typer.Option("--kv", help="Comma-separated policies scored side by side on the same items.")] = "stock-f16,f16,q8,q4,q2",
+    kv_bits: KvBitsOpt = None,
+    kv_window: KvWindowOpt = None,
+    data: Annotated[Optional[str], typer.Option("--data", envvar="KVQ_DATA", help="Evaluation data dir (hellaswag/, arc/, openbookqa/, wikitext2/; see its SOURCES.md). Env: KVQ_DATA.")] = None,
+    split: Annotated[str, typer.Option("--split", help="test, or dev (ARC and OpenBookQA) for tuning.")] = "test",
+    limit: Annotated[Optional[str], typer.Option("--limit", help="Score only the first N items of each multiple-choice task, or per task: hellaswag=2000,arc-easy=500.")] = None,
+    tokens: Annotated[int, typer.Option("--tokens", help="wikitext2: token budget (the first N tokens, whole chunks).")] = 32768,
+    ppl_ctx: Annotated[int, typer.Option("--ppl-ctx", help="wikitext2: chunk length; the second half of each chunk is scored.")] = 512,
+    ctx: Annotated[int, typer.Option("--ctx", help="Context of the multiple-choice runs (longer items are left-truncated).")] = 1024,
+    ref: Annotated[str, typer.Option("--ref", help="Policy that paired differences and KL compare against ('none' to skip).")] = "f16",
+    json_path: Annotated[Optional[str], typer.Option("--json", help="Write the records (a JSON list, resumable) to this file; rewritten at checkpoints.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the records in --json (items already scored are kept).")] = False,
+    threads: ThreadsOpt = None,
+    seed: Annotated[int, typer.Option("--seed", help="Bootstrap seed.")] = 0,
+) -> None:
+    """Accuracy (acc, acc_norm), wikitext-2 perplexity and KL of KV policies, side by side.
+
+    Example: kvq eval --data ../shared/data --task hellaswag,wikitext2 --kv f16,q4,q2 --limit 200 --json eval.json
+    """
+    import json
+    from pathlib import Path
+
+    from kvq_cli.errors import BadOption, OutputError
+    from kvq_cli.evaluate import EvalConfig, EvalRun, eval_records_to_json
+    from kvq_cli.gguf_write import atomic_output
+    from kvq_cli.models import resolve
+    from kvq_cli.runtime.kv import parse_kv
+    from kvq_cli.tasks import parse_tasks
+
+    policies = parse_kv_list_checked(kv)
+    ref_name = None if ref.lower() == "none" else ref.strip().lower()
+    if ref_name is not None and ref_name not in [p.name for p in policies]:
+        policies.insert(0, parse_kv(ref_name))  # paired differences need the reference on the same items
+        _stderr_console().print(f"kvq: also running the reference policy {ref_name} (--ref none to skip)", style="dim")
+    tasks = parse_tasks(task)
+    if data is None:
+        raise BadOption("no evaluation data", hint="pass --data DIR (or set KVQ_DATA)")
+    if not Path(data).is_dir():
+        raise BadOption(f"--data {data} is not a directory")
+    limits = _parse_limit(limit, tasks)
+    if tokens < ppl_ctx:
+        raise BadOption(f"--tokens ({tokens}) must be at least one chunk (--ppl-ctx {ppl_ctx})")
+    if resume and not json_path:
+        raise BadOption("--resume needs --json PATH (the file to continue)")
+    opts = kvq_options(policies, kv_bits, kv_window)
+    previous = None
+    err = _stderr_console()
+    if resume and Path(json_path).exists():
+        try:
+            previous = json.loads(Path(json_path).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise BadOption(f"--resume: cannot read {json_path} ({e})") from None
+        if not isinstance(previous, list):
+            raise BadOption(f"--resume: {json_path} is not a list of kvq eval records")
+    resolved = resolve(model)
+    cfg = EvalConfig(model=resolved.path, policies=tuple(policies), tasks=tuple(tasks), data=Path(data),
+                     split=split, limit=limits, n_ctx=ctx, ppl_ctx=ppl_ctx, ppl_tokens=tokens, kvq=opts,
+                     ref=ref_name, n_threads=threads, seed=seed)
+    run = EvalRun(cfg, previous)
+
+    def write(records) -> None:
+        if json_path:
+            try:
+                with atomic_output(json_path) as tmp:
+                    tmp.write_text(json.dumps(eval_records_to_json(records), indent=1) + "\n")
+            except OSError as e:
+                raise OutputError(f"cannot write {json_path}: {e}") from None
+
+    run.on_checkpoint = write
+    with _progress() as progress:
+        bars: dict[str, Any] = {}
+
+        def on_progress(name: str, i: int, n: int) -> None:
+            if name not in bars:
+                bars[name] = progress.add_task(f"{name} x {len(policies)} policies", total=n)
+            progress.update(bars[name], completed=i, total=n)
+
+        try:
+            records = run.run(on_progress)
+        except KeyboardInterrupt:
+            write(run.records)  # scored items are kept for --resume
+            raise
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"kvq eval: {resolved.path.name}, split {split}; intervals: bootstrap 95%, Δ vs {cfg.ref or '-'} paired")
+    for col in ("task", "kv", "n", "bits", "acc %", "acc_norm %", "Δacc pt", "Δacc_norm pt", "ppl", "KL"):
+        table.add_column(col, justify="left" if col in ("task", "kv") else "right")
+    for r in records:
+        table.add_row(r.task, r.kv, str(r.n), f"{r.bits_per_elem:.2f}" if r.bits_per_elem is not None else "-",
+                      _ci(r.acc, r.acc_ci95), _ci(r.acc_norm, r.acc_norm_ci95),
+                      _ci(r.diff_acc, r.diff_acc_ci95), _ci(r.diff_acc_norm, r.diff_acc_norm_ci95),
+                      f"{r.ppl:.3f}" if r.ppl is not None else "-", _ci(r.kl, r.kl_ci95, pct=False))
+    out = Console()
+    if not out.is_terminal:
+        out = Console(width=160)
+    out.print(table)
+    if json_path:
+        err.print(f"wrote {json_path}", style="dim")
+
+
+def _parse_limit(value: str | None, tasks: list[str]):
+    """--limit N (every multiple-choice task) or task=N,task=N."""
+    from kvq_cli.errors import BadOption
+
+    if value is None:
+        return None
+    try:
+        if "=" not in value:
+            n = int(value)
+            out: int | dict[str, int] = n
+            ns = [n]
+        else:
+            out = {k.strip().lower(): int(v) for k, v in (kv.split("=", 1) for kv in value.split(",") if kv.strip())}
+            ns = list(out.values())
+            unknown = [k for k in out if k not in tasks]
+            if unknown:
+                raise BadOption(f"--limit names tasks not in --task: {', '.join(unknown)}")
+    except ValueError:
+        raise BadOption(f"--limit takes N or task=N,task=N; got '{value}'") from None
+    if min(ns) < 1:
+        raise BadOption(f"--limit must be >= 1, got '{value}'")
+    return out
+
+
+def parse_kv_list_checked(kv: str):
+    """--kv list with duplicates refused (records are keyed by policy name)."""
+    from kvq_cli.errors import BadOption
+    from kvq_cli.runtime.kv import parse_kv_list
+
+    policies = parse_kv_list(kv)
+    names = [p.name for p in policies]
+    if len(set(names)) != len(names):
+        raise BadOption(f"--kv lists a policy twice: {kv}")
+    return policies
+
+
 @app.command("chat")
 @handle_errors
 def chat_cmd(

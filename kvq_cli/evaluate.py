@@ -1,25 +1,33 @@
-"""Evaluation stage: perplexity and KL divergence of KV policies, side by side on the same text.
+"""Evaluation stage: accuracy, perplexity and KL of KV policies, side by side on the same items.
+
+Multiple choice (hellaswag, arc-easy, arc-challenge, openbookqa) scores each choice by the
+log-likelihood of " " + choice given the context, as lm-evaluation-harness does: the
+context is decoded once per item and reused for its choices (the cache is cut back to the
+context before each choice). acc takes the best sum of log-probabilities, acc_norm the best
+sum divided by the choice's length in characters.
 
 Perplexity follows llama.cpp's `llama-perplexity`: the text is cut into chunks of n_ctx
 tokens, each chunk is evaluated from an empty cache, and the second half of each chunk is
 scored (so every scored token has at least n_ctx/2 tokens of context). All policies run
-chunk by chunk in one process, so the KL divergence against the reference policy's logits
-is computed on exactly the same positions without storing logits.
+chunk by chunk (item by item) in one process, so KL divergence against the reference
+policy's logits and paired accuracy differences use exactly the same positions and items.
+Intervals are bootstrap 95% percentile intervals over items (chunks for wikitext-2).
 """
 from __future__ import annotations
 
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from kvq_cli.errors import BadOption
+from kvq_cli.errors import BadOption, ContextOverflow
 from kvq_cli.runtime.engine import Engine
 from kvq_cli.runtime.kv import KvPolicy, KvqOptions
+from kvq_cli.tasks import MC_TASKS, McItem, load_mc_task
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +66,28 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
+def _ppl_chunk(engines: Sequence[Engine], chunk: list[int], reference: int) -> np.ndarray:
+    """Per engine [nll sum, KL sum vs engines[reference], top-1 agreements, seconds, bits] on one chunk."""
+    half = len(chunk) // 2
+    targets = np.array(chunk[half:], dtype=np.int64)
+    out = np.zeros((len(engines), 5))
+    logps = []
+    for i, e in enumerate(engines):
+        t0 = time.perf_counter()
+        # logits at position j predict token j+1: score positions half-1 .. n-2
+        logits = e.decode(chunk[:-1], 0, logits_from=half - 1)
+        out[i, 3] = time.perf_counter() - t0
+        out[i, 4] = e.kv_stats().bits_per_elem
+        lp = _log_softmax(logits.astype(np.float64))
+        out[i, 0] = -lp[np.arange(len(targets)), targets].sum()
+        logps.append(lp)
+    ref = logps[reference]
+    for i, lp in enumerate(logps):
+        out[i, 1] = (np.exp(ref) * (ref - lp)).sum()
+        out[i, 2] = (ref.argmax(-1) == lp.argmax(-1)).sum()
+    return out
+
+
 def perplexity(model: str | Path, policies: list[KvPolicy], text: str, *, n_tokens: int = 32768,
                n_ctx: int = 512, n_ubatch: int = 512, kvq: KvqOptions | None = None,
                n_threads: int | None = None, reference: int = 0,
@@ -65,50 +95,25 @@ def perplexity(model: str | Path, policies: list[KvPolicy], text: str, *, n_toke
     """Perplexity and KL vs policies[reference] for each policy over the first n_tokens of text."""
     if n_ctx % 2 or n_ctx < 16:
         raise BadOption("--ctx must be an even number >= 16")
-    engines = [Engine(model, kv=p, n_ctx=n_ctx, logits_all=True, n_batch=n_ctx, n_ubatch=n_ubatch,
+    engines = [Engine(model, kv=p, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ubatch,
                       n_threads=n_threads, kvq=kvq) for p in policies]
     try:
         tokens = engines[0].tokenize(text)[:n_tokens]
         n_chunks = len(tokens) // n_ctx
         if n_chunks == 0:
             raise BadOption(f"the text has {len(tokens)} tokens, fewer than one chunk of {n_ctx}")
-        half = n_ctx // 2
-        nll = np.zeros(len(policies))
-        kls = np.zeros(len(policies))
-        agree = np.zeros(len(policies))
-        secs = np.zeros(len(policies))
-        bits = np.zeros(len(policies))
-        n_scored = 0
+        sums = np.zeros((len(policies), 5))
         for c in range(n_chunks):
-            chunk = tokens[c * n_ctx:(c + 1) * n_ctx]
-            targets = np.array(chunk[half:], dtype=np.int64)
-            logps = []
-            for i, e in enumerate(engines):
-                e.llm.reset()
-                t0 = time.perf_counter()
-                e.llm.eval(chunk)
-                secs[i] += time.perf_counter() - t0
-                bits[i] += e.kv_stats().bits_per_elem
-                # logits at position j predict token j+1: score positions half-1 .. n_ctx-2
-                lp = _log_softmax(np.asarray(e.llm.scores[half - 1:n_ctx - 1], dtype=np.float64))
-                nll[i] += -lp[np.arange(len(targets)), targets].sum()
-                logps.append(lp)
-            ref = logps[reference]
-            for i, lp in enumerate(logps):
-                kls[i] += (np.exp(ref) * (ref - lp)).sum(-1).sum()
-                agree[i] += (ref.argmax(-1) == lp.argmax(-1)).sum()
-            n_scored += len(targets)
+            sums += _ppl_chunk(engines, tokens[c * n_ctx:(c + 1) * n_ctx], reference)
             if on_chunk:
                 on_chunk(c + 1, n_chunks)
-        out = []
-        for i, p in enumerate(policies):
-            out.append(PplRecord(
-                task="wikitext2", kv=p.name, n_tokens=n_chunks * n_ctx, n_scored=n_scored, n_ctx=n_ctx,
-                ppl=math.exp(nll[i] / n_scored), nll=nll[i] / n_scored,
-                kl=None if i == reference else kls[i] / n_scored, kl_ref=policies[reference].name,
-                top1_agree=None if i == reference else agree[i] / n_scored,
-                bits_per_elem=bits[i] / n_chunks, seconds=secs[i]))
-        return out
+        n_scored = n_chunks * (n_ctx // 2)
+        return [PplRecord(
+            task="wikitext2", kv=p.name, n_tokens=n_chunks * n_ctx, n_scored=n_scored, n_ctx=n_ctx,
+            ppl=math.exp(sums[i, 0] / n_scored), nll=sums[i, 0] / n_scored,
+            kl=None if i == reference else sums[i, 1] / n_scored, kl_ref=policies[reference].name,
+            top1_agree=None if i == reference else sums[i, 2] / n_scored,
+            bits_per_elem=sums[i, 4] / n_chunks, seconds=sums[i, 3]) for i, p in enumerate(policies)]
     finally:
         for e in engines:
             e.close()
@@ -116,4 +121,389 @@ def perplexity(model: str | Path, policies: list[KvPolicy], text: str, *, n_toke
 
 def records_to_json(records) -> list[dict]:
     """Plain dicts for --json output."""
+    return [asdict(r) for r in records]
+
+
+# -- multiple choice ----------------------------------------------------------------
+
+def encode_pair(engine: Engine, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Context and continuation tokens the way lm-eval splits them (no BOS).
+
+    Trailing spaces of the context move to the continuation; the continuation's tokens are
+    the tail of tokenize(context + continuation), so merges across the boundary count.
+    """
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        continuation = context[-n_spaces:] + continuation
+        context = context[:-n_spaces]
+    whole = engine.tokenize(context + continuation)
+    ctx = engine.tokenize(context)
+    return ctx, whole[len(ctx):]
+
+
+def continuation_logprob(last_logits: np.ndarray, cont_logits: np.ndarray, cont: list[int]) -> tuple[float, bool]:
+    """Sum of log p(cont) and whether cont is the greedy continuation.
+
+    last_logits are the logits of the last context token; cont_logits those of cont[:-1].
+    """
+    rows = np.concatenate([last_logits[None, :], cont_logits]).astype(np.float64)
+    targets = np.asarray(cont, dtype=np.int64)
+    lp = _log_softmax(rows)
+    picked = lp[np.arange(len(cont)), targets]
+    return float(picked.sum()), bool((rows.argmax(-1) == targets).all())
+
+
+class Scorer:
+    """Log-likelihoods of continuations on one engine, reusing the prefilled context."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._ctx: list[int] | None = None
+        self._last: np.ndarray | None = None
+        self.n_truncated = 0
+
+    def prefill(self, ctx: list[int]) -> np.ndarray:
+        """Decode `ctx` from an empty cache unless it is the context already held; its last logits."""
+        if ctx != self._ctx:
+            self._ctx = None
+            self._last = self.engine.decode(ctx, 0, logits_from=len(ctx) - 1)[0]
+            self._ctx = list(ctx)
+        return self._last
+
+    def forget(self) -> None:
+        """The engine's cache was used for something else: prefill again on the next call."""
+        self._ctx = None
+
+    def fit(self, ctx: list[int], longest_cont: int) -> list[int]:
+        """Left-truncate the context so context + continuation fit the engine's context."""
+        room = self.engine.n_ctx - longest_cont
+        if room < 1:
+            raise ContextOverflow(f"a continuation of {longest_cont} tokens does not fit --ctx {self.engine.n_ctx}")
+        if len(ctx) > room:
+            self.n_truncated += 1
+            return ctx[-room:]
+        return ctx
+
+    def score(self, ctx: list[int], cont: list[int]) -> tuple[float, bool]:
+        """(log p(cont | ctx), greedy) with ctx prefilled once for consecutive calls."""
+        if not ctx or not cont:
+            raise BadOption("cannot score an empty context or continuation")
+        last = self.prefill(ctx)
+        rest = self.engine.decode(cont[:-1], len(ctx), logits_from=0) if len(cont) > 1 else last[None][:0]
+        return continuation_logprob(last, rest, cont)
+
+    def loglikelihood(self, context: str, continuation: str) -> tuple[float, bool]:
+        """lm-eval's loglikelihood request: (sum log p, is greedy)."""
+        ctx, cont = encode_pair(self.engine, context, continuation)
+        return self.score(self.fit(ctx, len(cont)), cont)
+
+    def score_item(self, item: McItem) -> np.ndarray:
+        """Log-likelihood of " " + choice for every choice of `item`."""
+        pairs = [encode_pair(self.engine, item.context, " " + c) for c in item.choices]
+        ctx = self.fit(pairs[0][0], max(len(cont) for _, cont in pairs))
+        return np.array([self.score(ctx, cont)[0] for _, cont in pairs])
+
+
+def mc_correct(item: McItem, lls: np.ndarray) -> tuple[bool, bool]:
+    """(acc, acc_norm) of one item: argmax of the log-likelihoods, raw and per character."""
+    lengths = np.array([float(len(c)) for c in item.choices])
+    return int(np.argmax(lls)) == item.gold, int(np.argmax(lls / lengths)) == item.gold
+
+
+# -- statistics -----------------------------------------------------------------------
+
+N_BOOT = 2000
+
+
+def bootstrap_ci(x: np.ndarray, *, seed: int = 0, n_boot: int = N_BOOT) -> list[float] | None:
+    """95% percentile interval of the mean of x, resampling its entries."""
+    x = np.asarray(x, dtype=np.float64)
+    if len(x) < 2:
+        return None
+    rng = np.random.default_rng(seed)
+    means = np.empty(n_boot)
+    for s in range(0, n_boot, 200):  # bounded memory for long x
+        idx = rng.integers(0, len(x), size=(min(200, n_boot - s), len(x)))
+        means[s:s + len(idx)] = x[idx].mean(1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return [float(lo), float(hi)]
+
+
+def _stderr(x: np.ndarray) -> float | None:
+    return float(np.std(x, ddof=1) / math.sqrt(len(x))) if len(x) > 1 else None
+
+
+# -- side-by-side runs with resumable records ------------------------------------------
+
+@dataclass
+class EvalRecord:
+    """One (task, policy) result; `state` keeps per-item (per-chunk) data for --resume and pairing."""
+
+    task: str
+    kv: str
+    split: str
+    model: str
+    ctx: int
+    kv_bits: float | None
+    kv_window: int | None
+    n: int = 0                   # items scored (multiple choice) or tokens scored (wikitext2)
+    complete: bool = False
+    bits_per_elem: float | None = None
+    ref: str | None = None       # policy the diff_* and kl fields compare against
+    seconds: float = 0.0
+    acc: float | None = None
+    acc_stderr: float | None = None
+    acc_ci95: list[float] | None = None
+    acc_norm: float | None = None
+    acc_norm_stderr: float | None = None
+    acc_norm_ci95: list[float] | None = None
+    diff_acc: float | None = None           # acc - ref acc on the same items
+    diff_acc_ci95: list[float] | None = None
+    diff_acc_norm: float | None = None
+    diff_acc_norm_ci95: list[float] | None = None
+    n_truncated: int = 0
+    ppl: float | None = None
+    ppl_ci95: list[float] | None = None
+    kl: float | None = None                 # mean KL(ref || policy) per scored token
+    kl_ci95: list[float] | None = None
+    top1_agree: float | None = None
+    state: dict = field(default_factory=dict)
+
+    @property
+    def key(self) -> tuple:
+        return (self.task, self.kv, self.split, self.model, self.ctx, self.kv_bits, self.kv_window)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "EvalRecord":
+        import copy
+
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: copy.deepcopy(v) for k, v in d.items() if k in names})
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """What `kvq eval` runs: tasks x policies on one model and data dir."""
+
+    model: Path
+    policies: tuple[KvPolicy, ...]
+    tasks: tuple[str, ...]
+    data: Path
+    split: str = "test"
+    limit: int | dict[str, int] | None = None  # items per multiple-choice task (or per task name)
+    n_ctx: int = 1024                 # context of the multiple-choice engines
+    ppl_ctx: int = 512                # wikitext-2 chunk length
+    ppl_tokens: int = 32768           # wikitext-2 token budget
+    kvq: KvqOptions = field(default_factory=KvqOptions)
+    ref: str | None = "f16"
+    n_threads: int | None = None
+    seed: int = 0
+    checkpoint_every: int = 50
+
+
+Progress = Callable[[str, int, int], None]
+
+
+class EvalRun:
+    """Runs a config side by side, resuming from earlier records; `records` is always current."""
+
+    def __init__(self, cfg: EvalConfig, previous: list[dict] | None = None):
+        if cfg.ref is not None and cfg.ref not in [p.name for p in cfg.policies]:
+            raise BadOption(f"the reference policy '{cfg.ref}' is not among the policies")
+        self.cfg = cfg
+        old = {}
+        for d in previous or []:
+            try:
+                r = EvalRecord.from_json(d)
+            except TypeError as e:
+                raise BadOption(f"--resume file has a malformed record ({e})") from None
+            r.ref = cfg.ref  # the reference is a reporting choice, recomputed at finalize
+            old[r.key] = r
+        self.records: list[EvalRecord] = []
+        wanted = set()
+        for task in cfg.tasks:
+            for p in cfg.policies:
+                ctx = cfg.ppl_ctx if task == "wikitext2" else cfg.n_ctx
+                r = EvalRecord(task=task, kv=p.name, split=cfg.split, model=cfg.model.name, ctx=ctx,
+                               kv_bits=None if p.is_stock else cfg.kvq.budget_bits,
+                               kv_window=None if p.is_stock else cfg.kvq.window_for(p), ref=cfg.ref)
+                self.records.append(old.get(r.key, r))
+                wanted.add(r.key)
+        # records of other tasks/policies in the resumed file are kept as they are
+        self.others = [r for k, r in old.items() if k not in wanted]
+        self.on_checkpoint: Callable[[list[EvalRecord]], None] | None = None
+
+    def _engines(self, n_ctx: int) -> list[Engine]:
+        engines: list[Engine] = []
+        try:
+            for p in self.cfg.policies:
+                engines.append(Engine(self.cfg.model, kv=p, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=min(512, n_ctx),
+                                      n_threads=self.cfg.n_threads, kvq=self.cfg.kvq))
+        except BaseException:
+            for e in engines:
+                e.close()
+            raise
+        return engines
+
+    def _checkpoint(self) -> None:
+        if self.on_checkpoint:
+            self.on_checkpoint(self.others + self.records)
+
+    def run(self, on_progress: Progress | None = None) -> list[EvalRecord]:
+        """Score every task for every policy; records are finalized (metrics filled) at the end."""
+        cfg = self.cfg
+        mc = [t for t in cfg.tasks if t in MC_TASKS]
+        limit = (lambda t: cfg.limit.get(t)) if isinstance(cfg.limit, dict) else (lambda t: cfg.limit)
+        items = {t: load_mc_task(cfg.data, t, cfg.split, limit(t)) for t in mc}  # fail early on bad data
+        text = None
+        if "wikitext2" in cfg.tasks:
+            from kvq_cli.tasks import load_text
+
+            text = load_text(cfg.data, "wikitext2", cfg.split)
+        if cfg.ppl_ctx % 2 or cfg.ppl_ctx < 16:
+            raise BadOption("--ppl-ctx must be an even number >= 16")
+        try:
+            if mc:
+                engines = self._engines(cfg.n_ctx)
+                try:
+                    for t in mc:
+                        self._run_mc(t, items[t], engines, on_progress)
+                finally:
+                    for e in engines:
+                        e.close()
+            if text is not None:
+                engines = self._engines(cfg.ppl_ctx)
+                try:
+                    self._run_ppl(text, engines, on_progress)
+                finally:
+                    for e in engines:
+                        e.close()
+        finally:
+            self.finalize()
+        self._checkpoint()
+        return self.records
+
+    def _task_records(self, task: str) -> list[EvalRecord]:
+        return [r for r in self.records if r.task == task]
+
+    def _run_mc(self, task: str, items: list[McItem], engines: list[Engine], on_progress: Progress | None) -> None:
+        recs = self._task_records(task)
+        scorers = [Scorer(e) for e in engines]
+        for r in recs:
+            st = r.state
+            # a smaller --limit than a resumed record scored: keep only the items asked for
+            for k in ("correct", "correct_norm"):
+                st[k] = st.get(k, "")[:len(items)]
+            st["bits"] = st.get("bits", [])[:len(items)]
+            r.n = len(st["correct"])
+        start = min(r.n for r in recs)
+        for i in range(start, len(items)):
+            for r, s in zip(recs, scorers):
+                if r.n > i:
+                    continue
+                t0 = time.perf_counter()
+                lls = s.score_item(items[i])
+                r.seconds += time.perf_counter() - t0
+                a, an = mc_correct(items[i], lls)
+                r.state["correct"] += "01"[a]
+                r.state["correct_norm"] += "01"[an]
+                r.state["bits"].append(round(s.engine.kv_stats().bits_per_elem, 4))
+                r.n_truncated += s.n_truncated
+                s.n_truncated = 0
+                r.n = len(r.state["correct"])
+            if on_progress:
+                on_progress(task, i + 1, len(items))
+            if (i + 1) % self.cfg.checkpoint_every == 0:
+                self.finalize()
+                self._checkpoint()
+        for r in recs:
+            r.complete = r.n >= len(items)
+        if on_progress:
+            on_progress(task, len(items), len(items))
+
+    def _run_ppl(self, text: str, engines: list[Engine], on_progress: Progress | None) -> None:
+        cfg = self.cfg
+        recs = self._task_records("wikitext2")
+        tokens = engines[0].tokenize(text)[:cfg.ppl_tokens]
+        n_chunks = len(tokens) // cfg.ppl_ctx
+        if n_chunks == 0:
+            raise BadOption(f"the text has {len(tokens)} tokens, fewer than one chunk of {cfg.ppl_ctx}")
+        names = [p.name for p in cfg.policies]
+        ref = names.index(cfg.ref) if cfg.ref is not None else 0
+        for r in recs:
+            if r.state.get("kl_ref") != names[ref]:  # KL sums against another reference are not reusable
+                r.state["chunks"] = []
+                r.state["kl_ref"] = names[ref]
+        start = min(len(r.state["chunks"]) for r in recs)
+        for c in range(start, n_chunks):
+            need = [i for i, r in enumerate(recs) if len(r.state["chunks"]) <= c]
+            run = sorted(set(need) | {ref})
+            sums = _ppl_chunk([engines[i] for i in run], tokens[c * cfg.ppl_ctx:(c + 1) * cfg.ppl_ctx], run.index(ref))
+            for j, i in enumerate(run):
+                if i in need:
+                    nll, kl, agree, secs, bits = sums[j]
+                    recs[i].state["chunks"].append([nll, kl, agree, cfg.ppl_ctx // 2, bits])
+                    recs[i].seconds += secs
+                    recs[i].n = sum(ch[3] for ch in recs[i].state["chunks"])
+            if on_progress:
+                on_progress("wikitext2", c + 1, n_chunks)
+            if (c + 1) % max(1, self.cfg.checkpoint_every // 10) == 0:
+                self.finalize()
+                self._checkpoint()
+        for r in recs:
+            r.complete = len(r.state["chunks"]) >= n_chunks
+
+    def finalize(self) -> None:
+        """Fill every record's metrics from its state (paired with its task's reference record)."""
+        seed = self.cfg.seed
+        for r in self.records:
+            ref = next((x for x in self.records if x.task == r.task and x.kv == r.ref), None)
+            if r.task == "wikitext2":
+                _finalize_ppl(r, ref if ref is not r else None, seed)
+            else:
+                _finalize_mc(r, ref if ref is not r else None, seed)
+
+
+def _bits(s: str) -> np.ndarray:
+    return np.frombuffer(s.encode("ascii"), dtype=np.uint8).astype(np.float64) - ord("0")
+
+
+def _finalize_mc(r: EvalRecord, ref: EvalRecord | None, seed: int) -> None:
+    n = len(r.state.get("correct", ""))
+    if n == 0:
+        return
+    r.n = n
+    r.bits_per_elem = float(np.mean(r.state["bits"]))
+    for name in ("acc", "acc_norm"):
+        x = _bits(r.state["correct" if name == "acc" else "correct_norm"])
+        setattr(r, name, float(x.mean()))
+        setattr(r, f"{name}_stderr", _stderr(x))
+        setattr(r, f"{name}_ci95", bootstrap_ci(x, seed=seed))
+        if ref is not None:
+            y = _bits(ref.state.get("correct" if name == "acc" else "correct_norm", ""))
+            m = min(len(x), len(y))
+            if m:
+                d = x[:m] - y[:m]
+                setattr(r, f"diff_{name}", float(d.mean()))
+                setattr(r, f"diff_{name}_ci95", bootstrap_ci(d, seed=seed))
+
+
+def _finalize_ppl(r: EvalRecord, ref: EvalRecord | None, seed: int) -> None:
+    ch = np.array(r.state.get("chunks", []), dtype=np.float64).reshape(-1, 5)
+    if len(ch) == 0:
+        return
+    n_scored = ch[:, 3].sum()
+    r.n = int(n_scored)
+    r.bits_per_elem = float(ch[:, 4].mean())
+    r.ppl = math.exp(ch[:, 0].sum() / n_scored)
+    ci = bootstrap_ci(ch[:, 0] / ch[:, 3], seed=seed)
+    r.ppl_ci95 = [math.exp(v) for v in ci] if ci else None
+    if ref is not None:
+        r.kl = float(ch[:, 1].sum() / n_scored)
+        r.kl_ci95 = bootstrap_ci(ch[:, 1] / ch[:, 3], seed=seed)
+        r.top1_agree = float(ch[:, 2].sum() / n_scored)
+
+
+def eval_records_to_json(records: list[EvalRecord]) -> list[dict[str, Any]]:
+    """The --json list (state included, so the file can be resumed)."""
     return [asdict(r) for r in records]

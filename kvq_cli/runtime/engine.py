@@ -107,6 +107,7 @@ class Engine:
         p.per_layer = int(opts.per_layer)
         p.trace = int(opts.trace)
         p.rotate = int(opts.rotate)
+        p.attn_ref = int(opts.attn_ref)
         if kv.kvq == "static":
             p.policy, p.static_bits = L.POLICY_STATIC, kv.static_bits
         elif kv.kvq == "rule":
@@ -160,6 +161,45 @@ class Engine:
 
         ptr = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
         return np.ctypeslib.as_array(ptr, shape=(self.dims.n_vocab,))
+
+    def decode(self, tokens: list[int], n_past: int, logits_from: int | None = None):
+        """Drop cached positions >= n_past, decode `tokens` after them; logits of tokens[logits_from:].
+
+        Returns a float32 array (rows = tokens from `logits_from` on; none when it is None).
+        This is how scoring reuses a prefilled context: decode the context once, then each
+        continuation with n_past = len(context).
+        """
+        import llama_cpp
+        import numpy as np
+
+        llm = self.llm
+        if n_past + len(tokens) > self.n_ctx:
+            raise ContextOverflow(f"{n_past + len(tokens)} tokens do not fit the context of {self.n_ctx}")
+        llm._ctx.kv_cache_seq_rm(-1, n_past, -1)
+        llm.n_tokens = n_past
+        start = len(tokens) if logits_from is None else logits_from
+        rows = []
+        batch = llm._batch.batch
+        for i in range(0, len(tokens), llm.n_batch):
+            chunk = tokens[i:i + llm.n_batch]
+            batch.n_tokens = len(chunk)
+            n_out = 0
+            for j, t in enumerate(chunk):
+                batch.token[j] = t
+                batch.pos[j] = n_past + i + j
+                batch.seq_id[j][0] = 0
+                batch.n_seq_id[j] = 1
+                batch.logits[j] = i + j >= start
+                n_out += i + j >= start
+            llm._ctx.decode(llm._batch)
+            llm.input_ids[n_past + i:n_past + i + len(chunk)] = chunk
+            llm.n_tokens = n_past + i + len(chunk)
+            if n_out:
+                ptr = llama_cpp.llama_get_logits(llm.ctx)
+                rows.append(np.ctypeslib.as_array(ptr, shape=(n_out, self.dims.n_vocab)).copy())
+        if not rows:
+            return np.zeros((0, self.dims.n_vocab), dtype=np.float32)
+        return rows[0] if len(rows) == 1 else np.concatenate(rows)
 
     @property
     def n_tokens(self) -> int:

@@ -1,0 +1,184 @@
+"""`kvq eval`: task formats, scoring vs a direct computation, statistics, resume, end to end."""
+from __future__ import annotations
+
+import bz2
+import json
+
+import numpy as np
+import pytest
+
+from kvq_cli.cli import app
+from kvq_cli.evaluate import (EvalConfig, EvalRun, Scorer, bootstrap_ci, encode_pair, mc_correct)
+from kvq_cli.runtime.engine import Engine
+from kvq_cli.runtime.kv import parse_kv, parse_kv_list
+from kvq_cli.tasks import McItem, load_mc_task
+
+from .conftest import SHARED_DATA
+from .test_errors import assert_one_line_error
+
+pytestmark = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="evaluation data dir missing (KVQ_TEST_DATA)")
+
+
+def test_hellaswag_prompts_match_llama_cpp_dataset():
+    """Our lm-eval preprocessing agrees with llama.cpp's independently built hellaswag text.
+
+    That file keeps ctx_b's case (lm-eval capitalizes it), so contexts compare case-folded.
+    """
+    items = load_mc_task(SHARED_DATA, "hellaswag", limit=300)
+    lines = bz2.open(SHARED_DATA / "hellaswag" / "hellaswag_val_full.txt.bz2", "rt", encoding="utf-8").read().split("\n")
+    for i, it in enumerate(items):
+        block = lines[6 * i:6 * i + 6]
+        assert it.context.lower() == block[0].lower()
+        assert it.gold == int(block[1])
+        assert list(it.choices) == block[2:6]
+    assert items[0].context == "Roof shingle removal: A man is sitting on a roof. He"
+
+
+def test_arc_and_obqa_prompts():
+    arc = load_mc_task(SHARED_DATA, "arc-challenge", limit=3)
+    assert all(it.context.startswith("Question: ") and it.context.endswith("\nAnswer:") for it in arc)
+    raw = json.loads((SHARED_DATA / "arc" / "ARC-Challenge-Test.jsonl").read_text().splitlines()[0])
+    assert arc[0].choices == tuple(c["text"] for c in raw["question"]["choices"])
+    assert arc[0].choices[arc[0].gold] == next(c["text"] for c in raw["question"]["choices"] if c["label"] == raw["answerKey"])
+    ob = load_mc_task(SHARED_DATA, "openbookqa", limit=2)
+    assert ob[1].context == "There is most likely going to be fog around:" and ob[1].choices[ob[1].gold] == "a marsh"
+    # numeric answer labels ("1".."4") in ARC-Easy map to the right choice
+    easy = load_mc_task(SHARED_DATA, "arc-easy")
+    rows = [json.loads(x) for x in (SHARED_DATA / "arc" / "ARC-Easy-Test.jsonl").read_text().splitlines()]
+    numeric = [(it, r) for it, r in zip(easy, rows) if r["answerKey"].isdigit()]
+    assert numeric and all(r["question"]["choices"][it.gold]["label"] == r["answerKey"] for it, r in numeric)
+
+
+def test_acc_norm_divides_by_characters():
+    item = McItem("x", "ctx", ("a", "bbbbbbbbbb"), gold=1)
+    # raw: choice 0 wins (-2 > -5); per character: -2/1 < -5/10, so choice 1 wins
+    assert mc_correct(item, np.array([-2.0, -5.0])) == (False, True)
+
+
+@pytest.fixture(scope="module")
+def stock_engine(model_path):
+    e = Engine(model_path, kv=parse_kv("stock-f16"), n_ctx=512)
+    yield e
+    e.close()
+
+
+@pytest.fixture(scope="module")
+def f16_weights_engine(converted_f16):
+    """f16 weights: the Q4_1 model's q8 activation rounding makes logits depend on batch shapes."""
+    e = Engine(converted_f16, kv=parse_kv("stock-f16"), n_ctx=512)
+    yield e
+    e.close()
+
+
+def _direct_logprob(engine: Engine, ctx: list[int], cont: list[int]) -> float:
+    """log p(cont | ctx) from one decode of ctx + cont from an empty cache."""
+    seq = ctx + cont
+    logits = engine.decode(seq, 0, logits_from=0).astype(np.float64)
+    lp = logits - logits.max(1, keepdims=True)
+    lp -= np.log(np.exp(lp).sum(1, keepdims=True))
+    return float(sum(lp[len(ctx) - 1 + j, t] for j, t in enumerate(cont)))
+
+
+@pytest.mark.parametrize("task", ["arc-easy", "hellaswag"])
+def test_scoring_matches_direct_computation(f16_weights_engine, task):
+    """Context prefilled once and reused for every choice == each (context + choice) from scratch."""
+    eng = f16_weights_engine
+    scorer = Scorer(eng)
+    for it in load_mc_task(SHARED_DATA, task, limit=3):
+        lls = scorer.score_item(it)
+        for c, ll in zip(it.choices, lls):
+            ctx, cont = encode_pair(eng, it.context, " " + c)
+            assert ctx + cont == eng.tokenize(it.context + " " + c)
+            # batch shapes differ (prefill once + continuation vs one decode): f16 activation
+            # rounding differs by ~0.01 nat over a 20-token ending; a wrong position or token
+            # would be off by nats
+            assert ll == pytest.approx(_direct_logprob(eng, ctx, cont), abs=0.05)
+        assert np.all(lls < 0)
+
+
+def test_encode_pair_moves_trailing_space(stock_engine):
+    ctx, cont = encode_pair(stock_engine, "The sky is ", "blue")
+    assert stock_engine.detokenize(ctx) == "The sky is" and stock_engine.detokenize(cont) == " blue"
+
+
+def test_bootstrap_interval():
+    rng = np.random.default_rng(1)
+    x = (rng.random(2000) < 0.4).astype(float)
+    lo, hi = bootstrap_ci(x, seed=3)
+    assert lo < x.mean() < hi
+    assert 0.03 < hi - lo < 0.05          # about 2 x 1.96 x sqrt(.4 x .6 / 2000) = 0.043
+    assert bootstrap_ci(x, seed=3) == [lo, hi]
+    assert bootstrap_ci(np.zeros(50), seed=0) == [0.0, 0.0]
+
+
+def test_eval_end_to_end_every_task(runner, tmp_path):
+    """--limit 20 on every task, three policies side by side, JSON records with intervals."""
+    out = tmp_path / "eval.json"
+    r = runner.invoke(app, ["eval", "--data", str(SHARED_DATA), "--task", "all", "--kv", "f16,q4,q2",
+                            "--limit", "20", "--tokens", "1024", "--json", str(out)], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    recs = {(x["task"], x["kv"]): x for x in json.loads(out.read_text())}
+    assert set(recs) == {(t, k) for t in ("hellaswag", "arc-easy", "arc-challenge", "openbookqa", "wikitext2")
+                         for k in ("f16", "q4", "q2")}
+    for (task, kv), x in recs.items():
+        assert x["complete"] and x["ref"] == "f16"
+        assert x["bits_per_elem"] == pytest.approx({"f16": 16.0, "q4": 4.5, "q2": 2.5}[kv])
+        if task == "wikitext2":
+            assert x["n"] == 512 and np.isfinite(x["ppl"]) and x["ppl_ci95"][0] <= x["ppl"] <= x["ppl_ci95"][1]
+            continue
+        assert x["n"] == 20 and 0 <= x["acc"] <= 1 and 0 <= x["acc_norm"] <= 1
+        assert x["acc_ci95"][0] <= x["acc"] <= x["acc_ci95"][1]
+        assert len(x["state"]["correct"]) == 20
+        if kv != "f16":
+            d = np.array(list(x["state"]["correct"]), int) - np.array(list(recs[(task, "f16")]["state"]["correct"]), int)
+            assert x["diff_acc"] == pytest.approx(d.mean())
+    w = {k: recs[("wikitext2", k)] for k in ("f16", "q4", "q2")}
+    assert w["f16"]["kl"] is None and 0 < w["q4"]["kl"] < w["q2"]["kl"]
+    assert w["f16"]["ppl"] < w["q2"]["ppl"]
+    assert "hellaswag" in r.stdout and "acc_norm" in r.stdout
+
+
+def test_resume_continues_and_matches_a_fresh_run(model_path, tmp_path):
+    pol = tuple(parse_kv_list("stock-f16,q4"))
+    base = dict(model=model_path, policies=pol, tasks=("arc-easy",), data=SHARED_DATA, ref="stock-f16")
+    first = EvalRun(EvalConfig(**base, limit=4)).run()
+    saved = json.loads(json.dumps([r.__dict__ for r in first]))
+    resumed_run = EvalRun(EvalConfig(**base, limit=7), previous=saved)
+    calls = []
+    resumed = resumed_run.run(lambda t, i, n: calls.append(i))
+    assert calls[0] == 5  # items 1-4 were not scored again
+    fresh = EvalRun(EvalConfig(**base, limit=7)).run()
+    for a, b in zip(resumed, fresh):
+        assert a.n == b.n == 7 and a.complete
+        assert a.state["correct"] == b.state["correct"] and a.state["correct_norm"] == b.state["correct_norm"]
+        assert a.state["correct"][:4] == saved[[x["kv"] for x in saved].index(a.kv)]["state"]["correct"]
+    assert "1" in fresh[0].state["correct"] + fresh[0].state["correct_norm"]  # not a trivial all-wrong run
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--task", "hellaswag", "--split", "dev"], "hellaswag has no dev split"),
+    (["--task", "squad"], "unknown task 'squad'"),
+    (["--limit", "0"], "--limit must be >= 1"),
+    (["--limit", "piqa=3"], "--limit names tasks not in --task"),
+    (["--kv", "f16,f16"], "lists a policy twice"),
+    (["--kv", "q4", "--ref", "q9"], "unknown --kv value 'q9'"),
+    (["--resume"], "--resume needs --json"),
+])
+def test_eval_bad_input(runner, args, needle):
+    r = runner.invoke(app, ["eval", "--data", str(SHARED_DATA), *args])
+    assert_one_line_error(r, needle)
+
+
+def test_eval_bad_data_and_resume_file(runner, tmp_path):
+    assert_one_line_error(runner.invoke(app, ["eval", "--data", str(tmp_path / "nope")]), "is not a directory")
+    assert_one_line_error(runner.invoke(app, ["eval", "--data", str(tmp_path), "--task", "arc-easy"]),
+                          "no arc/ARC-Easy-Test.jsonl under")
+    (tmp_path / "arc").mkdir()
+    (tmp_path / "arc" / "ARC-Easy-Test.jsonl").write_text('{"id": 1}\n')
+    assert_one_line_error(runner.invoke(app, ["eval", "--data", str(tmp_path), "--task", "arc-easy"]),
+                          "not in the expected arc-easy layout")
+    bad = tmp_path / "r.json"
+    bad.write_text("{not json")
+    assert_one_line_error(runner.invoke(app, ["eval", "--data", str(SHARED_DATA), "--json", str(bad), "--resume"]),
+                          "--resume: cannot read")
+    assert bad.read_text() == "{not json"
