@@ -67,6 +67,8 @@ class Engine:
         self.n_ctx = n_ctx
         self.kvq_opts = kvq or KvqOptions()
         llama_cpp = _import_llama_cpp()
+        # every core for decode and batches (llama-cpp-python would decode on cpu_count // 2)
+        n_threads = n_threads or os.cpu_count() or 1
         lib = None
         if not kv.is_stock:
             from kvq_cli.runtime._lib import kvq_lib
@@ -103,7 +105,8 @@ class Engine:
         kv, opts = self.kv, self.kvq_opts
         p = lib.llama_kvq_default_params()
         p.window = opts.window_for(kv)
-        p.budget_bits = float(opts.budget_bits or 0.0)
+        budget = opts.budget_for(kv)
+        p.budget_bits = float(budget or 0.0)
         p.per_layer = int(opts.per_layer)
         p.trace = int(opts.trace)
         p.rotate = int(opts.rotate)
@@ -113,7 +116,7 @@ class Engine:
         elif kv.kvq == "rule":
             p.policy = L.POLICY_RULE
             # below 4 bits of budget the rule's base precision is 2-bit
-            p.rule_base_bits = 2 if opts.budget_bits and opts.budget_bits < 4.0 else 4
+            p.rule_base_bits = 2 if budget and budget < 4.0 else 4
         elif kv.kvq == "adaptive":
             p.policy = L.POLICY_LEARNED
             state = lib.llama_kvq_model_controller(self.llm.model)
