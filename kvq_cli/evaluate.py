@@ -325,7 +325,7 @@ class EvalRun:
             for p in cfg.policies:
                 ctx = cfg.ppl_ctx if task == "wikitext2" else cfg.n_ctx
                 r = EvalRecord(task=task, kv=p.name, split=cfg.split, model=cfg.model.name, ctx=ctx,
-                               kv_bits=None if p.is_stock else cfg.kvq.budget_bits,
+                               kv_bits=cfg.kvq.budget_for(p),
                                kv_window=None if p.is_stock else cfg.kvq.window_for(p), ref=cfg.ref)
                 self.records.append(old.get(r.key, r))
                 wanted.add(r.key)

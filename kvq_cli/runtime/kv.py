@@ -1,7 +1,7 @@
 """KV-cache policies accepted by `--kv`, and their honest storage cost."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from kvq_cli.errors import BadOption
 
@@ -13,9 +13,10 @@ class KvPolicy:
     name: str
     ggml_type: str = "F16"        # stock cache type (kvq policies leave the stock cache unused)
     bits_per_elem: float = 16.0   # stock: bytes held per element x 8, block scales included
-    needs_flash: bool = False     # stock quantized V only works on the flash-attention path
+    needs_flash: bool = False     # stock: run llama.cpp's flash-attention path (quantized V needs it)
     kvq: str | None = None        # None (stock) | "static" | "rule" | "adaptive"
     static_bits: int = 16         # kvq static precision
+    budget_bits: float | None = None  # kvq: this policy's own --kv-bits ("rule@3")
 
     @property
     def is_stock(self) -> bool:
@@ -26,6 +27,7 @@ class KvPolicy:
 # (18 B / 32), q2_0 = 64 x 2 bit + f16 scale (18 B / 64).
 STOCK_POLICIES: dict[str, KvPolicy] = {
     "stock-f16": KvPolicy("stock-f16", "F16", 16.0, False),
+    "stock-f16-fa": KvPolicy("stock-f16-fa", "F16", 16.0, True),   # f16 with flash attention on
     "stock-q8_0": KvPolicy("stock-q8_0", "Q8_0", 34 * 8 / 32, True),
     "stock-q4_0": KvPolicy("stock-q4_0", "Q4_0", 18 * 8 / 32, True),
     "stock-q2_0": KvPolicy("stock-q2_0", "Q2_0", 18 * 8 / 64, True),
@@ -44,11 +46,33 @@ KV_CHOICES = list(ALL_POLICIES)
 
 
 def parse_kv(value: str) -> KvPolicy:
-    """Parse one `--kv` value, failing with BadOption that lists the valid ones."""
+    """Parse one `--kv` value, failing with BadOption that lists the valid ones.
+
+    A kvq policy may carry its own budget: `rule@3` is `rule` with --kv-bits 3, so
+    policies at different budgets run side by side in one command.
+    """
     key = value.strip().lower()
-    if key in ALL_POLICIES:
-        return ALL_POLICIES[key]
-    raise BadOption(f"unknown --kv value '{value}'", hint=f"choose one of: {', '.join(KV_CHOICES)}")
+    name, at, bits = key.partition("@")
+    if name not in ALL_POLICIES:
+        raise BadOption(f"unknown --kv value '{value}'",
+                        hint=f"choose one of: {', '.join(KV_CHOICES)} (kvq policies take @BITS, e.g. rule@3)")
+    policy = ALL_POLICIES[name]
+    if not at:
+        return policy
+    if policy.is_stock:
+        raise BadOption(f"--kv {value}: a stock cache has a fixed size; @BITS applies to kvq policies")
+    try:
+        budget = float(bits)
+    except ValueError:
+        raise BadOption(f"--kv {value}: @BITS takes a number of bits per element, e.g. {name}@3") from None
+    check_budget(budget, f"--kv {value}")
+    return replace(policy, name=f"{name}@{budget:g}", budget_bits=budget)
+
+
+def check_budget(bits: float, what: str = "--kv-bits") -> None:
+    """Budgets are bits per KV element between the smallest pool (2-bit) and f16."""
+    if not (2.0 <= bits <= 16.0):
+        raise BadOption(f"{what}: the budget must be between 2 and 16 bits per element, got {bits:g}")
 
 
 def parse_kv_list(value: str) -> list[KvPolicy]:
@@ -69,6 +93,12 @@ class KvqOptions:
     trace: bool = False
     rotate: bool = True
     attn_ref: bool = False   # reference attention kernel instead of the fused one (tests, A/B)
+
+    def budget_for(self, policy: KvPolicy) -> float | None:
+        """The policy's own budget (`rule@3`), else --kv-bits; None for stock caches."""
+        if policy.is_stock:
+            return None
+        return policy.budget_bits if policy.budget_bits is not None else self.budget_bits
 
     def window_for(self, policy: KvPolicy) -> int:
         """Default W: 0 for static policies (stock semantics), 32 where decisions use attention."""
