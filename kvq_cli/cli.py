@@ -23,7 +23,7 @@ app = typer.Typer(
 ModelArg = Annotated[Optional[str], typer.Argument(
     help="Registry alias (see `kvq models`), hub id, or path to a .gguf file. "
          "Default: smollm2-135m-instruct (embedded).", show_default=False)]
-KvOpt = Annotated[str, typer.Option("--kv", help="KV cache policy: f16, q8, q4, q2 (kvq pools, static), rule, adaptive (needs a controller in the GGUF), or stock llama.cpp caches stock-f16, stock-q8_0, stock-q4_0, stock-q2_0.")]
+KvOpt = Annotated[str, typer.Option("--kv", help="KV cache policy: f16, q8, q4, q2 (kvq pools, static), rule, adaptive (needs a controller in the GGUF), or stock llama.cpp caches stock-f16, stock-f16-fa (flash attention on), stock-q8_0, stock-q4_0, stock-q2_0.")]
 KvBitsOpt = Annotated[Optional[float], typer.Option("--kv-bits", help="kvq memory budget in bits per KV element at full context (a full pool demotes, never overflows).")]
 KvWindowOpt = Annotated[Optional[int], typer.Option("--kv-window", help="kvq: recent tokens kept in f16 before a precision decision (default 0 for static, 32 for rule/adaptive).")]
 CtxOpt = Annotated[int, typer.Option("--ctx", help="Context size in tokens (0 = the model's training context).")]
@@ -266,12 +266,12 @@ def inspect_cmd(
 def kvq_options(policies, kv_bits: float | None, kv_window: int | None):
     """Validate --kv-bits/--kv-window against the policies; the KvqOptions for the engine."""
     from kvq_cli.errors import BadOption
-    from kvq_cli.runtime.kv import KvqOptions
+    from kvq_cli.runtime.kv import KvqOptions, check_budget
 
     if (kv_bits is not None or kv_window is not None) and all(p.is_stock for p in policies):
         raise BadOption(f"--kv-bits/--kv-window apply to kvq policies, not {', '.join(p.name for p in policies)}")
-    if kv_bits is not None and not (2.0 <= kv_bits <= 16.0):
-        raise BadOption(f"--kv-bits must be between 2 and 16, got {kv_bits:g}")
+    if kv_bits is not None:
+        check_budget(kv_bits)
     if kv_window is not None and kv_window < 0:
         raise BadOption(f"--kv-window must be >= 0, got {kv_window}")
     return KvqOptions(window=kv_window, budget_bits=kv_bits)
@@ -284,34 +284,46 @@ def bench_cmd(
     kv: Annotated[str, typer.Option("--kv", help="Comma-separated policies to compare (see `kvq chat --help`).")] = "stock-f16,f16,q8,q4",
     ctx: Annotated[str, typer.Option("--ctx", help="Comma-separated context lengths; each prefills ctx-gen tokens.")] = "512,2048",
     gen: Annotated[int, typer.Option("--gen", help="Tokens to decode after the prefill.")] = 32,
-    repeats: Annotated[int, typer.Option("--repeats", help="Interleaved repeats per policy; records keep the median.")] = 1,
+    repeats: Annotated[int, typer.Option("--repeats", help="Interleaved repeats per policy; records keep the median.")] = 3,
     kv_bits: KvBitsOpt = None,
     kv_window: KvWindowOpt = None,
     text: Annotated[Optional[str], typer.Option("--text", help="Text file to prefill (default: wikitext-2 from --data, else Python's stdlib docstrings).")] = None,
     data: Annotated[Optional[str], typer.Option("--data", help="Evaluation data dir (uses wikitext2/wiki.test.nonempty-lf.raw).")] = None,
+    vs: Annotated[Optional[str], typer.Option("--vs", help="Baseline policies (comma-separated, among --kv): print speed ratios against the fastest of them at each context.")] = None,
+    roofline: Annotated[bool, typer.Option("--roofline", help="Measure memory bandwidth; show bytes read per decoded token (weights + KV) and the bandwidth bound.")] = False,
+    plot_path: Annotated[Optional[str], typer.Option("--plot", help="Draw decode tokens/s vs context per policy to this PNG (needs kvq-cli\\[plot]).")] = None,
+    reuse_prefill: Annotated[bool, typer.Option("--reuse-prefill", help="Prefill once per policy and context; repeats roll the cache back and decode again (for slow-prefill caches; prefill speed is then one run).")] = False,
     threads: ThreadsOpt = None,
     json_path: Annotated[Optional[str], typer.Option("--json", help="Write the records (a JSON list) to this file.")] = None,
 ) -> None:
     """Prefill and decode speed, KV bytes and bits/element for each policy and context.
 
-    Example: kvq bench --kv stock-f16,q4,rule --ctx 512,2048 --gen 32 --json results/bench.json
+    Example: kvq bench --kv stock-f16,stock-f16-fa,q4,rule --kv-bits 3 --ctx 512,2048,8192 --vs stock-f16,stock-f16-fa --roofline --json results/bench.json
     """
     import json
 
-    from kvq_cli.bench import bench, load_text, records_to_json
+    from kvq_cli.bench import bench, load_text, plot, records_to_json
     from kvq_cli.errors import BadOption
-    from kvq_cli.gguf_write import atomic_output
+    from kvq_cli.gguf_write import atomic_output, check_output
     from kvq_cli.models import resolve
-    from kvq_cli.runtime.kv import parse_kv_list
 
-    policies = parse_kv_list(kv)
+    policies = parse_kv_list_checked(kv)
     try:
         ctxs = [int(c) for c in ctx.split(",") if c.strip()]
     except ValueError:
         raise BadOption(f"--ctx takes comma-separated integers, got '{ctx}'") from None
     if not ctxs or min(ctxs) < 2:
         raise BadOption("--ctx needs context lengths >= 2")
+    baselines = [v.strip().lower() for v in vs.split(",") if v.strip()] if vs else None
     opts = kvq_options(policies, kv_bits, kv_window)
+    for out in (json_path, plot_path):
+        if out:
+            check_output(out)
+    if plot_path:
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:
+            raise BadOption("--plot needs matplotlib", hint="pip install 'kvq-cli[plot]'")
     resolved = resolve(model)
     body, source = load_text(text, data)
     err = _stderr_console()
@@ -322,21 +334,47 @@ def bench_cmd(
             progress.update(task, description=f"{name} @ {c} done", advance=1)
 
         records = bench(resolved.path, policies, ctxs, n_gen=gen, repeats=repeats, text=body, kvq=opts,
-                        n_threads=threads, on_run=on_run)
+                        n_threads=threads, vs=baselines, roofline=roofline, reuse_prefill=reuse_prefill,
+                        on_run=on_run)
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"kvq bench: {resolved.path.name}, text {source}, gen {gen}, repeats {repeats}")
-    for col in ("kv", "ctx", "prefill t/s", "decode t/s", "ms/tok", "KV MiB", "bits", "policy%"):
-        table.add_column(col, justify="right" if col != "kv" else "left")
+    title = (f"kvq bench: {resolved.path.name}, text {source}, gen {gen}, median of {repeats}, "
+             f"{records[0].threads} threads")
+    if reuse_prefill:
+        title += ", one prefill per policy"
+    if roofline:
+        title += f"; read bandwidth {records[0].bandwidth_gb_s:.1f} GB/s"
+    table = Table(title=title)
+    cols = ["kv", "ctx", "bits", "KV MiB", "prefill t/s", "decode t/s", "ms/tok", "attn ms", "policy %"]
+    if baselines:
+        cols += ["decode ×", "prefill ×"]
+    if roofline:
+        cols += ["MB/tok", "bound t/s", "% of bound"]
+    for col in cols:
+        table.add_column(col, justify="right" if col != "kv" else "left", no_wrap=True)
     for r in records:
-        table.add_row(r.kv, str(r.ctx), f"{r.prefill_tok_s:.1f}", f"{r.decode_tok_s:.2f}", f"{r.decode_ms_per_tok:.1f}",
-                      f"{r.kv_bytes / 2**20:.2f}", f"{r.bits_per_elem:.2f}", f"{100 * r.policy_share:.1f}")
-    Console().print(table)
+        row = [r.kv, str(r.ctx), f"{r.bits_per_elem:.2f}", f"{r.kv_bytes / 2**20:.2f}", f"{r.prefill_tok_s:.1f}",
+               f"{r.decode_tok_s:.2f}", f"{r.decode_ms_per_tok:.1f}", f"{r.attn_ms_per_tok:.1f}",
+               f"{100 * r.policy_share:.1f}"]
+        if baselines:
+            row += [f"{r.decode_vs:.2f}", f"{r.prefill_vs:.2f}"]
+        if roofline:
+            row += [f"{r.bytes_per_token / 1e6:.0f}", f"{r.bound_tok_s:.1f}", f"{100 * r.bound_frac:.0f}"]
+        table.add_row(*row)
+    out_console = Console()
+    if not out_console.is_terminal:
+        out_console = Console(width=200)
+    out_console.print(table)
+    if baselines:
+        out_console.print(f"ratios: against the fastest of {', '.join(baselines)} at each context, same run")
     if json_path:
         with atomic_output(json_path) as tmp:
             tmp.write_text(json.dumps(records_to_json(records), indent=2) + "\n")
         err.print(f"wrote {json_path}", style="dim")
+    if plot_path:
+        plot(records, plot_path, title)
+        err.print(f"wrote {plot_path}", style="dim")
 
 
 def _controller_text(c) -> str:

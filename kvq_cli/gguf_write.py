@@ -11,18 +11,27 @@ from typing import Any, Callable, Iterable, Iterator
 from kvq_cli.errors import OutputError
 
 
-@contextlib.contextmanager
-def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp path next to `path`; rename it over `path` only if the block succeeds.
-
-    Any failure (including Ctrl-C) removes the temp file, so no partial output ever exists.
-    """
+def check_output(path: str | os.PathLike) -> Path:
+    """Fail now (not after a long run) if `path` cannot become an output file."""
     out = Path(path)
     if out.is_dir():
         raise OutputError(f"output {out} is a directory")
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         raise OutputError(f"output directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"cannot write to {parent}: permission denied")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp path next to `path`; rename it over `path` only if the block succeeds.
+
+    Any failure (including Ctrl-C) removes the temp file, so no partial output ever exists.
+    """
+    out = check_output(path)
+    parent = out.parent if str(out.parent) else Path(".")
     try:
         fd, tmp_name = tempfile.mkstemp(dir=parent, prefix=f".{out.name}.", suffix=".tmp")
     except OSError as e:

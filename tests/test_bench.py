@@ -36,7 +36,34 @@ def test_bench_json_records(runner, tmp_path):
     assert "decode t/s" in r.stdout and "rule" in r.stdout
 
 
+def test_bench_ratios_roofline_plot_reuse_prefill(runner, tmp_path, model_path):
+    out, png = tmp_path / "b.json", tmp_path / "b.png"
+    r = runner.invoke(app, ["bench", "--kv", "stock-f16,q4", "--ctx", "96", "--gen", "4", "--repeats", "2",
+                            "--vs", "stock-f16", "--roofline", "--reuse-prefill", "--plot", str(png),
+                            "--json", str(out)], env={"COLUMNS": "250"})
+    assert r.exit_code == 0, r.output
+    recs = {x["kv"]: x for x in json.loads(out.read_text())}
+    base, q4 = recs["stock-f16"], recs["q4"]
+    assert base["decode_vs"] == 1.0 and base["prefill_vs"] == 1.0 and q4["vs"] == "stock-f16"
+    assert q4["decode_vs"] == pytest.approx(q4["decode_tok_s"] / base["decode_tok_s"])
+    for x in recs.values():
+        assert x["reuse_prefill"] and len(x["prefill_tok_s_runs"]) == 1 and len(x["decode_tok_s_runs"]) == 2
+        # every repeat decodes the same tokens from the same prefill: same cache size at the end
+        assert x["kv_bytes"] == 96 * 11520 * (2 if x["kv"] == "stock-f16" else 18 / 32)
+        assert 0 < x["weight_bytes"] < model_path.stat().st_size
+        assert x["bytes_per_token"] == x["weight_bytes"] + x["kv_bytes"]
+        assert x["bandwidth_gb_s"] > 0.1
+        assert x["bound_tok_s"] == pytest.approx(x["bandwidth_gb_s"] * 1e9 / x["bytes_per_token"])
+        assert 0 < x["bound_frac"] < 1.0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "decode ×" in r.stdout and "bound t/s" in r.stdout
+
+
 @pytest.mark.parametrize("args,needle", [
+    (["--kv", "f16,q4", "--vs", "stock-f16"], "--vs stock-f16 is not among the --kv policies"),
+    (["--kv", "stock-f16", "--kv-bits", "3"], "--kv-bits/--kv-window apply to kvq policies"),
+    (["--kv", "rule@1"], "between 2 and 16"),
+    (["--plot", "/nonexistent/dir/p.png"], "does not exist"),
     (["--kv", "f16,q3"], "unknown --kv value 'q3'"),
     (["--ctx", "12,x"], "--ctx takes comma-separated integers"),
     (["--ctx", "8", "--gen", "8"], "leaves no room to prefill"),
