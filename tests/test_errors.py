@@ -64,3 +64,24 @@ def test_bad_kv_value(runner):
 def test_bad_numbers(runner):
     assert_one_line_error(runner.invoke(app, ["chat", "--ctx", "-5", "-p", "hi"]), "--ctx")
     assert_one_line_error(runner.invoke(app, ["chat", "--max-tokens", "0", "-p", "hi"]), "--max-tokens")
+
+
+def test_atomic_output_leaves_nothing_on_failure_and_uses_umask_mode(tmp_path):
+    import os
+
+    from kvq_cli.gguf_write import atomic_output
+
+    out = tmp_path / "o.json"
+    with pytest.raises(RuntimeError):
+        with atomic_output(out) as tmp:
+            tmp.write_text("partial")
+            raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []
+    old = os.umask(0o022)
+    try:
+        with atomic_output(out) as tmp:
+            tmp.write_text("{}")
+    finally:
+        os.umask(old)
+    assert out.read_text() == "{}" and (out.stat().st_mode & 0o777) == 0o644
+    assert list(tmp_path.iterdir()) == [out]
