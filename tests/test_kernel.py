@@ -186,17 +186,13 @@ def test_window_features_match_reference(model_path):
         opts = KvqOptions(window=8, trace=True, attn_ref=ref)
         with Engine(model_path, kv=parse_kv("rule"), n_ctx=256, kvq=opts, n_batch=32, n_ubatch=8, n_threads=1) as e:
             e.llm.eval(e.tokenize(TEXT)[:96])
-            n = lib.llama_kvq_get_trace(e.llm.ctx, None, None, None, None, None, 0)
-            pos, bits = np.zeros(n, np.int32), np.zeros(n, np.int32)
-            feat = np.zeros((n, 8), np.float32)
-            lib.llama_kvq_get_trace(e.llm.ctx, _ptr(pos, ctypes.c_int32), None, None, _ptr(bits, ctypes.c_int32),
-                                    _ptr(feat), n)
-            order = np.argsort(pos)
-            got[ref] = (pos[order], bits[order], feat[order])
+            tr = e.trace()
+            order = np.argsort(tr.pos)
+            got[ref] = (tr.pos[order], tr.bits[order], tr.features[order])
     (pf, bf, ff), (pr, br, fr) = got[False], got[True]
     np.testing.assert_array_equal(pf, pr)
     names = lib.feature_names()
-    for name in ("attn_var", "attn_entropy"):
+    for name in ("attn_var", "attn_entropy", "attn_recv"):
         a, b = ff[:, names.index(name)], fr[:, names.index(name)]
         assert np.abs(a - b).max() <= 0.05 * np.abs(b).max(), name
     assert (bf == br).mean() >= 0.9

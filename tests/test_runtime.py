@@ -189,23 +189,22 @@ def test_rule_policy_keeps_sinks_and_traces_features(model_path):
         e.llm.eval(e.tokenize(TEXT)[:96])
         st = e.kv_stats()
         assert st.rows["window"] == 8 * N_LAYER and st.rows["f16"] >= 4 * N_LAYER
-        n = lib.llama_kvq_get_trace(e.llm.ctx, None, None, None, None, None, 0)
-        assert n == 88  # one per token that left the window
-        pos, layer, tok, bits = (np.zeros(n, np.int32) for _ in range(4))
-        feat = np.zeros((n, 8), np.float32)
-        P = lambda a: _ptr(a, ctypes.c_int32)  # noqa: E731
-        lib.llama_kvq_get_trace(e.llm.ctx, P(pos), P(layer), P(tok), P(bits), _ptr(feat), n)
+        tr = e.trace()
+        pos, layer, bits, feat = tr.pos, tr.layer, tr.bits, tr.features
+        assert len(pos) == 88  # one per token that left the window
         assert sorted(pos) == list(range(88)) and set(layer) == {-1}
         assert set(bits[pos < 4]) == {16} and set(bits) <= {16, 8, 4}
-        names = lib.feature_names()
+        names = tr.names
         assert names == ["token_freq", "quality", "attn_var", "attn_entropy", "layer_frac",
-                         "position_frac", "k_absmax", "v_absmax"]
+                         "position_frac", "k_absmax", "v_absmax", "attn_recv"] == lib.feature_names()
         assert np.isfinite(feat).all()
         f = dict(zip(names, feat.T))
         assert (f["token_freq"] > 0).all() and (f["token_freq"] <= 1).all()
         assert (f["quality"] > 0.01).all() and (f["quality"] < 1).all()   # 2-bit relative error
         assert (f["attn_entropy"] >= 0).all() and (f["attn_entropy"][1:] <= 1.0001).all()
         assert f["attn_var"].max() > 0 and (f["k_absmax"] > 0).all()
+        # attn_recv is log(1 + received / uniform share): the rule's heavy hitters (8 bits) are >= log(3)
+        assert (f["attn_recv"] >= 0).all() and (f["attn_recv"][(bits == 8) & (pos >= 4)] >= np.log(3.0) - 1e-5).all()
 
 
 def _controller_gguf(tmp_path, model_path, items):
@@ -226,10 +225,8 @@ def test_adaptive_with_embedded_controller(runner, model_path, tmp_path):
     with Engine(path, kv=parse_kv("adaptive"), n_ctx=256, kvq=KvqOptions(window=8, trace=True),
                 n_batch=32, n_ubatch=8) as e:
         e.llm.eval(e.tokenize(TEXT)[:64])
-        n = lib.llama_kvq_get_trace(e.llm.ctx, None, None, None, None, None, 0)
-        bits, feat = np.zeros(n, np.int32), np.zeros((n, 8), np.float32)
-        lib.llama_kvq_get_trace(e.llm.ctx, None, None, None, _ptr(bits, ctypes.c_int32), _ptr(feat), n)
-        names = lib.feature_names()
+        tr = e.trace()
+        n, bits, feat, names = len(tr.bits), tr.bits, tr.features, tr.names
         x = feat[:, [names.index(f) for f in ctrl.features]]
         np.testing.assert_array_equal(bits, ctrl.decide(x))   # C decisions == NumPy decisions
         c_bits = np.zeros(n, np.int32)

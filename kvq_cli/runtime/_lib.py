@@ -35,6 +35,8 @@ class KvqParams(ctypes.Structure):
         ("rule_heavy", c_float),
         ("rule_base_bits", c_int32),
         ("attn_ref", c_int32),
+        ("record_q", c_int32),
+        ("price_step", c_float),
     ]
 
 
@@ -80,6 +82,10 @@ _PROTOTYPES = {
     "llama_kvq_get_trace": (c_int64, [c_void_p, _P_i32, _P_i32, _P_i32, _P_i32, _P_f32, c_int64]),
     # void llama_kvq_clear_trace(struct llama_context * ctx);
     "llama_kvq_clear_trace": (None, [c_void_p]),
+    # int64_t llama_kvq_get_queries(const struct llama_context * ctx, int32_t il, float * q, int32_t * pos, int64_t cap);
+    "llama_kvq_get_queries": (c_int64, [c_void_p, c_int32, _P_f32, _P_i32, c_int64]),
+    # int32_t llama_kvq_roundtrip(const struct llama_context * ctx, int32_t bits, const float * x, float * y, int64_t n_rows);
+    "llama_kvq_roundtrip": (c_int32, [c_void_p, c_int32, _P_f32, _P_f32, c_int64]),
     # int32_t llama_kvq_model_controller(const struct llama_model * model);
     "llama_kvq_model_controller": (c_int32, [c_void_p]),
     # int32_t llama_kvq_controller_eval(const struct llama_model * model, const float * x, int64_t n, int32_t * bits);

@@ -42,6 +42,40 @@ class KvStats:
         return line
 
 
+@dataclass(frozen=True)
+class KvqTrace:
+    """Recorded decisions: one row per token (layer -1) or per token and layer."""
+
+    pos: Any
+    layer: Any
+    token: Any
+    bits: Any
+    features: Any        # [n, n_features], columns named by `names` (runtime order)
+    names: list[str]
+
+
+def _ptr(a):
+    """ctypes pointer to a contiguous float32 / int32 NumPy array."""
+    import ctypes
+
+    import numpy as np
+
+    ctype = ctypes.c_float if a.dtype == np.float32 else ctypes.c_int32
+    assert a.flags.c_contiguous and a.dtype in (np.float32, np.int32)
+    return a.ctypes.data_as(ctypes.POINTER(ctype))
+
+
+def _controller_granularity(reader) -> str | None:
+    """The embedded controller's granularity; None when absent or malformed (the runtime says why)."""
+    from kvq_cli.controller import controller_from_reader
+
+    try:
+        spec = controller_from_reader(reader)
+    except ControllerError:
+        return None
+    return spec.granularity if spec else None
+
+
 def _import_llama_cpp():
     try:
         import llama_cpp
@@ -59,6 +93,7 @@ class Engine:
                  kvq: KvqOptions | None = None):
         reader = read_gguf(model_path)  # clean error for missing/non-GGUF/truncated files
         self.arch, self.dims = model_dims(reader)
+        self.granularity = _controller_granularity(reader) if kv.kvq == "adaptive" else None
         del reader
         if n_ctx <= 0:
             n_ctx = self.dims.n_ctx_train
@@ -106,11 +141,17 @@ class Engine:
         p = lib.llama_kvq_default_params()
         p.window = opts.window_for(kv)
         budget = opts.budget_for(kv)
-        p.budget_bits = float(budget or 0.0)
-        p.per_layer = int(opts.per_layer)
+        # an oracle's assignment meets its budget by itself; a cap would demote the rows of its
+        # all-f16 measuring pass
+        p.budget_bits = float(budget or 0.0) if kv.kvq != "assign" else 0.0
+        # a controller trained per (token, layer) decides per (token, layer)
+        p.per_layer = int(opts.per_layer or self.granularity == "token_layer")
         p.trace = int(opts.trace)
         p.rotate = int(opts.rotate)
         p.attn_ref = int(opts.attn_ref)
+        p.record_q = int(opts.record_q)
+        if opts.price_step is not None:
+            p.price_step = float(opts.price_step)
         if kv.kvq == "static":
             p.policy, p.static_bits = L.POLICY_STATIC, kv.static_bits
         elif kv.kvq == "rule":
@@ -238,6 +279,72 @@ class Engine:
             bits_per_elem=float(st.bits_per_elem), rows=dict(zip(POOL_NAMES, map(int, st.rows))),
             bytes_budget=int(st.bytes_budget), budget_demotions=int(st.n_budget_demotions),
             policy_ms=float(st.t_policy_ms), attn_ms=float(st.t_attn_ms))
+
+    # -- kvq internals (training oracle, tests) ---------------------------------------
+    def _kvq(self):
+        if self._lib is None:
+            raise BadOption(f"--kv {self.kv.name} is a stock cache: this needs a kvq policy")
+        return self._lib
+
+    def _check(self, rc: int, what: str) -> int:
+        if rc < 0:
+            raise BadOption(f"kvq {what}: {self._lib.last_error()}")
+        return rc
+
+    def trace(self) -> "KvqTrace":
+        """Every precision decision recorded so far (KvqOptions(trace=True)), with its features."""
+        import numpy as np
+
+        lib, ctx = self._kvq(), self.llm.ctx
+        n = self._check(lib.llama_kvq_get_trace(ctx, None, None, None, None, None, 0), "trace")
+        names = lib.feature_names()
+        pos, layer, tok, bits = (np.zeros(n, np.int32) for _ in range(4))
+        feat = np.zeros((n, len(names)), np.float32)
+        lib.llama_kvq_get_trace(ctx, _ptr(pos), _ptr(layer), _ptr(tok), _ptr(bits), _ptr(feat), n)
+        return KvqTrace(pos=pos, layer=layer, token=tok, bits=bits, features=feat, names=names)
+
+    def clear_trace(self) -> None:
+        """Forget the recorded decisions and queries."""
+        self._kvq().llama_kvq_clear_trace(self.llm.ctx)
+
+    def queries(self, il: int):
+        """(q [n, n_head, head_dim], positions [n]) that layer il's attention saw (KvqOptions(record_q=True))."""
+        import numpy as np
+
+        lib, ctx, d = self._kvq(), self.llm.ctx, self.dims
+        n = self._check(lib.llama_kvq_get_queries(ctx, il, None, None, 0), "queries")
+        q = np.zeros((n, d.n_head, d.head_dim), np.float32)
+        pos = np.zeros(n, np.int32)
+        lib.llama_kvq_get_queries(ctx, il, _ptr(q), _ptr(pos), n)
+        return q, pos
+
+    def read_layer(self, il: int):
+        """(K, V [n, n_embd_kv] as stored then decoded, positions [n], class [n]) held for layer il."""
+        import numpy as np
+
+        lib, ctx = self._kvq(), self.llm.ctx
+        n = self._check(lib.llama_kvq_read_layer(ctx, il, None, None, None, None, 0), "read_layer")
+        m = self.dims.n_head_kv * self.dims.head_dim
+        k, v = np.zeros((n, m), np.float32), np.zeros((n, m), np.float32)
+        pos, prec = np.zeros(n, np.int32), np.zeros(n, np.int32)
+        lib.llama_kvq_read_layer(ctx, il, _ptr(k), _ptr(v), _ptr(pos), _ptr(prec), n)
+        return k, v, pos, prec
+
+    def roundtrip(self, bits: int, x):
+        """Rows x [n, n_embd_kv] stored at `bits` as a pool stores them, decoded back."""
+        import numpy as np
+
+        x = np.ascontiguousarray(x, np.float32)
+        y = np.empty_like(x)
+        self._check(self._kvq().llama_kvq_roundtrip(self.llm.ctx, int(bits), _ptr(x), _ptr(y), len(x)), "roundtrip")
+        return y
+
+    def set_assignment(self, bits) -> None:
+        """Oracle policy: bits per position (or per position x layer with per_layer)."""
+        import numpy as np
+
+        b = np.ascontiguousarray(bits, np.int32)
+        self._check(self._kvq().llama_kvq_set_assignment(self.llm.ctx, _ptr(b), len(b)), "assignment")
 
     # -- chat -----------------------------------------------------------------------
     def chat_prompt_tokens(self, messages: list[dict[str, str]]) -> int:
