@@ -23,8 +23,8 @@ app = typer.Typer(
 ModelArg = Annotated[Optional[str], typer.Argument(
     help="Registry alias (see `kvq models`), hub id, or path to a .gguf file. "
          "Default: smollm2-135m-instruct (embedded).", show_default=False)]
-KvOpt = Annotated[str, typer.Option("--kv", help="KV cache policy: f16, q8, q4, q2 (kvq pools, static), rule, adaptive (needs a controller in the GGUF), or stock llama.cpp caches stock-f16, stock-f16-fa (flash attention on), stock-q8_0, stock-q4_0, stock-q2_0.")]
-KvBitsOpt = Annotated[Optional[float], typer.Option("--kv-bits", help="kvq memory budget in bits per KV element at full context (a full pool demotes, never overflows).")]
+KvOpt = Annotated[str, typer.Option("--kv", help="KV cache policy: f16, q8, q4, q2 (kvq pools, static), rule, adaptive (the GGUF's controller, or the one kvq ships for the model), or stock llama.cpp caches stock-f16, stock-f16-fa (flash attention on), stock-q8_0, stock-q4_0, stock-q2_0. kvq policies take @BITS (adaptive@3.5).")]
+KvBitsOpt = Annotated[Optional[float], typer.Option("--kv-bits", help="kvq memory budget in bits per KV element at full context (a full pool demotes, never overflows); adaptive also steers its choices to land on it.")]
 KvWindowOpt = Annotated[Optional[int], typer.Option("--kv-window", help="kvq: recent tokens kept in f16 before a precision decision (default 0 for static, 32 for rule/adaptive).")]
 CtxOpt = Annotated[int, typer.Option("--ctx", help="Context size in tokens (0 = the model's training context).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Sampling seed (same seed, same output).")]
@@ -305,7 +305,7 @@ def bench_cmd(
     from kvq_cli.bench import bench, load_text, plot, records_to_json
     from kvq_cli.errors import BadOption
     from kvq_cli.gguf_write import atomic_output, check_output
-    from kvq_cli.models import resolve
+    from kvq_cli.models import gguf_for, resolve
 
     policies = parse_kv_list_checked(kv)
     try:
@@ -333,7 +333,7 @@ def bench_cmd(
         def on_run(name: str, c: int) -> None:
             progress.update(task, description=f"{name} @ {c} done", advance=1)
 
-        records = bench(resolved.path, policies, ctxs, n_gen=gen, repeats=repeats, text=body, kvq=opts,
+        records = bench(gguf_for(resolved, policies), policies, ctxs, n_gen=gen, repeats=repeats, text=body, kvq=opts,
                         n_threads=threads, vs=baselines, roofline=roofline, reuse_prefill=reuse_prefill,
                         on_run=on_run)
     from rich.console import Console
@@ -383,7 +383,7 @@ def _controller_text(c) -> str:
     if "error" in c:
         return f"invalid: {c['error']}"
     return (f"v{c['version']}, features {', '.join(c['features'])}; precisions {c['precisions']} bits; "
-            f"w1 {c['w1'][0]}x{c['w1'][1]}, w2 {c['w2'][0]}x{c['w2'][1]}; trained for {c['budget_bits']:g} bits")
+            f"w1 {c['w1'][0]}x{c['w1'][1]}, w2 {c['w2'][0]}x{c['w2'][1]}; trained for {c['budget_bits']:g} bits, per {c.get('granularity', 'token').replace('_', ' and ')}")
 
 
 def _ci(x, ci, pct: bool = True) -> str:
@@ -392,6 +392,95 @@ def _ci(x, ci, pct: bool = True) -> str:
         return "-"
     k, d = (100, 1) if pct else (1, 4)
     return f"{k * x:.{d}f}±{k * (ci[1] - ci[0]) / 2:.{d}f}" if ci else f"{k * x:.{d}f}"
+
+
+@app.command("train")
+@handle_errors
+def train_cmd(
+    model: ModelArg = None,
+    calib: Annotated[str, typer.Option("--calib", help="Calibration text file (e.g. DATA/calib/boolq_passages.txt); never the evaluation sets.")] = ...,
+    budget: Annotated[float, typer.Option("--budget", help="Bits per decided row the oracle labels average (2.5 to 16); at run time --kv-bits moves the controller to other budgets.")] = 3.5,
+    out: Annotated[str, typer.Option("--out", "-o", help="Controller JSON to write (atomically).")] = ...,
+    granularity: Annotated[str, typer.Option("--granularity", help="token: one decision per token for all layers; token_layer: one per token and layer.")] = "token_layer",
+    chunks: Annotated[int, typer.Option("--chunks", help="Calibration chunks (the last 2 are held out for early stopping).")] = 12,
+    chunk_len: Annotated[int, typer.Option("--chunk-len", help="Tokens per calibration chunk.")] = 1024,
+    window: Annotated[int, typer.Option("--window", help="The f16 window W the controller is trained for (features see W later queries).")] = 32,
+    hidden: Annotated[int, typer.Option("--hidden", help="Hidden units of the MLP.")] = 16,
+    epochs: Annotated[int, typer.Option("--epochs", help="Maximum epochs (early stopping on the held-out chunks).")] = 60,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of initialisation and batching (same seed, same controller).")] = 0,
+    cache: Annotated[Optional[str], typer.Option("--cache", help="NPZ of collected features and damage: read if it exists, else written (reuse across budgets).")] = None,
+    embed_out: Annotated[Optional[str], typer.Option("--embed", help="Also write a copy of the GGUF with the controller embedded here.")] = None,
+    threads: ThreadsOpt = None,
+) -> None:
+    """Learn a precision controller from the runtime's oracle on calibration text.
+
+    Example: kvq train --calib ../shared/data/calib/boolq_passages.txt --budget 3.5 --out ctrl.json --embed m-kvq.gguf
+    """
+    import json
+    from pathlib import Path
+
+    from kvq_cli.controller import GRANULARITIES
+    from kvq_cli.embed import embed
+    from kvq_cli.errors import BadOption, OutputError
+    from kvq_cli.gguf_write import atomic_output, check_output
+    from kvq_cli.models import resolve
+    from kvq_cli.train import collect_cached, train
+
+    if granularity not in GRANULARITIES:
+        raise BadOption(f"--granularity must be one of {', '.join(GRANULARITIES)}, got {granularity}")
+    if not (2.5 <= budget <= 16):
+        raise BadOption(f"--budget must be between 2.5 and 16 bits, got {budget:g}")
+    if chunks < 3 or chunk_len < 4 * window + 64 or window < 1:
+        raise BadOption("need --chunks >= 3, --window >= 1 and --chunk-len >= 4 * window + 64")
+    if not Path(calib).is_file():
+        raise BadOption(f"--calib {calib}: no such file")
+    for o in (out, embed_out):
+        if o:
+            check_output(o)
+    resolved = resolve(model)
+    err = _stderr_console()
+    with _progress() as progress:
+        task = progress.add_task("oracle over calibration chunks", total=chunks)
+        data = collect_cached(resolved.path, Path(calib).read_text(encoding="utf-8", errors="replace"),
+                              cache=Path(cache) if cache else None, n_chunks=chunks, chunk_len=chunk_len,
+                              window=window, n_threads=threads,
+                              on_chunk=lambda i, n: progress.update(task, completed=i, total=n))
+        fit_task = progress.add_task("fit", total=epochs)
+        spec, report = train(data, budget=budget, per_layer=granularity == "token_layer", hidden=hidden,
+                             seed=seed, epochs=epochs,
+                             on_epoch=lambda e, n, loss: progress.update(
+                                 fit_task, completed=e, description=f"fit (held-out loss {loss:.3f})"))
+    spec.extra.update({"calib": Path(calib).name, "chunks": chunks, "chunk_len": chunk_len, "window": window,
+                       "model": resolved.path.name, "report": {k: v for k, v in vars(report).items()}})
+    try:
+        with atomic_output(out) as tmp:
+            tmp.write_text(json.dumps(spec.to_json(), indent=1) + "\n")
+    except OSError as e:
+        raise OutputError(f"cannot write {out}: {e}") from None
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"kvq train: {granularity}, labels at {budget:g} bits/row, {report.n_train} rows "
+                    f"(+{report.n_val} held out), {report.epochs} epochs", show_header=True)
+    t.add_column("held out")
+    t.add_column("value", justify="right")
+    for name, value in (("agreement with oracle labels", f"{100 * report.val_acc:.1f}%"),
+                        ("bits/row: labels / controller", f"{report.label_bits:.2f} / {report.val_bits:.2f}"),
+                        ("damage: oracle", f"{report.oracle_damage:.3g}"),
+                        ("damage: controller", f"{report.val_damage:.3g}"),
+                        ("damage: static mix, same bits", f"{report.static_damage:.3g}")):
+        t.add_row(name, value)
+    Console().print(t)
+    imp = Table(title="feature importance (held-out cross-entropy rise when shuffled)")
+    imp.add_column("feature")
+    imp.add_column("Δ CE", justify="right")
+    for name, v in sorted(report.importance.items(), key=lambda kv: -kv[1]):
+        imp.add_row(name, f"{v:+.3f}")
+    Console().print(imp)
+    typer.echo(f"controller: {out}")
+    if embed_out:
+        embed(resolved.path, spec, embed_out)
+        typer.echo(f"embedded: {embed_out}")
 
 
 @app.command("eval")
@@ -424,16 +513,18 @@ def eval_cmd(
     from kvq_cli.errors import BadOption, OutputError
     from kvq_cli.evaluate import EvalConfig, EvalRun, eval_records_to_json
     from kvq_cli.gguf_write import atomic_output
-    from kvq_cli.models import resolve
-    from kvq_cli.runtime.kv import parse_kv
+    from kvq_cli.models import gguf_for, resolve
+    from kvq_cli.runtime.kv import parse_kv, require_online
     from kvq_cli.tasks import parse_tasks
 
-    policies = parse_kv_list_checked(kv)
+    policies = parse_kv_list_checked(kv, eval_only_ok=True)
     ref_name = None if ref.lower() == "none" else ref.strip().lower()
     if ref_name is not None and ref_name not in [p.name for p in policies]:
         policies.insert(0, parse_kv(ref_name))  # paired differences need the reference on the same items
         _stderr_console().print(f"kvq: also running the reference policy {ref_name} (--ref none to skip)", style="dim")
     tasks = parse_tasks(task)
+    if any(t != "wikitext2" for t in tasks):
+        require_online(policies)
     if data is None:
         raise BadOption("no evaluation data", hint="pass --data DIR (or set KVQ_DATA)")
     if not Path(data).is_dir():
@@ -454,7 +545,7 @@ def eval_cmd(
         if not isinstance(previous, list):
             raise BadOption(f"--resume: {json_path} is not a list of kvq eval records")
     resolved = resolve(model)
-    cfg = EvalConfig(model=resolved.path, policies=tuple(policies), tasks=tuple(tasks), data=Path(data),
+    cfg = EvalConfig(model=gguf_for(resolved, policies), policies=tuple(policies), tasks=tuple(tasks), data=Path(data),
                      split=split, limit=limits, n_ctx=ctx, ppl_ctx=ppl_ctx, ppl_tokens=tokens, kvq=opts,
                      ref=ref_name, n_threads=threads, seed=seed)
     run = EvalRun(cfg, previous)
@@ -524,15 +615,17 @@ def _parse_limit(value: str | None, tasks: list[str]):
     return out
 
 
-def parse_kv_list_checked(kv: str):
+def parse_kv_list_checked(kv: str, *, eval_only_ok: bool = False):
     """--kv list with duplicates refused (records are keyed by policy name)."""
     from kvq_cli.errors import BadOption
-    from kvq_cli.runtime.kv import parse_kv_list
+    from kvq_cli.runtime.kv import parse_kv_list, require_online
 
     policies = parse_kv_list(kv)
     names = [p.name for p in policies]
     if len(set(names)) != len(names):
         raise BadOption(f"--kv lists a policy twice: {kv}")
+    if not eval_only_ok:
+        require_online(policies)
     return policies
 
 
@@ -558,11 +651,12 @@ def chat_cmd(
     from kvq_cli.chat import ChatSession
     from kvq_cli.config import GenerationConfig
     from kvq_cli.errors import BadOption, ModelNotDownloaded
-    from kvq_cli.models import get_spec, resolve
+    from kvq_cli.models import get_spec, gguf_for, resolve
     from kvq_cli.runtime.engine import Engine
-    from kvq_cli.runtime.kv import parse_kv
+    from kvq_cli.runtime.kv import parse_kv, require_online
 
     policy = parse_kv(kv)
+    require_online([policy])
     opts = kvq_options([policy], kv_bits, kv_window)
     if ctx < 0:
         raise BadOption(f"--ctx must be >= 0, got {ctx}")
@@ -579,7 +673,7 @@ def chat_cmd(
         resolved = resolve(model)
     err = _stderr_console()
     gen = GenerationConfig(max_tokens=max_tokens, temperature=temperature, seed=seed)
-    with Engine(resolved.path, kv=policy, n_ctx=ctx, seed=seed, n_threads=threads, kvq=opts) as engine:
+    with Engine(gguf_for(resolved, [policy]), kv=policy, n_ctx=ctx, seed=seed, n_threads=threads, kvq=opts) as engine:
         session = ChatSession(engine, gen, system=system)
         if prompt is not None:
             for piece in session.reply(prompt):

@@ -31,8 +31,10 @@ KNOWN_FEATURES = (
     "position_frac",   # position / context size
     "k_absmax",        # max |K| of the token
     "v_absmax",        # max |V| of the token
+    "attn_recv",       # log(1 + attention received from later queries, relative to a uniform share)
 )
 PRECISION_BITS = (2, 4, 8, 16)
+GRANULARITIES = ("token", "token_layer")   # one decision per token (features averaged over layers), or per layer too
 
 
 @dataclass
@@ -48,6 +50,7 @@ class ControllerSpec:
     feature_mean: list[float]
     feature_std: list[float]
     budget_bits: float = 0.0
+    granularity: str = "token"
     version: int = CONTROLLER_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -87,6 +90,8 @@ class ControllerSpec:
             flat = [x for r in value for x in r] if name in ("w1", "w2") else value
             if not all(isinstance(x, (int, float)) and math.isfinite(x) for x in flat):
                 raise ControllerError(f"controller {name} has non-finite values")
+        if self.granularity not in GRANULARITIES:
+            raise ControllerError(f"controller granularity {self.granularity!r} must be one of {', '.join(GRANULARITIES)}")
         if not math.isfinite(self.budget_bits):
             raise ControllerError("controller budget_bits is not finite")
         return self
@@ -110,7 +115,8 @@ class ControllerSpec:
     # -- file format --------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
         return {"format": "kvq-controller", "version": self.version, "features": self.features,
-                "precisions": self.precisions, "budget_bits": self.budget_bits, "w1": self.w1,
+                "precisions": self.precisions, "budget_bits": self.budget_bits,
+                "granularity": self.granularity, "w1": self.w1,
                 "b1": self.b1, "w2": self.w2, "b2": self.b2, "feature_mean": self.feature_mean,
                 "feature_std": self.feature_std, **({"extra": self.extra} if self.extra else {})}
 
@@ -125,6 +131,7 @@ class ControllerSpec:
                        feature_mean=[float(x) for x in d["feature_mean"]],
                        feature_std=[float(x) for x in d["feature_std"]],
                        budget_bits=float(d.get("budget_bits", 0.0)), version=int(d["version"]),
+                       granularity=str(d.get("granularity", "token")),
                        extra=dict(d.get("extra", {})))
         except KeyError as e:
             raise ControllerError(f"controller file lacks field {e.args[0]!r}") from None
@@ -134,7 +141,7 @@ class ControllerSpec:
 
     # -- GGUF metadata ------------------------------------------------------------
     def gguf_items(self) -> list[tuple[str, Any, str]]:
-        """(key, value, kind) triples to write; kind is 'u32', 'f32', 'f32[]', 'i32[]' or 'str[]'."""
+        """(key, value, kind) triples to write; kind is 'u32', 'f32', 'str', 'f32[]', 'i32[]' or 'str[]'."""
         flat = lambda m: [float(x) for r in m for x in r]  # noqa: E731 (row-major)
         return [
             (K.VERSION, self.version, "u32"),
@@ -148,6 +155,7 @@ class ControllerSpec:
             (K.FEATURE_MEAN, [float(x) for x in self.feature_mean], "f32[]"),
             (K.FEATURE_STD, [float(x) for x in self.feature_std], "f32[]"),
             (K.BUDGET_BITS, float(self.budget_bits), "f32"),
+            (K.GRANULARITY, self.granularity, "str"),
         ]
 
     @classmethod
@@ -169,7 +177,8 @@ class ControllerSpec:
                        w1=[w1[i * nf:(i + 1) * nf] for i in range(nh)], b1=list(get(K.B1)),
                        w2=[w2[i * nh:(i + 1) * nh] for i in range(npr)], b2=list(get(K.B2)),
                        feature_mean=list(get(K.FEATURE_MEAN)), feature_std=list(get(K.FEATURE_STD)),
-                       budget_bits=float(get(K.BUDGET_BITS) or 0.0), version=int(version))
+                       budget_bits=float(get(K.BUDGET_BITS) or 0.0), version=int(version),
+                       granularity=str(get(K.GRANULARITY) or "token"))
         except (TypeError, ValueError) as e:
             raise ControllerError(f"GGUF controller metadata is incomplete or malformed ({e})") from None
         return spec.validate()

@@ -142,7 +142,7 @@ def _controller_summary(reader) -> dict[str, Any] | None:
         return None
     return {"version": c.version, "features": c.features, "precisions": c.precisions,
             "w1": [c.hidden, len(c.features)], "w2": [len(c.precisions), c.hidden],
-            "budget_bits": c.budget_bits}
+            "budget_bits": c.budget_bits, "granularity": c.granularity}
 
 
 def inspect_gguf(path: str | os.PathLike) -> GGUFInfo:

@@ -20,6 +20,7 @@ class Controller:
     FEATURE_MEAN = "kvq.controller.feature_mean"  # array[f32], [n_features]
     FEATURE_STD = "kvq.controller.feature_std"    # array[f32], [n_features]
     BUDGET_BITS = "kvq.controller.budget_bits"    # f32, effective bits it was trained for
+    GRANULARITY = "kvq.controller.granularity"    # string, "token" (one decision for all layers) or "token_layer"
 
 
 KVQ_PREFIX = "kvq."

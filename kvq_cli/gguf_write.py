@@ -61,7 +61,7 @@ def _output_error(out: Path, e: OSError) -> OutputError:
 
 
 def add_typed(writer, key: str, value: Any, kind: str) -> None:
-    """Add one metadata value with an explicit GGUF type ('u32', 'f32', 'f32[]', 'i32[]', 'str[]')."""
+    """Add one metadata value with an explicit GGUF type ('u32', 'f32', 'str', 'f32[]', 'i32[]', 'str[]')."""
     import gguf
 
     T = gguf.GGUFValueType
@@ -69,6 +69,8 @@ def add_typed(writer, key: str, value: Any, kind: str) -> None:
         writer.add_uint32(key, int(value))
     elif kind == "f32":
         writer.add_float32(key, float(value))
+    elif kind == "str":
+        writer.add_string(key, str(value))
     elif kind.endswith("[]"):
         sub = {"f32[]": T.FLOAT32, "i32[]": T.INT32, "str[]": T.STRING}[kind]
         writer.add_key_value(key, list(value), T.ARRAY, sub_type=sub)

@@ -138,7 +138,7 @@ def test_embed_round_trip_and_stock_load(runner, converted_f16, tmp_path, model_
     # inspect shows the controller
     info = json.loads(runner.invoke(app, ["inspect", str(out), "--json"]).stdout)
     assert info["controller"] == {"version": 1, "features": want.features, "precisions": [2, 4, 8, 16],
-                                  "w1": [3, 4], "w2": [4, 3], "budget_bits": 4.0}
+                                  "w1": [3, 4], "w2": [4, 3], "budget_bits": 4.0, "granularity": "token"}
     table = runner.invoke(app, ["inspect", str(out)], env={"COLUMNS": "300"})
     assert "trained for 4 bits" in table.stdout
     # The stock cache path ignores the kvq.* keys; the kvq runtime runs the controller.
@@ -150,7 +150,7 @@ def test_embed_round_trip_and_stock_load(runner, converted_f16, tmp_path, model_
     r2 = runner.invoke(app, ["embed", str(out), str(ctrl_file), "--out", str(out2)])
     assert r2.exit_code == 0 and "replaced" in r2.stderr
     keys = [k for k in read_gguf(out2).fields if k.startswith("kvq.")]
-    assert len(keys) == len(set(keys)) == 11
+    assert len(keys) == len(set(keys)) == 12
 
 
 def test_convert_with_controller(runner, hf_checkpoint, tmp_path):

@@ -14,7 +14,7 @@ class KvPolicy:
     ggml_type: str = "F16"        # stock cache type (kvq policies leave the stock cache unused)
     bits_per_elem: float = 16.0   # stock: bytes held per element x 8, block scales included
     needs_flash: bool = False     # stock: run llama.cpp's flash-attention path (quantized V needs it)
-    kvq: str | None = None        # None (stock) | "static" | "rule" | "adaptive"
+    kvq: str | None = None        # None (stock) | "static" | "rule" | "adaptive" | "assign" (oracle)
     static_bits: int = 16         # kvq static precision
     budget_bits: float | None = None  # kvq: this policy's own --kv-bits ("rule@3")
 
@@ -40,7 +40,11 @@ KVQ_POLICIES: dict[str, KvPolicy] = {
     "q2": KvPolicy("q2", kvq="static", static_bits=2),
     "rule": KvPolicy("rule", kvq="rule"),
     "adaptive": KvPolicy("adaptive", kvq="adaptive"),
+    # evaluation only (kvq eval --task wikitext2): the damage-optimal assignment measured on
+    # the scored text itself with every later query known (kvq_cli/train.py), an upper bound
+    "oracle": KvPolicy("oracle", kvq="assign"),
 }
+EVAL_ONLY = ("oracle",)
 ALL_POLICIES = {**KVQ_POLICIES, **STOCK_POLICIES}
 KV_CHOICES = list(ALL_POLICIES)
 
@@ -69,6 +73,13 @@ def parse_kv(value: str) -> KvPolicy:
     return replace(policy, name=f"{name}@{budget:g}", budget_bits=budget)
 
 
+def require_online(policies: list[KvPolicy]) -> None:
+    """Refuse evaluation-only policies where text arrives as it is decoded (chat, bench, MC tasks)."""
+    for p in policies:
+        if p.name.split("@")[0] in EVAL_ONLY:
+            raise BadOption(f"--kv {p.name} is for `kvq eval --task wikitext2` only (it needs the text in advance)")
+
+
 def check_budget(bits: float, what: str = "--kv-bits") -> None:
     """Budgets are bits per KV element between the smallest pool (2-bit) and f16."""
     if not (2.0 <= bits <= 16.0):
@@ -93,6 +104,8 @@ class KvqOptions:
     trace: bool = False
     rotate: bool = True
     attn_ref: bool = False   # reference attention kernel instead of the fused one (tests, A/B)
+    record_q: bool = False   # keep every query row (Engine.queries; the training oracle)
+    price_step: float | None = None  # adaptive with a budget: how fast the price per bit moves (None: runtime default)
 
     def budget_for(self, policy: KvPolicy) -> float | None:
         """The policy's own budget (`rule@3`), else --kv-bits; None for stock caches."""

@@ -1,0 +1,393 @@
+"""Train stage: a precision controller learned from the runtime's oracle on calibration text.
+
+1. Collect. The calibration text is cut into chunks; each chunk is decoded by the patched
+   runtime with every row kept at f16 (oracle policy), the decode-time window W and small
+   ubatches, recording per (token, layer) the features the runtime computes when a token
+   leaves the window (trace), every query row, and the K/V rows.
+2. Damage. For each (token, layer) and each precision p in {2, 4, 8} the rows are stored and
+   decoded exactly as the pool would (llama_kvq_roundtrip), and the first-order change of
+   the attention output that the *later* queries (those past the f16 window) would see is
+   measured. Per query q and head, with a the attention weight of the token, s = q.dK * scale:
+       do_q = a * (dV + s * (V - o_q))            (softmax derivative)
+   damage = mean over those queries of sum over heads |do_q|^2, divided by the layer's mean
+   |o_q|^2 (relative output error, so layers are comparable). f16 costs 0.
+3. Labels. The optimal allocation at the training budget: each row takes the precision
+   minimising damage + lambda * bits, lambda bisected so that the rows average the budget.
+4. Fit. A tiny MLP (features -> hidden ReLU -> one logit per precision) by Adam on
+   cross-entropy to the labels plus a penalty on (expected bits - budget)^2, held-out chunks
+   for early stopping; deterministic for a seed. Decisions may be per (token, layer) or per
+   token (features averaged over layers, damage summed), as the runtime makes them.
+At inference, --kv-bits B makes the runtime add a price per bit to the logits, adjusted
+online so the cache lands at B effective bits (llama_kvq_params.price_step).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from kvq_cli.controller import KNOWN_FEATURES, ControllerSpec
+from kvq_cli.errors import BadOption
+from kvq_cli.runtime.engine import Engine
+from kvq_cli.runtime.kv import KvPolicy, KvqOptions
+
+log = logging.getLogger(__name__)
+
+ORACLE = KvPolicy("oracle", kvq="assign")
+PRECISIONS = (2, 4, 8, 16)
+EFF_BITS = np.array([2.5, 4.5, 8.5, 16.0])   # bits/element of each pool, block scales included
+MIN_FUTURE = 32                              # rows seen by fewer later queries carry no label
+# position_frac is position / the context size the runtime was created with: a controller
+# trained on 1k-token chunks would read it differently in an 8k chat (it helps ~8% on held-out
+# damage at the training length only), so it is left out by default
+NOT_TRANSFERABLE = ("position_frac",)
+
+
+@dataclass
+class Collected:
+    """Per decided row: features (runtime order), damage per precision, and where it came from."""
+
+    features: np.ndarray      # [n, n_features]
+    damage: np.ndarray        # [n, 4]: relative attention-output damage at 2/4/8/16 bits
+    layer: np.ndarray         # [n]
+    pos: np.ndarray           # [n]
+    chunk: np.ndarray         # [n]
+    names: list[str]
+    n_layer: int
+
+
+def calibration_chunks(engine: Engine, text: str, chunk_len: int, n_chunks: int) -> list[list[int]]:
+    """The first n_chunks chunks of chunk_len tokens of `text` (BOS first, like a prompt)."""
+    toks = engine.tokenize(text)
+    per = chunk_len - 1
+    n = min(n_chunks, len(toks) // per)
+    if n == 0:
+        raise BadOption(f"the calibration text has {len(toks)} tokens, fewer than one chunk of {chunk_len}")
+    bos = engine.llm.token_bos()
+    return [[bos] + toks[i * per:(i + 1) * per] for i in range(n)]
+
+
+def _roundtrip_deltas(engine: Engine, x: np.ndarray) -> list[np.ndarray]:
+    """x stored at 2, 4, 8 bits minus x (what each pool does to these rows)."""
+    return [engine.roundtrip(b, x) - x for b in PRECISIONS[:-1]]
+
+
+def layer_damage(q: np.ndarray, qpos: np.ndarray, k: np.ndarray, v: np.ndarray, kpos: np.ndarray,
+                 dks: list[np.ndarray], dvs: list[np.ndarray], window: int, q_stride: int = 2):
+    """Relative first-order attention-output damage [n_keys, 3] of one layer, and the count of later queries.
+
+    q: [n_q, n_head, hd] (post-RoPE), k/v: [n_keys, n_head_kv * hd], dks/dvs: per precision the
+    change of k/v. Only queries past each key's window (qpos > kpos + window) count.
+    """
+    n_q, n_head, hd = q.shape
+    n_head_kv = k.shape[1] // hd
+    group = n_head // n_head_kv
+    scale = 1.0 / math.sqrt(hd)
+    sel = np.arange(0, n_q, q_stride)
+    q, qpos = q[sel], qpos[sel]
+    causal = qpos[:, None] >= kpos[None, :]
+    later = qpos[:, None] > kpos[None, :] + window
+    n_later = later.sum(0)
+    dmg = np.zeros((k.shape[0], 3), np.float64)
+    out_sq = 0.0
+    for g in range(n_head_kv):
+        cols = slice(g * hd, (g + 1) * hd)
+        kg, vg = k[:, cols], v[:, cols]
+        vv = (vg * vg).sum(1)
+        for j in range(group):
+            qh = q[:, g * group + j]
+            s = np.where(causal, qh @ kg.T * scale, -np.inf)
+            s -= s.max(1, keepdims=True)
+            a = np.exp(s)
+            a /= a.sum(1, keepdims=True)
+            o = a @ vg
+            oo = (o * o).sum(1)
+            out_sq += oo.mean()
+            a2 = np.where(later, a * a, 0.0)
+            vo = o @ vg.T
+            for p, (dk, dv) in enumerate(zip(dks, dvs)):
+                dkg, dvg = dk[:, cols], dv[:, cols]
+                sd = qh @ dkg.T * scale
+                term = ((dvg * dvg).sum(1)[None, :] + 2 * sd * ((dvg * vg).sum(1)[None, :] - o @ dvg.T)
+                        + sd * sd * (vv[None, :] - 2 * vo + oo[:, None]))
+                dmg[:, p] += (a2 * term).sum(0)
+    dmg /= np.maximum(n_later, 1)[:, None]
+    dmg /= out_sq / n_head
+    return dmg, n_later
+
+
+def collect(model: str | Path, chunks: list[list[int]], *, window: int = 32, n_ubatch: int = 32,
+            n_threads: int | None = None, on_chunk: Callable[[int, int], None] | None = None) -> Collected:
+    """Run the oracle over each chunk and measure features and damage of every decided (token, layer) row."""
+    feats, dmgs, layers, poss, chunk_ids = [], [], [], [], []
+    names: list[str] = []
+    n_layer = 0
+    n_ctx = max(len(c) for c in chunks)
+    opts = KvqOptions(window=window, trace=True, per_layer=True, record_q=True)
+    with Engine(model, kv=ORACLE, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ubatch, n_threads=n_threads, kvq=opts) as e:
+        n_layer = e.dims.n_layer
+        for ci, chunk in enumerate(chunks):
+            e.clear_trace()
+            e.decode(chunk, 0)
+            tr = e.trace()
+            names = tr.names
+            for il in range(n_layer):
+                q, qpos = e.queries(il)
+                k, v, kpos, _ = e.read_layer(il)
+                d, n_later = layer_damage(q, qpos, k, v, kpos, _roundtrip_deltas(e, k), _roundtrip_deltas(e, v), window)
+                rows = np.flatnonzero(tr.layer == il)
+                at = {int(p): i for i, p in enumerate(kpos)}
+                idx = np.array([at[int(p)] for p in tr.pos[rows]])
+                keep = n_later[idx] >= MIN_FUTURE
+                rows, idx = rows[keep], idx[keep]
+                feats.append(tr.features[rows])
+                dmgs.append(np.concatenate([d[idx], np.zeros((len(idx), 1))], 1))
+                layers.append(np.full(len(rows), il, np.int32))
+                poss.append(tr.pos[rows])
+                chunk_ids.append(np.full(len(rows), ci, np.int32))
+            if on_chunk:
+                on_chunk(ci + 1, len(chunks))
+    return Collected(np.concatenate(feats), np.concatenate(dmgs), np.concatenate(layers),
+                     np.concatenate(poss), np.concatenate(chunk_ids), names, n_layer)
+
+
+def per_token(c: Collected) -> Collected:
+    """One row per token: features averaged over layers, damage summed (rows present in every layer)."""
+    key = c.chunk.astype(np.int64) * 1_000_000 + c.pos
+    uniq, inv, counts = np.unique(key, return_inverse=True, return_counts=True)
+    full = counts == c.n_layer
+    f = np.zeros((len(uniq), c.features.shape[1]))
+    d = np.zeros((len(uniq), c.damage.shape[1]))
+    np.add.at(f, inv, c.features)
+    np.add.at(d, inv, c.damage)
+    f /= counts[:, None]
+    return Collected(f[full].astype(np.float32), d[full], np.full(full.sum(), -1, np.int32),
+                     (uniq % 1_000_000)[full].astype(np.int32), (uniq // 1_000_000)[full].astype(np.int32),
+                     c.names, c.n_layer)
+
+
+def allocate(damage: np.ndarray, budget: float) -> np.ndarray:
+    """Class per row minimising damage + lambda * bits, with lambda set so rows average `budget` bits."""
+    if budget >= EFF_BITS[-1]:
+        return np.full(len(damage), len(EFF_BITS) - 1)
+    if budget <= EFF_BITS[0]:
+        return np.zeros(len(damage), int)
+    lo, hi = 1e-12, 1e6
+    for _ in range(100):
+        lam = math.sqrt(lo * hi)
+        cls = np.argmin(damage + lam * EFF_BITS, 1)
+        if EFF_BITS[cls].mean() > budget:
+            lo = lam
+        else:
+            hi = lam
+    return np.argmin(damage + hi * EFF_BITS, 1)
+
+
+# -- the MLP ------------------------------------------------------------------------------
+
+def _forward(params, z):
+    w1, b1, w2, b2 = params
+    pre = z @ w1.T + b1
+    h = np.maximum(pre, 0)
+    return pre, h, h @ w2.T + b2
+
+
+def _loss_grad(params, z, y, budget, mu):
+    w1, b1, w2, b2 = params
+    pre, h, logits = _forward(params, z)
+    logits = logits - logits.max(1, keepdims=True)
+    p = np.exp(logits)
+    p /= p.sum(1, keepdims=True)
+    n = len(z)
+    ce = -np.log(p[np.arange(n), y] + 1e-12).mean()
+    eb = (p * EFF_BITS).sum(1)
+    gap = eb.mean() - budget
+    loss = ce + mu * gap * gap
+    dlog = p.copy()
+    dlog[np.arange(n), y] -= 1
+    dlog /= n
+    # d(gap^2)/dlogits = 2 gap * p * (bits - eb) / n
+    dlog += mu * 2 * gap * p * (EFF_BITS[None, :] - eb[:, None]) / n
+    gw2 = dlog.T @ h
+    gb2 = dlog.sum(0)
+    dh = dlog @ w2
+    dh[pre <= 0] = 0
+    gw1 = dh.T @ z
+    gb1 = dh.sum(0)
+    return loss, ce, [gw1, gb1, gw2, gb2]
+
+
+@dataclass
+class FitReport:
+    """What training saw and reached."""
+
+    n_train: int
+    n_val: int
+    epochs: int
+    val_ce: float
+    val_acc: float               # agreement with the oracle labels
+    val_bits: float              # mean effective bits of the controller's choices (price 0)
+    label_bits: float
+    val_damage: float            # mean damage of the controller's choices
+    oracle_damage: float         # ... of the oracle labels
+    static_damage: float         # ... of the best static mix at the same bits (interpolated)
+    importance: dict[str, float] = field(default_factory=dict)   # held-out CE rise when a feature is shuffled
+
+
+def fit(x: np.ndarray, y: np.ndarray, val: np.ndarray, *, budget: float, hidden: int = 16, seed: int = 0,
+        epochs: int = 60, batch: int = 1024, lr: float = 3e-3, mu: float = 0.05, patience: int = 8,
+        on_epoch: Callable[[int, int, float], None] | None = None):
+    """Adam on cross-entropy + mu * (expected bits - budget)^2; returns (params, mean, std, epochs run)."""
+    rng = np.random.default_rng(seed)
+    tr = ~val
+    mean = x[tr].mean(0)
+    std = x[tr].std(0)
+    std = np.where(std > 1e-8, std, 1.0)
+    z = ((x - mean) / std).astype(np.float64)
+    nf = x.shape[1]
+    params = [rng.normal(0, math.sqrt(2 / nf), (hidden, nf)), np.zeros(hidden),
+              rng.normal(0, math.sqrt(1 / hidden), (len(PRECISIONS), hidden)), np.zeros(len(PRECISIONS))]
+    m = [np.zeros_like(p) for p in params]
+    v = [np.zeros_like(p) for p in params]
+    zt, yt, zv, yv = z[tr], y[tr], z[val], y[val]
+    best, best_params, bad, step, ep = math.inf, [p.copy() for p in params], 0, 0, 0
+    for ep in range(1, epochs + 1):
+        order = rng.permutation(len(zt))
+        for s in range(0, len(order), batch):
+            idx = order[s:s + batch]
+            _, _, grads = _loss_grad(params, zt[idx], yt[idx], budget, mu)
+            step += 1
+            for i, g in enumerate(grads):
+                m[i] = 0.9 * m[i] + 0.1 * g
+                v[i] = 0.999 * v[i] + 0.001 * g * g
+                params[i] -= lr * (m[i] / (1 - 0.9 ** step)) / (np.sqrt(v[i] / (1 - 0.999 ** step)) + 1e-8)
+        val_loss = _loss_grad(params, zv, yv, budget, mu)[0]
+        if on_epoch:
+            on_epoch(ep, epochs, val_loss)
+        if val_loss < best - 1e-5:
+            best, best_params, bad = val_loss, [p.copy() for p in params], 0
+        else:
+            bad += 1
+            if bad >= patience:
+                break
+    return best_params, mean, std, ep
+
+
+def _static_damage(damage: np.ndarray, bits: float) -> float:
+    """Mean damage of the best two-level static mix (a fraction of rows at each of two adjacent pools) at `bits`."""
+    means = damage.mean(0)
+    i = int(np.clip(np.searchsorted(EFF_BITS, bits) - 1, 0, len(EFF_BITS) - 2))
+    t = (bits - EFF_BITS[i]) / (EFF_BITS[i + 1] - EFF_BITS[i])
+    return float((1 - t) * means[i] + t * means[i + 1])
+
+
+def train(c: Collected, *, budget: float, per_layer: bool, hidden: int = 16, seed: int = 0, epochs: int = 60,
+          val_chunks: int = 2, features: list[str] | None = None,
+          on_epoch: Callable[[int, int, float], None] | None = None) -> tuple[ControllerSpec, FitReport]:
+    """Labels at `budget` bits per decided row, then the MLP; returns the controller and a report."""
+    data = c if per_layer else per_token(c)
+    names = features or [n for n in data.names if n in KNOWN_FEATURES and n not in NOT_TRANSFERABLE
+                         and (per_layer or n != "layer_frac")]
+    cols = [data.names.index(n) for n in names]
+    x = data.features[:, cols].astype(np.float64)
+    y = allocate(data.damage, budget)
+    chunks = np.unique(data.chunk)
+    if len(chunks) <= val_chunks:
+        raise BadOption(f"need more than {val_chunks} calibration chunks (got {len(chunks)}): raise --chunks")
+    val = np.isin(data.chunk, chunks[-val_chunks:])
+    params, mean, std, ep = fit(x, y, val, budget=budget, hidden=hidden, seed=seed, epochs=epochs, on_epoch=on_epoch)
+    w1, b1, w2, b2 = params
+    spec = ControllerSpec(features=names, precisions=list(PRECISIONS), w1=w1.tolist(), b1=b1.tolist(),
+                          w2=w2.tolist(), b2=b2.tolist(), feature_mean=mean.tolist(), feature_std=std.tolist(),
+                          budget_bits=float(budget), granularity="token_layer" if per_layer else "token",
+                          extra={"seed": seed}).validate()
+    zv = (x[val] - mean) / std
+    logits = _forward(params, zv)[2]
+    pred = logits.argmax(1)
+    lp = logits - logits.max(1, keepdims=True)
+    lp = lp - np.log(np.exp(lp).sum(1, keepdims=True))
+    ce = float(-lp[np.arange(len(pred)), y[val]].mean())
+    importance = {}
+    rng = np.random.default_rng(seed)
+    for j, n in enumerate(names):
+        zs = zv.copy()
+        zs[:, j] = zs[rng.permutation(len(zs)), j]
+        lps = _forward(params, zs)[2]
+        lps = lps - lps.max(1, keepdims=True)
+        lps = lps - np.log(np.exp(lps).sum(1, keepdims=True))
+        importance[n] = float(-lps[np.arange(len(pred)), y[val]].mean() - ce)
+    dv = data.damage[val]
+    pred_bits = float(EFF_BITS[pred].mean())
+    report = FitReport(
+        n_train=int((~val).sum()), n_val=int(val.sum()), epochs=ep, val_ce=ce,
+        val_acc=float((pred == y[val]).mean()), val_bits=pred_bits, label_bits=float(EFF_BITS[y[val]].mean()),
+        val_damage=float(dv[np.arange(len(pred)), pred].mean()),
+        oracle_damage=float(dv[np.arange(len(pred)), y[val]].mean()),
+        static_damage=_static_damage(dv, pred_bits), importance=importance)
+    return spec, report
+
+
+def collect_cached(model: str | Path, text: str, *, cache: Path | None, n_chunks: int, chunk_len: int,
+                   window: int, n_threads: int | None = None,
+                   on_chunk: Callable[[int, int], None] | None = None) -> Collected:
+    """collect() over the calibration text, read from / written to an NPZ cache when given."""
+    meta = {"model": Path(model).name, "n_chunks": n_chunks, "chunk_len": chunk_len, "window": window}
+    if cache is not None and cache.is_file():
+        try:
+            z = np.load(cache, allow_pickle=False)
+            saved = {k: z["meta_" + k].item() for k in meta}
+        except (OSError, ValueError, KeyError) as e:
+            raise BadOption(f"--cache {cache}: not a kvq train cache ({e})") from None
+        if saved != meta:
+            raise BadOption(f"--cache {cache} was collected with {saved}, not {meta}", hint="use another --cache path")
+        if on_chunk:
+            on_chunk(n_chunks, n_chunks)
+        return Collected(z["features"], z["damage"], z["layer"], z["pos"], z["chunk"],
+                         [str(n) for n in z["names"]], int(z["n_layer"]))
+    with Engine(model, kv=KvPolicy("f16", kvq="static"), n_ctx=chunk_len) as tok:
+        chunks = calibration_chunks(tok, text, chunk_len, n_chunks)
+    c = collect(model, chunks, window=window, n_threads=n_threads, on_chunk=on_chunk)
+    if cache is not None:
+        from kvq_cli.gguf_write import atomic_output
+
+        with atomic_output(cache) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, features=c.features, damage=c.damage, layer=c.layer, pos=c.pos, chunk=c.chunk,
+                         names=np.array(c.names), n_layer=c.n_layer,
+                         **{"meta_" + k: np.array(v) for k, v in meta.items()})
+    return c
+
+
+def oracle_assignment(engine: Engine, tokens: list[int], budget: float) -> np.ndarray:
+    """Set the damage-optimal bits per (position, layer) for `tokens` on an oracle engine.
+
+    The engine (policy oracle, per_layer, record_q) decodes the tokens once with every row at
+    f16, measures each row's damage with all its later queries, allocates so the whole cache
+    (the final f16 window included) holds `budget` bits/element, and installs the assignment
+    for the next decode of the same tokens. Returns bits [n_tokens, n_layer].
+    """
+    window = engine.kvq_opts.window_for(engine.kv)
+    n, n_layer = len(tokens), engine.dims.n_layer
+    engine.set_assignment(np.zeros(0, np.int32))   # nothing assigned: every row at f16
+    engine.clear_trace()
+    engine.decode(tokens, 0)
+    dmg = np.zeros((n, n_layer, len(PRECISIONS)))
+    for il in range(n_layer):
+        q, qpos = engine.queries(il)
+        k, v, kpos, _ = engine.read_layer(il)
+        d, _ = layer_damage(q, qpos, k, v, kpos, _roundtrip_deltas(engine, k), _roundtrip_deltas(engine, v), window)
+        dmg[kpos, il, :3] = d
+    engine.clear_trace()
+    bits = np.full((n, n_layer), 16, np.int32)
+    w = min(window, n)
+    decided = n - w
+    if decided > 0:
+        per_row = (budget * n - EFF_BITS[-1] * w) / decided
+        cls = allocate(dmg[:decided].reshape(-1, len(PRECISIONS)), per_row)
+        bits[:decided] = np.asarray(PRECISIONS)[cls].reshape(decided, n_layer)
+    engine.set_assignment(bits.reshape(-1))
+    return bits

@@ -1,0 +1,164 @@
+"""kvq train: the oracle's damage, the label allocation, the MLP, and the controller in C."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from kvq_cli.cli import app
+from kvq_cli.controller import load_controller
+from kvq_cli.runtime.engine import Engine
+from kvq_cli.runtime.kv import KvqOptions, parse_kv
+from kvq_cli.train import (EFF_BITS, ORACLE, allocate, calibration_chunks, collect, layer_damage,
+                           oracle_assignment, train)
+
+from .conftest import SHARED_DATA
+from .test_errors import assert_one_line_error
+
+CALIB = SHARED_DATA / "calib" / "boolq_passages.txt"
+WIKI = SHARED_DATA / "wikitext2" / "wiki.test.nonempty-lf.raw"
+
+
+def _attention(q, k, v, qpos, kpos, scale):
+    s = np.where(qpos[:, None] >= kpos[None, :], q @ k.T * scale, -np.inf)
+    a = np.exp(s - s.max(1, keepdims=True))
+    return (a / a.sum(1, keepdims=True)) @ v
+
+
+def test_layer_damage_is_the_first_order_output_change():
+    # one token's K/V perturbed by a small delta: the formula must match the exact change of
+    # every later query's attention output (sum over heads, mean over queries, / mean |o|^2)
+    rng = np.random.default_rng(0)
+    n, hd, n_head, n_kv, window = 40, 64, 4, 2, 3
+    q = rng.normal(size=(n, n_head, hd)).astype(np.float64)
+    k, v = rng.normal(size=(n, n_kv * hd)), rng.normal(size=(n, n_kv * hd))
+    pos = np.arange(n)
+    t, eps = 7, 1e-4
+    dk, dv = np.zeros_like(k), np.zeros_like(v)
+    dk[t], dv[t] = eps * rng.normal(size=n_kv * hd), eps * rng.normal(size=n_kv * hd)
+    dmg, n_later = layer_damage(q, pos, k, v, pos, [dk] * 3, [dv] * 3, window, q_stride=1)
+    later = pos > t + window
+    exact = 0.0
+    out_sq = 0.0
+    for h in range(n_head):
+        g = h // (n_head // n_kv)
+        cols = slice(g * hd, (g + 1) * hd)
+        o = _attention(q[:, h], k[:, cols], v[:, cols], pos, pos, hd ** -0.5)
+        o2 = _attention(q[:, h], (k + dk)[:, cols], (v + dv)[:, cols], pos, pos, hd ** -0.5)
+        exact += ((o2 - o) ** 2).sum(1)[later].sum()
+        out_sq += (o * o).sum(1).mean()
+    exact /= later.sum() * out_sq / n_head
+    assert n_later[t] == later.sum()
+    assert dmg[t, 0] == pytest.approx(exact, rel=1e-3)
+    assert np.all(dmg[np.arange(n) != t] == 0)
+
+
+def test_allocate_meets_the_budget_and_prefers_cheap_damage():
+    rng = np.random.default_rng(1)
+    d2 = rng.lognormal(size=5000)
+    damage = np.stack([d2, d2 / 16, d2 / 256, np.zeros_like(d2)], 1)
+    for budget in (2.5, 3.0, 4.0, 6.0, 16.0):
+        cls = allocate(damage, budget)
+        assert EFF_BITS[cls].mean() == pytest.approx(budget, abs=0.05)
+    cls = allocate(damage, 3.5)
+    # the rows kept above 2 bits are the most damaged ones
+    assert d2[cls > 0].min() >= np.median(d2)
+
+
+@pytest.fixture(scope="module")
+def collected(model_path):
+    with Engine(model_path, kv=parse_kv("f16"), n_ctx=256) as e:
+        chunks = calibration_chunks(e, CALIB.read_text(encoding="utf-8"), 256, 4)
+    return collect(model_path, chunks, window=8, n_ubatch=16)
+
+
+def test_oracle_collects_features_and_damage(collected):
+    c = collected
+    assert c.features.shape[1] == len(c.names) and "attn_recv" in c.names
+    assert len(c.features) == len(c.damage) == len(c.layer) and set(np.unique(c.chunk)) == {0, 1, 2, 3}
+    assert set(np.unique(c.layer)) == set(range(c.n_layer))
+    assert np.isfinite(c.features).all() and np.isfinite(c.damage).all()
+    d = c.damage
+    assert (d[:, 3] == 0).all() and (d[:, :3] >= 0).all()
+    # fewer bits, more damage: per row in the vast majority, on average by large factors
+    assert (d[:, 0] > d[:, 1]).mean() > 0.95 and (d[:, 1] > d[:, 2]).mean() > 0.95
+    assert d[:, 0].mean() > 4 * d[:, 1].mean() > 16 * d[:, 2].mean()
+
+
+@pytest.mark.parametrize("per_layer", [True, False])
+def test_trained_controller_round_trips_and_decides_like_c(collected, model_path, tmp_path, per_layer, runner):
+    spec, report = train(collected, budget=3.5, per_layer=per_layer, hidden=8, epochs=15, val_chunks=1)
+    assert report.n_val > 0 and 0 < report.val_acc <= 1
+    assert abs(report.label_bits - 3.5) < 0.3 and 2.5 <= report.val_bits <= 16
+    # the learned allocation beats spending the same bits uniformly on held-out rows
+    assert report.val_damage < report.static_damage
+    again, _ = train(collected, budget=3.5, per_layer=per_layer, hidden=8, epochs=15, val_chunks=1)
+    assert again.w1 == spec.w1 and again.b2 == spec.b2   # deterministic for a seed
+    ctrl = tmp_path / "ctrl.json"
+    ctrl.write_text(json.dumps(spec.to_json()))
+    gguf = tmp_path / "m.gguf"
+    r = runner.invoke(app, ["embed", str(model_path), str(ctrl), "--out", str(gguf)])
+    assert r.exit_code == 0, r.output
+    from kvq_cli.controller import controller_from_reader
+    from kvq_cli.gguf_info import read_gguf
+
+    back = controller_from_reader(read_gguf(gguf))
+    assert back.granularity == ("token_layer" if per_layer else "token")
+    np.testing.assert_allclose(np.array(back.w1), np.array(spec.w1, np.float32), rtol=0, atol=0)
+    with Engine(gguf, kv=parse_kv("adaptive"), n_ctx=512, n_ubatch=32, kvq=KvqOptions(trace=True)) as e:
+        e.decode(e.tokenize(WIKI.read_text(encoding="utf-8")[:4000])[:300], 0)
+        tr = e.trace()
+        assert (tr.layer >= 0).all() if per_layer else (tr.layer == -1).all()
+        x = tr.features[:, [tr.names.index(f) for f in spec.features]]
+        np.testing.assert_array_equal(tr.bits, back.decide(x))   # C == NumPy on the same trace
+        assert len(set(tr.bits)) >= 2
+
+
+def test_budget_knob_lands_on_the_budget(model_path):
+    # the shipped controller steered by --kv-bits: effective bits of a full 1024-token context
+    toks = None
+    from kvq_cli.models import ResolvedModel, get_spec, gguf_for
+
+    path = gguf_for(ResolvedModel("smollm2-135m-instruct", model_path, get_spec("smollm2-135m-instruct")),
+                    [parse_kv("adaptive")])
+    assert path != model_path   # the default controller was embedded into a cached copy
+    for budget in (3.0, 4.0, 5.5):
+        with Engine(path, kv=parse_kv(f"adaptive@{budget}"), n_ctx=1024, n_ubatch=32) as e:
+            toks = toks or e.tokenize(WIKI.read_text(encoding="utf-8"))[:1024]
+            e.decode(toks, 0)
+            st = e.kv_stats()
+            assert st.tokens == 1024
+            assert abs(st.bits_per_elem - budget) <= 0.1, (budget, st.bits_per_elem)
+
+
+def test_oracle_assignment_meets_the_budget(model_path):
+    opts = KvqOptions(window=16, per_layer=True, record_q=True, budget_bits=3.5)
+    with Engine(model_path, kv=ORACLE, n_ctx=512, n_ubatch=32, kvq=opts) as e:
+        toks = e.tokenize(WIKI.read_text(encoding="utf-8")[:6000])[:512]
+        bits = oracle_assignment(e, toks, 3.5)
+        assert bits.shape == (512, 30) and (bits[-16:] == 16).all()
+        e.decode(toks, 0)
+        assert abs(e.kv_stats().bits_per_elem - 3.5) < 0.05
+
+
+def test_train_cli_end_to_end_and_errors(runner, tmp_path, model_path):
+    out, cache = tmp_path / "c.json", tmp_path / "cache.npz"
+    args = ["train", "--calib", str(CALIB), "--chunks", "3", "--chunk-len", "192", "--window", "8",
+            "--epochs", "3", "--hidden", "4", "--out", str(out), "--cache", str(cache)]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    spec = load_controller(out)
+    assert spec.granularity == "token_layer" and "attn_recv" in spec.features and cache.is_file()
+    r = runner.invoke(app, args[:-4] + ["--out", str(tmp_path / "d.json"), "--cache", str(cache), "--granularity", "token"])
+    assert r.exit_code == 0, r.output   # reuses the cache
+    assert load_controller(tmp_path / "d.json").granularity == "token"
+    r = runner.invoke(app, ["train", "--calib", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "x.json")])
+    assert_one_line_error(r, "no such file")
+    r = runner.invoke(app, ["train", "--calib", str(CALIB), "--budget", "1", "--out", str(tmp_path / "x.json")])
+    assert_one_line_error(r, "--budget must be between")
+    r = runner.invoke(app, args[:-4] + ["--out", str(tmp_path / "e.json"), "--cache", str(cache), "--window", "4"])
+    assert_one_line_error(r, "was collected with")
+    assert not (tmp_path / "x.json").exists() and not (tmp_path / "e.json").exists()
+    r = runner.invoke(app, ["chat", "--kv", "oracle@3", "-p", "hi"])
+    assert_one_line_error(r, "kvq eval --task wikitext2")
