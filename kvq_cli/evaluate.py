@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -71,20 +71,26 @@ def _ppl_chunk(engines: Sequence[Engine], chunk: list[int], reference: int) -> n
     half = len(chunk) // 2
     targets = np.array(chunk[half:], dtype=np.int64)
     out = np.zeros((len(engines), 5))
-    logps = []
-    for i, e in enumerate(engines):
+    ref_lp = ref_p = None
+    # the reference first, then one policy's log-probabilities at a time (bounded memory)
+    for i in [reference] + [j for j in range(len(engines)) if j != reference]:
+        e = engines[i]
         t0 = time.perf_counter()
+        if e.kv.kvq == "assign":
+            from kvq_cli.train import oracle_assignment
+
+            oracle_assignment(e, chunk[:-1], e.kvq_opts.budget_for(e.kv))
         # logits at position j predict token j+1: score positions half-1 .. n-2
         logits = e.decode(chunk[:-1], 0, logits_from=half - 1)
         out[i, 3] = time.perf_counter() - t0
         out[i, 4] = e.kv_stats().bits_per_elem
         lp = _log_softmax(logits.astype(np.float64))
+        del logits
         out[i, 0] = -lp[np.arange(len(targets)), targets].sum()
-        logps.append(lp)
-    ref = logps[reference]
-    for i, lp in enumerate(logps):
-        out[i, 1] = (np.exp(ref) * (ref - lp)).sum()
-        out[i, 2] = (ref.argmax(-1) == lp.argmax(-1)).sum()
+        if ref_lp is None:
+            ref_lp, ref_p = lp, np.exp(lp)
+        out[i, 1] = (ref_p * (ref_lp - lp)).sum()
+        out[i, 2] = (ref_lp.argmax(-1) == lp.argmax(-1)).sum()
     return out
 
 
@@ -294,6 +300,10 @@ class EvalConfig:
     n_ctx: int = 1024                 # context of the multiple-choice engines
     ppl_ctx: int = 512                # wikitext-2 chunk length
     ppl_tokens: int = 32768           # wikitext-2 token budget
+    # wikitext-2 ubatch of kvq policies with an f16 window: decisions happen after each ubatch, so
+    # a chunk decoded in one 512-token ubatch would be scored with every key still at f16.
+    # Small ubatches score what decoding sees (each token attends W to W + ubatch - 1 f16 keys).
+    ppl_window_ubatch: int = 32
     kvq: KvqOptions = field(default_factory=KvqOptions)
     ref: str | None = "f16"
     n_threads: int | None = None
@@ -333,12 +343,19 @@ class EvalRun:
         self.others = [r for k, r in old.items() if k not in wanted]
         self.on_checkpoint: Callable[[list[EvalRecord]], None] | None = None
 
-    def _engines(self, n_ctx: int) -> list[Engine]:
+    def _engines(self, n_ctx: int, *, ppl: bool = False) -> list[Engine]:
         engines: list[Engine] = []
         try:
             for p in self.cfg.policies:
-                engines.append(Engine(self.cfg.model, kv=p, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=min(512, n_ctx),
-                                      n_threads=self.cfg.n_threads, kvq=self.cfg.kvq))
+                windowed = ppl and not p.is_stock and self.cfg.kvq.window_for(p) > 0
+                ubatch = self.cfg.ppl_window_ubatch if windowed else 512
+                opts = self.cfg.kvq
+                if p.kvq == "assign":
+                    if opts.budget_for(p) is None:
+                        raise BadOption(f"--kv {p.name} needs a budget: oracle@BITS or --kv-bits")
+                    opts = replace(opts, per_layer=True, record_q=True)
+                engines.append(Engine(self.cfg.model, kv=p, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=min(ubatch, n_ctx),
+                                      n_threads=self.cfg.n_threads, kvq=opts))
         except BaseException:
             for e in engines:
                 e.close()
@@ -372,7 +389,7 @@ class EvalRun:
                     for e in engines:
                         e.close()
             if text is not None:
-                engines = self._engines(cfg.ppl_ctx)
+                engines = self._engines(cfg.ppl_ctx, ppl=True)
                 try:
                     self._run_ppl(text, engines, on_progress)
                 finally:
