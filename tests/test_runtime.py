@@ -203,8 +203,10 @@ def test_rule_policy_keeps_sinks_and_traces_features(model_path):
         assert (f["quality"] > 0.01).all() and (f["quality"] < 1).all()   # 2-bit relative error
         assert (f["attn_entropy"] >= 0).all() and (f["attn_entropy"][1:] <= 1.0001).all()
         assert f["attn_var"].max() > 0 and (f["k_absmax"] > 0).all()
-        # attn_recv is log(1 + received / uniform share): the rule's heavy hitters (8 bits) are >= log(3)
-        assert (f["attn_recv"] >= 0).all() and (f["attn_recv"][(bits == 8) & (pos >= 4)] >= np.log(3.0) - 1e-5).all()
+        # attn_recv is log(1 + received / uniform share), averaged over layers here: the rule's
+        # heavy hitters (8 bits: mean received >= 2x uniform) receive more than the rest
+        heavy, rest = f["attn_recv"][(bits == 8) & (pos >= 4)], f["attn_recv"][bits == 4]
+        assert (f["attn_recv"] >= 0).all() and len(heavy) and len(rest) and heavy.mean() > rest.mean()
 
 
 def _controller_gguf(tmp_path, model_path, items):
@@ -239,7 +241,8 @@ def test_adaptive_with_embedded_controller(runner, model_path, tmp_path):
 def test_adaptive_without_controller_is_a_clear_error(runner, model_path):
     with pytest.raises(ControllerError, match="has no kvq controller"):
         Engine(model_path, kv=parse_kv("adaptive"), n_ctx=128)
-    r = runner.invoke(app, ["chat", "--kv", "adaptive", "-p", "hi"])
+    # a GGUF given by path gets no shipped controller (kvq ships them per registry alias)
+    r = runner.invoke(app, ["chat", str(model_path), "--kv", "adaptive", "-p", "hi"])
     assert_one_line_error(r, "has no kvq controller", "kvq embed")
 
 
