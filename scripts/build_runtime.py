@@ -38,6 +38,11 @@ CMAKE_ARGS = [
     "-DGGML_NATIVE=ON",
     "-DCMAKE_BUILD_TYPE=Release",
 ]
+# -march=native turns on ggml's AMX matmul on CPUs that report AMX; on this workplace's AMX
+# machines it segfaults in ggml_backend_amx_mul_mat (stock llama.cpp too), so AMX is left out
+# (an explicit -mno-* wins over -march). Passed as -C cmake.define.* since they hold spaces.
+NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+CMAKE_DEFINES = {"CMAKE_C_FLAGS": NO_AMX, "CMAKE_CXX_FLAGS": NO_AMX}
 
 
 class BuildError(Exception):
@@ -77,6 +82,7 @@ def series_key(upstream: dict[str, str], patches: list[Path]) -> str:
     h = hashlib.sha256()
     h.update(f"recipe={RECIPE}\n".encode())
     h.update(" ".join(CMAKE_ARGS).encode())
+    h.update(repr(sorted(CMAKE_DEFINES.items())).encode())
     for k in sorted(upstream):
         h.update(f"{k}={upstream[k]}\n".encode())
     for p in patches:
@@ -172,7 +178,8 @@ def build_wheel(src: Path, build_dir: Path, out: Path) -> Path:
     try:
         r = subprocess.run(
             [sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(tmp_out),
-             "-C", f"build-dir={build_dir}", "-C", "cmake.verbose=false", str(src)],
+             "-C", f"build-dir={build_dir}", "-C", "cmake.verbose=false",
+             *[f"-Ccmake.define.{k}={v}" for k, v in CMAKE_DEFINES.items()], str(src)],
             env=env, stdout=sys.stderr, stderr=sys.stderr,
         )
         wheels = list(tmp_out.glob("*.whl"))

@@ -1,26 +1,35 @@
 #!/usr/bin/env bash
 # Issue 7: train the shipped controller on calibration text, then wikitext-2 (test) perplexity
 # and KL vs stock f16 for every policy family at several budgets, side by side in one run.
-# Usage: bash scripts/pareto_issue7.sh DATA_DIR   (about 2 h on 2 cores; the eval JSONs are
-# rewritten every 5 chunks and a rerun resumes them)
+# Usage: bash scripts/pareto_issue7.sh DATA_DIR [STEP...]   (steps 1 2 3 by default;
+# about 2.5 h on 2 cores; the eval JSONs are rewritten every 5 chunks and a rerun resumes them)
 set -euo pipefail
-data=${1:?usage: pareto_issue7.sh DATA_DIR}
+data=${1:?usage: pareto_issue7.sh DATA_DIR [STEP...]}
+shift
+steps=" ${*:-1 2 3} "
+step() { [[ $steps == *" $1 "* ]]; }
 cd "$(dirname "$0")/.."
 kvq=.venv/bin/kvq
 export KVQ_HOME=${KVQ_HOME:-$(mktemp -d)}   # the embedded copies of the controllers go here
 calib="$data/calib/boolq_passages.txt"
 cache="$KVQ_HOME/calib-oracle.npz"
 # 1. the shipped default controller (per token and layer) and a per-token one for comparison
-$kvq train --calib "$calib" --budget 3.5 --granularity token_layer --cache "$cache" \
+if step 1; then
+  $kvq train --calib "$calib" --budget 3.5 --granularity token_layer --cache "$cache" \
   --out kvq_cli/controllers/smollm2-135m-instruct.json | tee results/train_token_layer.txt
-$kvq train --calib "$calib" --budget 3.5 --granularity token --cache "$cache" \
+  $kvq train --calib "$calib" --budget 3.5 --granularity token --cache "$cache" \
   --out results/controller_per_token.json --embed "$KVQ_HOME/per-token.gguf" | tee results/train_token.txt
+fi
 # 2. every family side by side: 8 chunks of 2048 tokens, second halves scored (8,192 tokens)
 common=(--data "$data" --task wikitext2 --tokens 16384 --ppl-ctx 2048 --ref stock-f16)
 resume() { [ -f "$1" ] && echo --resume || true; }
-$kvq eval "${common[@]}" --json results/pareto_wikitext2.json $(resume results/pareto_wikitext2.json) \
-  --kv stock-f16,stock-q8_0,stock-q4_0,f16,q8,q4,q2,rule@3,rule@3.5,rule@4,rule@5,adaptive@3,adaptive@3.5,adaptive@4,adaptive@5,oracle@3,oracle@3.5,oracle@4
+step 2 && $kvq eval "${common[@]}" --json results/pareto_wikitext2.json $(resume results/pareto_wikitext2.json) \
+  --kv stock-f16,stock-q8_0,stock-q4_0,f16,q8,q4,q2,rule@3,rule@3.5,rule@4,rule@5,adaptive@3,adaptive@3.5,adaptive@4,adaptive@4.5,adaptive@5,adaptive@6,oracle@3,oracle@3.5,oracle@4
 # 3. per-token decisions (same chunks, same reference)
-$kvq eval "$KVQ_HOME/per-token.gguf" "${common[@]}" --json results/pareto_per_token.json $(resume results/pareto_per_token.json) \
-  --kv stock-f16,adaptive@3,adaptive@3.5,adaptive@4,adaptive@5
+if step 3; then
+  [ -f "$KVQ_HOME/per-token.gguf" ] || $kvq embed "$(.venv/bin/python -c 'from kvq_cli.models import embedded_path; print(embedded_path())')" \
+    results/controller_per_token.json --out "$KVQ_HOME/per-token.gguf"
+  $kvq eval "$KVQ_HOME/per-token.gguf" "${common[@]}" --json results/pareto_per_token.json $(resume results/pareto_per_token.json) \
+    --kv stock-f16,adaptive@3,adaptive@3.5,adaptive@4,adaptive@5
+fi
 .venv/bin/python scripts/plot_pareto.py results/pareto_wikitext2.json results/pareto_per_token.json results/pareto_wikitext2.png
