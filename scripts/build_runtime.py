@@ -18,6 +18,7 @@ from __future__ import annotations
 import filecmp
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -42,7 +43,8 @@ CMAKE_ARGS = [
 # machines it segfaults in ggml_backend_amx_mul_mat (stock llama.cpp too), so AMX is left out
 # (an explicit -mno-* wins over -march). Passed as -C cmake.define.* since they hold spaces.
 NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
-CMAKE_DEFINES = {"CMAKE_C_FLAGS": NO_AMX, "CMAKE_CXX_FLAGS": NO_AMX}
+CMAKE_DEFINES = ({"CMAKE_C_FLAGS": NO_AMX, "CMAKE_CXX_FLAGS": NO_AMX}
+                 if platform.machine().lower() in ("x86_64", "amd64") else {})
 
 
 class BuildError(Exception):
