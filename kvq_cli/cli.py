@@ -570,7 +570,7 @@ def eval_cmd(
         try:
             records = run.run(on_progress)
         except KeyboardInterrupt:
-            write(run.records)  # scored items are kept for --resume
+            write(run.all_records())  # scored items are kept for --resume, other records too
             raise
     from rich.console import Console
     from rich.table import Table

@@ -362,9 +362,13 @@ class EvalRun:
             raise
         return engines
 
+    def all_records(self) -> list[EvalRecord]:
+        """What --json holds: the resumed file's records of other tasks/policies, then this run's."""
+        return self.others + self.records
+
     def _checkpoint(self) -> None:
         if self.on_checkpoint:
-            self.on_checkpoint(self.others + self.records)
+            self.on_checkpoint(self.all_records())
 
     def run(self, on_progress: Progress | None = None) -> list[EvalRecord]:
         """Score every task for every policy; records are finalized (metrics filled) at the end."""

@@ -182,3 +182,28 @@ def test_eval_bad_data_and_resume_file(runner, tmp_path):
     assert_one_line_error(runner.invoke(app, ["eval", "--data", str(SHARED_DATA), "--json", str(bad), "--resume"]),
                           "--resume: cannot read")
     assert bad.read_text() == "{not json"
+
+
+def test_interrupt_keeps_every_record_of_the_resumed_file(runner, tmp_path, monkeypatch):
+    """Ctrl-C writes the scored items and keeps the resumed file's records of other tasks."""
+    import kvq_cli.evaluate as ev
+
+    out = tmp_path / "r.json"
+    args = ["eval", "--data", str(SHARED_DATA), "--kv", "q4", "--ref", "none", "--json", str(out)]
+    assert runner.invoke(app, [*args, "--task", "openbookqa", "--limit", "2"]).exit_code == 0
+    first = json.loads(out.read_text())
+    calls = []
+    score = ev.Scorer.score_item
+
+    def interrupted(self, item):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return score(self, item)
+
+    monkeypatch.setattr(ev.Scorer, "score_item", interrupted)
+    r = runner.invoke(app, [*args, "--task", "arc-easy", "--limit", "10", "--resume"])
+    assert r.exit_code == 130 and "kvq: interrupted" in r.stderr
+    recs = {(x["task"], x["kv"]): x for x in json.loads(out.read_text())}
+    assert recs[("openbookqa", "q4")]["state"] == first[0]["state"]
+    assert recs[("arc-easy", "q4")]["n"] == 3 and not recs[("arc-easy", "q4")]["complete"]
