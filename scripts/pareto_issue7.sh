@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Issue 7: train the shipped controller on calibration text, then wikitext-2 (test) perplexity
 # and KL vs stock f16 for every policy family at several budgets, side by side in one run.
-# Usage: bash scripts/pareto_issue7.sh DATA_DIR [STEP...]   (steps 1 2 3 by default;
-# about 2.5 h on 2 cores; the eval JSONs are rewritten every 5 chunks and a rerun resumes them)
+# Usage: bash scripts/pareto_issue7.sh DATA_DIR [STEP...]   (steps 1 2 3 by default, 4 on request;
+# steps 1-3 about 2.5 h on 2 cores, step 4 about 25 min per policy; the eval JSONs are rewritten
+# at checkpoints and a rerun resumes them)
 set -euo pipefail
 data=${1:?usage: pareto_issue7.sh DATA_DIR [STEP...]}
 shift
@@ -32,4 +33,20 @@ if step 3; then
   $kvq eval "$KVQ_HOME/per-token.gguf" "${common[@]}" --json results/pareto_per_token.json $(resume results/pareto_per_token.json) \
     --kv stock-f16,adaptive@3,adaptive@3.5,adaptive@4,adaptive@5
 fi
-.venv/bin/python scripts/plot_pareto.py results/pareto_wikitext2.json results/pareto_per_token.json results/pareto_wikitext2.png
+if step 2 || step 3; then
+  .venv/bin/python scripts/plot_pareto.py results/pareto_wikitext2.json results/pareto_per_token.json results/pareto_wikitext2.png
+fi
+# 4. multiple-choice accuracy of the adaptive and rule policies on the items of issue 6. Items are
+# short (tens of tokens), so W = 0: every context row is decided when the context has been
+# prefilled, from the attention it received there (with W = 32 most rows of an item would stay f16).
+# The static rows (the paired reference) are those of results/eval_statics.json, copied in by
+# seed_mc_records.py (their scoring is deterministic, so they are not run again). One policy at a
+# time, all four tasks each, so a stopped run leaves whole policies; a rerun resumes the file.
+if step 4; then
+  .venv/bin/python scripts/seed_mc_records.py results/eval_statics.json results/pareto_mc.json
+  for kv in ${MC_POLICIES:-adaptive@3}; do   # more: MC_POLICIES="adaptive@3 adaptive@5 rule@3"
+    $kvq eval --task openbookqa,arc-challenge,arc-easy,hellaswag --limit hellaswag=2000 --data "$data" \
+      --kv-window 0 --ref f16 --json results/pareto_mc.json --resume --kv stock-f16,f16,q8,q4,q2,$kv
+  done
+  .venv/bin/python scripts/plot_pareto_mc.py results/pareto_mc.json results/pareto_mc.png | tee results/pareto_mc.md
+fi
