@@ -44,7 +44,7 @@ fi
 # time, all four tasks each, so a stopped run leaves whole policies; a rerun resumes the file.
 if step 4; then
   .venv/bin/python scripts/seed_mc_records.py results/eval_statics.json results/pareto_mc.json
-  for kv in ${MC_POLICIES:-adaptive@3}; do   # more: MC_POLICIES="adaptive@3 adaptive@5 rule@3"
+  for kv in ${MC_POLICIES:-adaptive@3 adaptive@5}; do   # more: MC_POLICIES="adaptive@4 rule@3"
     $kvq eval --task openbookqa,arc-challenge,arc-easy,hellaswag --limit hellaswag=2000 --data "$data" \
       --kv-window 0 --ref f16 --json results/pareto_mc.json --resume --kv stock-f16,f16,q8,q4,q2,$kv
   done
