@@ -17,12 +17,9 @@ TASKS = ["hellaswag", "arc-easy", "arc-challenge", "openbookqa"]
 
 
 def family(kv: str) -> str:
-    name = kv.split("@")[0]
-    if name.startswith("stock-"):
-        return "stock llama.cpp"
-    if name in ("f16", "q8", "q4", "q2"):
-        return "kvq static"
-    return name
+    from plot_pareto import family as wikitext_family  # the same legend families as the KL plot
+
+    return wikitext_family(kv, False)
 
 
 def correct(r) -> np.ndarray:
@@ -111,4 +108,6 @@ def main(src: str, dst: str, ref: str = "f16") -> None:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) not in (3, 4):
+        sys.exit("usage: plot_pareto_mc.py RESULTS.json OUT.png [REF]")
     main(*sys.argv[1:])

@@ -38,4 +38,6 @@ def main(src: str, dst: str) -> None:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) != 3 or not os.path.isfile(sys.argv[1]):
+        sys.exit("usage: seed_mc_records.py SRC.json DST.json (SRC must exist)")
     main(*sys.argv[1:])
