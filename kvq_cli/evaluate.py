@@ -11,6 +11,9 @@ tokens, each chunk is evaluated from an empty cache, and the second half of each
 scored (so every scored token has at least n_ctx/2 tokens of context). All policies run
 chunk by chunk (item by item) in one process, so KL divergence against the reference
 policy's logits and paired accuracy differences use exactly the same positions and items.
+For multiple choice, KL is the mean over items of the mean KL(reference || policy) over every
+position that scores a choice token (all choices); when the reference was scored by an
+earlier run, its logits are computed again for the items a policy still needs.
 Intervals are bootstrap 95% percentile intervals over items (chunks for wikitext-2).
 """
 from __future__ import annotations
@@ -147,16 +150,29 @@ def encode_pair(engine: Engine, context: str, continuation: str) -> tuple[list[i
     return ctx, whole[len(ctx):]
 
 
-def continuation_logprob(last_logits: np.ndarray, cont_logits: np.ndarray, cont: list[int]) -> tuple[float, bool]:
-    """Sum of log p(cont) and whether cont is the greedy continuation.
+def continuation_logprobs(last_logits: np.ndarray, cont_logits: np.ndarray) -> np.ndarray:
+    """Log-probabilities [len(cont), vocab] of the positions predicting each continuation token.
 
     last_logits are the logits of the last context token; cont_logits those of cont[:-1].
     """
-    rows = np.concatenate([last_logits[None, :], cont_logits]).astype(np.float64)
+    return _log_softmax(np.concatenate([last_logits[None, :], cont_logits]).astype(np.float64))
+
+
+def continuation_logprob(last_logits: np.ndarray, cont_logits: np.ndarray, cont: list[int]) -> tuple[float, bool]:
+    """Sum of log p(cont) and whether cont is the greedy continuation."""
+    return _sum_and_greedy(continuation_logprobs(last_logits, cont_logits), cont)
+
+
+def _sum_and_greedy(lp: np.ndarray, cont: list[int]) -> tuple[float, bool]:
     targets = np.asarray(cont, dtype=np.int64)
-    lp = _log_softmax(rows)
     picked = lp[np.arange(len(cont)), targets]
-    return float(picked.sum()), bool((rows.argmax(-1) == targets).all())
+    return float(picked.sum()), bool((lp.argmax(-1) == targets).all())
+
+
+def mean_kl(ref_lps: Sequence[np.ndarray], lps: Sequence[np.ndarray]) -> float:
+    """Mean KL(ref || policy) over every scored position of an item's choices."""
+    total = sum(float((np.exp(r) * (r - x)).sum()) for r, x in zip(ref_lps, lps))
+    return total / sum(len(r) for r in ref_lps)
 
 
 class Scorer:
@@ -190,13 +206,17 @@ class Scorer:
             return ctx[-room:]
         return ctx
 
-    def score(self, ctx: list[int], cont: list[int]) -> tuple[float, bool]:
-        """(log p(cont | ctx), greedy) with ctx prefilled once for consecutive calls."""
+    def logprobs(self, ctx: list[int], cont: list[int]) -> np.ndarray:
+        """Log-probabilities [len(cont), vocab] predicting cont after ctx (ctx prefilled once for consecutive calls)."""
         if not ctx or not cont:
             raise BadOption("cannot score an empty context or continuation")
         last = self.prefill(ctx)
         rest = self.engine.decode(cont[:-1], len(ctx), logits_from=0) if len(cont) > 1 else last[None][:0]
-        return continuation_logprob(last, rest, cont)
+        return continuation_logprobs(last, rest)
+
+    def score(self, ctx: list[int], cont: list[int]) -> tuple[float, bool]:
+        """(log p(cont | ctx), greedy)."""
+        return _sum_and_greedy(self.logprobs(ctx, cont), cont)
 
     def loglikelihood(self, context: str, continuation: str) -> tuple[float, bool]:
         """lm-eval's loglikelihood request: (sum log p, is greedy)."""
@@ -205,9 +225,14 @@ class Scorer:
 
     def score_item(self, item: McItem) -> np.ndarray:
         """Log-likelihood of " " + choice for every choice of `item`."""
+        return self.score_item_lps(item)[0]
+
+    def score_item_lps(self, item: McItem) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Log-likelihood of " " + choice for every choice, and each choice's log-probability rows."""
         pairs = [encode_pair(self.engine, item.context, " " + c) for c in item.choices]
         ctx = self.fit(pairs[0][0], max(len(cont) for _, cont in pairs))
-        return np.array([self.score(ctx, cont)[0] for _, cont in pairs])
+        lps = [self.logprobs(ctx, cont) for _, cont in pairs]
+        return np.array([_sum_and_greedy(lp, cont)[0] for lp, (_, cont) in zip(lps, pairs)]), lps
 
 
 def mc_correct(item: McItem, lls: np.ndarray) -> tuple[bool, bool]:
@@ -410,21 +435,38 @@ class EvalRun:
     def _run_mc(self, task: str, items: list[McItem], engines: list[Engine], on_progress: Progress | None) -> None:
         recs = self._task_records(task)
         scorers = [Scorer(e) for e in engines]
-        for r in recs:
+        names = [p.name for p in self.cfg.policies]
+        ref = names.index(self.cfg.ref) if self.cfg.ref is not None else None
+        for j, r in enumerate(recs):
             st = r.state
             # a smaller --limit than a resumed record scored: keep only the items asked for
             for k in ("correct", "correct_norm"):
                 st[k] = st.get(k, "")[:len(items)]
             st["bits"] = st.get("bits", [])[:len(items)]
             r.n = len(st["correct"])
+            # per-item KL vs the reference: only while it covers every scored item against this reference
+            kl = st.get("kl")
+            if kl is not None:
+                kl = kl[:len(items)]
+            ok = ref is not None and j != ref and st.get("kl_ref") in (None, names[ref]) and r.n == len(kl or [])
+            st["kl"] = kl if ok and kl is not None else ([] if ok else None)
+            st["kl_ref"] = names[ref] if ok else None
         start = min(r.n for r in recs)
         for i in range(start, len(items)):
-            for r, s in zip(recs, scorers):
-                if r.n > i:
-                    continue
+            need = [j for j, r in enumerate(recs) if r.n <= i]
+            ref_lps = None
+            if ref is not None and any(recs[j].state["kl"] is not None for j in need) and ref not in need:
+                ref_lps = scorers[ref].score_item_lps(items[i])[1]   # the reference was scored earlier: its logits again
+            # the reference first, so that the others' KL can be taken against it
+            for j in sorted(need, key=lambda j: j != ref):
+                r, s = recs[j], scorers[j]
                 t0 = time.perf_counter()
-                lls = s.score_item(items[i])
+                lls, lps = s.score_item_lps(items[i])
                 r.seconds += time.perf_counter() - t0
+                if j == ref:
+                    ref_lps = lps
+                elif r.state["kl"] is not None:
+                    r.state["kl"].append(round(mean_kl(ref_lps, lps), 7))
                 a, an = mc_correct(items[i], lls)
                 r.state["correct"] += "01"[a]
                 r.state["correct_norm"] += "01"[an]
@@ -507,6 +549,11 @@ def _finalize_mc(r: EvalRecord, ref: EvalRecord | None, seed: int) -> None:
                 d = x[:m] - y[:m]
                 setattr(r, f"diff_{name}", float(d.mean()))
                 setattr(r, f"diff_{name}_ci95", bootstrap_ci(d, seed=seed))
+    kl = r.state.get("kl")
+    r.kl = r.kl_ci95 = None
+    if ref is not None and kl and len(kl) == n and r.state.get("kl_ref") == ref.kv:
+        x = np.asarray(kl, dtype=np.float64)
+        r.kl, r.kl_ci95 = float(x.mean()), bootstrap_ci(x, seed=seed)
 
 
 def _finalize_ppl(r: EvalRecord, ref: EvalRecord | None, seed: int) -> None:

@@ -132,6 +132,11 @@ def test_eval_end_to_end_every_task(runner, tmp_path):
         if kv != "f16":
             d = np.array(list(x["state"]["correct"]), int) - np.array(list(recs[(task, "f16")]["state"]["correct"]), int)
             assert x["diff_acc"] == pytest.approx(d.mean())
+            assert len(x["state"]["kl"]) == 20 and x["kl_ci95"][0] <= x["kl"] <= x["kl_ci95"][1]
+        else:
+            assert x["kl"] is None
+    for task in ("hellaswag", "arc-easy", "arc-challenge", "openbookqa"):   # KL orders the caches on 20 items
+        assert 0 < recs[(task, "q4")]["kl"] < recs[(task, "q2")]["kl"]
     w = {k: recs[("wikitext2", k)] for k in ("f16", "q4", "q2")}
     assert w["f16"]["kl"] is None and 0 < w["q4"]["kl"] < w["q2"]["kl"]
     assert w["f16"]["ppl"] < w["q2"]["ppl"]
@@ -153,6 +158,25 @@ def test_resume_continues_and_matches_a_fresh_run(model_path, tmp_path):
         assert a.state["correct"] == b.state["correct"] and a.state["correct_norm"] == b.state["correct_norm"]
         assert a.state["correct"][:4] == saved[[x["kv"] for x in saved].index(a.kv)]["state"]["correct"]
     assert "1" in fresh[0].state["correct"] + fresh[0].state["correct_norm"]  # not a trivial all-wrong run
+    # KL vs the reference continues too: items 5-7 of q4 against the reference's logits of this run
+    assert resumed[1].state["kl"] == pytest.approx(fresh[1].state["kl"], rel=1e-5) and len(fresh[1].state["kl"]) == 7
+    assert resumed[1].kl == pytest.approx(fresh[1].kl, rel=1e-5) and resumed[0].kl is None
+
+
+def test_mc_kl_when_the_reference_was_scored_earlier(model_path):
+    """A policy added to a file whose reference is complete: the reference's logits are computed again."""
+    base = dict(model=model_path, tasks=("openbookqa",), data=SHARED_DATA, ref="f16", limit=5)
+    both = EvalRun(EvalConfig(**base, policies=tuple(parse_kv_list("f16,q2")))).run()
+    only_ref = EvalRun(EvalConfig(**base, policies=tuple(parse_kv_list("f16")))).run()
+    saved = json.loads(json.dumps([r.__dict__ for r in only_ref]))
+    later = EvalRun(EvalConfig(**base, policies=tuple(parse_kv_list("f16,q2"))), previous=saved).run()
+    assert later[0].state["correct"] == both[0].state["correct"] and later[0].kl is None
+    assert len(later[1].state["kl"]) == 5 and later[1].kl == pytest.approx(both[1].kl, rel=1e-5) and later[1].kl > 0.01
+    # a resumed record scored without KL keeps its items and reports no KL rather than a partial one
+    old = json.loads(json.dumps([r.__dict__ for r in both]))
+    del old[1]["state"]["kl"]
+    again = EvalRun(EvalConfig(**{**base, "limit": 6}, policies=tuple(parse_kv_list("f16,q2"))), previous=old).run()
+    assert again[1].n == 6 and again[1].state["kl"] is None and again[1].kl is None
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -193,7 +217,7 @@ def test_interrupt_keeps_every_record_of_the_resumed_file(runner, tmp_path, monk
     assert runner.invoke(app, [*args, "--task", "openbookqa", "--limit", "2"]).exit_code == 0
     first = json.loads(out.read_text())
     calls = []
-    score = ev.Scorer.score_item
+    score = ev.Scorer.score_item_lps
 
     def interrupted(self, item):
         calls.append(1)
@@ -201,7 +225,7 @@ def test_interrupt_keeps_every_record_of_the_resumed_file(runner, tmp_path, monk
             raise KeyboardInterrupt
         return score(self, item)
 
-    monkeypatch.setattr(ev.Scorer, "score_item", interrupted)
+    monkeypatch.setattr(ev.Scorer, "score_item_lps", interrupted)
     r = runner.invoke(app, [*args, "--task", "arc-easy", "--limit", "10", "--resume"])
     assert r.exit_code == 130 and "kvq: interrupted" in r.stderr
     recs = {(x["task"], x["kv"]): x for x in json.loads(out.read_text())}
