@@ -401,14 +401,17 @@ def train_cmd(
     calib: Annotated[str, typer.Option("--calib", help="Calibration text file (e.g. DATA/calib/boolq_passages.txt); never the evaluation sets.")] = ...,
     budget: Annotated[float, typer.Option("--budget", help="Bits per decided row the oracle labels average (2.5 to 16); at run time --kv-bits moves the controller to other budgets.")] = 3.5,
     out: Annotated[str, typer.Option("--out", "-o", help="Controller JSON to write (atomically).")] = ...,
+    objective: Annotated[str, typer.Option("--objective", help="damage: regress each row's damage per precision and decide by damage + price * bits; labels: classify the oracle's labels at --budget.")] = "damage",
     granularity: Annotated[str, typer.Option("--granularity", help="token: one decision per token for all layers; token_layer: one per token and layer.")] = "token_layer",
-    chunks: Annotated[int, typer.Option("--chunks", help="Calibration chunks (the last 2 are held out for early stopping).")] = 12,
-    chunk_len: Annotated[int, typer.Option("--chunk-len", help="Tokens per calibration chunk.")] = 1024,
-    window: Annotated[int, typer.Option("--window", help="The f16 window W the controller is trained for (features see W later queries).")] = 32,
+    regime: Annotated[str, typer.Option("--regime", help="decode: chunks of --chunk-len decoded in 32-token ubatches behind the f16 window --window (chat, long text); prompt: short prompts (16-128 tokens) prefilled at once and decided with W = 0, damage from the next 16 tokens (multiple choice, `kvq eval --kv-window 0`); both: one controller for the two.")] = "both",
+    chunks: Annotated[int, typer.Option("--chunks", help="Calibration chunks of the decode regime (the last 2 are held out for early stopping).")] = 12,
+    prompts: Annotated[int, typer.Option("--prompts", help="Calibration prompts of the prompt regime (10% are held out).")] = 512,
+    chunk_len: Annotated[int, typer.Option("--chunk-len", help="Tokens per calibration chunk (regime decode).")] = 1024,
+    window: Annotated[int, typer.Option("--window", help="The f16 window W the controller is trained for (regime decode; features see W later queries).")] = 32,
     hidden: Annotated[int, typer.Option("--hidden", help="Hidden units of the MLP.")] = 16,
     epochs: Annotated[int, typer.Option("--epochs", help="Maximum epochs (early stopping on the held-out chunks).")] = 60,
     seed: Annotated[int, typer.Option("--seed", help="Seed of initialisation and batching (same seed, same controller).")] = 0,
-    cache: Annotated[Optional[str], typer.Option("--cache", help="NPZ of collected features and damage: read if it exists, else written (reuse across budgets).")] = None,
+    cache: Annotated[Optional[str], typer.Option("--cache", help="NPZ of collected features and damage: read if it exists, else written (reuse across budgets); with --regime both, NAME.decode.npz and NAME.prompt.npz next to it.")] = None,
     embed_out: Annotated[Optional[str], typer.Option("--embed", help="Also write a copy of the GGUF with the controller embedded here.")] = None,
     threads: ThreadsOpt = None,
 ) -> None:
@@ -424,14 +427,18 @@ def train_cmd(
     from kvq_cli.errors import BadOption, OutputError
     from kvq_cli.gguf_write import atomic_output, check_output
     from kvq_cli.models import resolve
-    from kvq_cli.train import collect_cached, train
+    from kvq_cli.train import OBJECTIVES, REGIMES, calibration_data, train
 
     if granularity not in GRANULARITIES:
         raise BadOption(f"--granularity must be one of {', '.join(GRANULARITIES)}, got {granularity}")
     if not (2.5 <= budget <= 16):
         raise BadOption(f"--budget must be between 2.5 and 16 bits, got {budget:g}")
-    if chunks < 3 or chunk_len < 4 * window + 64 or window < 1:
-        raise BadOption("need --chunks >= 3, --window >= 1 and --chunk-len >= 4 * window + 64")
+    if objective not in OBJECTIVES:
+        raise BadOption(f"--objective must be one of {', '.join(OBJECTIVES)}, got {objective}")
+    if regime not in REGIMES:
+        raise BadOption(f"--regime must be one of {', '.join(REGIMES)}, got {regime}")
+    if chunks < 3 or prompts < 20 or chunk_len < 4 * window + 64 or window < 1:
+        raise BadOption("need --chunks >= 3, --prompts >= 20, --window >= 1 and --chunk-len >= 4 * window + 64")
     if not Path(calib).is_file():
         raise BadOption(f"--calib {calib}: no such file")
     for o in (out, embed_out):
@@ -440,17 +447,19 @@ def train_cmd(
     resolved = resolve(model)
     err = _stderr_console()
     with _progress() as progress:
-        task = progress.add_task("oracle over calibration chunks", total=chunks)
-        data = collect_cached(resolved.path, Path(calib).read_text(encoding="utf-8", errors="replace"),
-                              cache=Path(cache) if cache else None, n_chunks=chunks, chunk_len=chunk_len,
-                              window=window, n_threads=threads,
-                              on_chunk=lambda i, n: progress.update(task, completed=i, total=n))
+        task = progress.add_task("oracle over calibration text", total=chunks)
+        data, n_held = calibration_data(resolved.path, Path(calib).read_text(encoding="utf-8", errors="replace"),
+                                        regime=regime, cache=Path(cache) if cache else None, n_chunks=chunks,
+                                        n_prompts=prompts, chunk_len=chunk_len, window=window, n_threads=threads,
+                                        on_chunk=lambda i, n: progress.update(task, completed=i, total=n))
         fit_task = progress.add_task("fit", total=epochs)
         spec, report = train(data, budget=budget, per_layer=granularity == "token_layer", hidden=hidden,
-                             seed=seed, epochs=epochs,
+                             seed=seed, epochs=epochs, val_chunks=n_held, objective=objective,
                              on_epoch=lambda e, n, loss: progress.update(
                                  fit_task, completed=e, description=f"fit (held-out loss {loss:.3f})"))
-    spec.extra.update({"calib": Path(calib).name, "chunks": chunks, "chunk_len": chunk_len, "window": window,
+    spec.extra.update({"calib": Path(calib).name, "regime": regime,
+                       **({} if regime == "prompt" else {"chunks": chunks, "chunk_len": chunk_len, "window": window}),
+                       **({} if regime == "decode" else {"prompts": prompts}),
                        "model": resolved.path.name, "report": {k: v for k, v in vars(report).items()}})
     try:
         with atomic_output(out) as tmp:
@@ -460,20 +469,21 @@ def train_cmd(
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"kvq train: {granularity}, labels at {budget:g} bits/row, {report.n_train} rows "
+    t = Table(title=f"kvq train: {granularity}, {regime} regime, {objective} objective at {budget:g} bits/row, {report.n_train} rows "
                     f"(+{report.n_val} held out), {report.epochs} epochs", show_header=True)
     t.add_column("held out")
     t.add_column("value", justify="right")
     for name, value in (("agreement with oracle labels", f"{100 * report.val_acc:.1f}%"),
                         ("bits/row: labels / controller", f"{report.label_bits:.2f} / {report.val_bits:.2f}"),
-                        ("damage: oracle", f"{report.oracle_damage:.3g}"),
+                        ("damage: oracle (labels)", f"{report.oracle_damage:.3g}"),
+                        ("damage: oracle, controller's bits", f"{report.oracle_damage_same_bits:.3g}"),
                         ("damage: controller", f"{report.val_damage:.3g}"),
                         ("damage: static mix, same bits", f"{report.static_damage:.3g}")):
         t.add_row(name, value)
     Console().print(t)
-    imp = Table(title="feature importance (held-out cross-entropy rise when shuffled)")
+    imp = Table(title=f"feature importance ({report.importance_metric})")
     imp.add_column("feature")
-    imp.add_column("Δ CE", justify="right")
+    imp.add_column("Δ damage" if objective == "damage" else "Δ CE", justify="right")
     for name, v in sorted(report.importance.items(), key=lambda kv: -kv[1]):
         imp.add_row(name, f"{v:+.3f}")
     Console().print(imp)

@@ -45,6 +45,8 @@ MIN_FUTURE = 32                              # rows seen by fewer later queries 
 # trained on 1k-token chunks would read it differently in an 8k chat (it helps ~8% on held-out
 # damage at the training length only), so it is left out by default
 NOT_TRANSFERABLE = ("position_frac",)
+# the prompt regime: prompts like multiple-choice contexts, scored by the next PROMPT_CONT tokens
+PROMPT_MIN, PROMPT_MAX, PROMPT_CONT = 16, 128, 16
 
 
 @dataclass
@@ -77,11 +79,12 @@ def _roundtrip_deltas(engine: Engine, x: np.ndarray) -> list[np.ndarray]:
 
 
 def layer_damage(q: np.ndarray, qpos: np.ndarray, k: np.ndarray, v: np.ndarray, kpos: np.ndarray,
-                 dks: list[np.ndarray], dvs: list[np.ndarray], window: int, q_stride: int = 2):
+                 dks: list[np.ndarray], dvs: list[np.ndarray], window: int, q_stride: int = 2, q_from: int = 0):
     """Relative first-order attention-output damage [n_keys, 3] of one layer, and the count of later queries.
 
     q: [n_q, n_head, hd] (post-RoPE), k/v: [n_keys, n_head_kv * hd], dks/dvs: per precision the
-    change of k/v. Only queries past each key's window (qpos > kpos + window) count.
+    change of k/v. Only queries past each key's window (qpos > kpos + window) and at positions
+    >= q_from count.
     """
     n_q, n_head, hd = q.shape
     n_head_kv = k.shape[1] // hd
@@ -90,7 +93,7 @@ def layer_damage(q: np.ndarray, qpos: np.ndarray, k: np.ndarray, v: np.ndarray, 
     sel = np.arange(0, n_q, q_stride)
     q, qpos = q[sel], qpos[sel]
     causal = qpos[:, None] >= kpos[None, :]
-    later = qpos[:, None] > kpos[None, :] + window
+    later = (qpos[:, None] > kpos[None, :] + window) & (qpos[:, None] >= q_from)
     n_later = later.sum(0)
     dmg = np.zeros((k.shape[0], 3), np.float64)
     out_sq = 0.0
@@ -151,6 +154,63 @@ def collect(model: str | Path, chunks: list[list[int]], *, window: int = 32, n_u
                 chunk_ids.append(np.full(len(rows), ci, np.int32))
             if on_chunk:
                 on_chunk(ci + 1, len(chunks))
+    return Collected(np.concatenate(feats), np.concatenate(dmgs), np.concatenate(layers),
+                     np.concatenate(poss), np.concatenate(chunk_ids), names, n_layer)
+
+
+def prompt_chunks(engine: Engine, text: str, n_chunks: int, *, min_ctx: int = PROMPT_MIN, max_ctx: int = PROMPT_MAX,
+                  cont_len: int = PROMPT_CONT, seed: int = 0) -> list[tuple[list[int], list[int]]]:
+    """(prompt, continuation) pairs cut one after another from `text`: prompts of min_ctx..max_ctx tokens."""
+    toks = engine.tokenize(text)
+    rng = np.random.default_rng(seed)
+    out: list[tuple[list[int], list[int]]] = []
+    at = 0
+    while len(out) < n_chunks:
+        n = int(rng.integers(min_ctx, max_ctx + 1))
+        if at + n + cont_len > len(toks):
+            break
+        out.append((toks[at:at + n], toks[at + n:at + n + cont_len]))
+        at += n + cont_len
+    if len(out) < 3:
+        raise BadOption(f"the calibration text has {len(toks)} tokens, too few for 3 prompts of up to {max_ctx}")
+    return out
+
+
+def collect_prompts(model: str | Path, pairs: list[tuple[list[int], list[int]]], *, n_threads: int | None = None,
+                    on_chunk: Callable[[int, int], None] | None = None) -> Collected:
+    """The prompt regime (multiple choice, `kvq eval --kv-window 0`): each prompt is prefilled in one
+    ubatch and every row is decided right after it (W = 0), from the attention of the prompt's own
+    queries; damage is measured with the queries of the continuation only, which are the ones
+    that see the stored rows."""
+    feats, dmgs, layers, poss, chunk_ids = [], [], [], [], []
+    names: list[str] = []
+    n_ctx = max(len(a) + len(b) for a, b in pairs)
+    opts = KvqOptions(window=0, trace=True, per_layer=True, record_q=True)
+    with Engine(model, kv=ORACLE, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=n_threads, kvq=opts) as e:
+        n_layer = e.dims.n_layer
+        for ci, (ctx, cont) in enumerate(pairs):
+            e.clear_trace()
+            e.decode(ctx, 0)
+            e.decode(cont, len(ctx))
+            tr = e.trace()
+            names = tr.names
+            for il in range(n_layer):
+                q, qpos = e.queries(il)
+                k, v, kpos, _ = e.read_layer(il)
+                d, n_later = layer_damage(q, qpos, k, v, kpos, _roundtrip_deltas(e, k), _roundtrip_deltas(e, v),
+                                          0, q_stride=1, q_from=len(ctx))
+                rows = np.flatnonzero((tr.layer == il) & (tr.pos < len(ctx)))
+                at = {int(p): i for i, p in enumerate(kpos)}
+                idx = np.array([at[int(p)] for p in tr.pos[rows]], dtype=np.int64)
+                keep = n_later[idx] >= len(cont)
+                rows, idx = rows[keep], idx[keep]
+                feats.append(tr.features[rows])
+                dmgs.append(np.concatenate([d[idx], np.zeros((len(idx), 1))], 1))
+                layers.append(np.full(len(rows), il, np.int32))
+                poss.append(tr.pos[rows])
+                chunk_ids.append(np.full(len(rows), ci, np.int32))
+            if on_chunk:
+                on_chunk(ci + 1, len(pairs))
     return Collected(np.concatenate(feats), np.concatenate(dmgs), np.concatenate(layers),
                      np.concatenate(poss), np.concatenate(chunk_ids), names, n_layer)
 
@@ -234,8 +294,10 @@ class FitReport:
     label_bits: float
     val_damage: float            # mean damage of the controller's choices
     oracle_damage: float         # ... of the oracle labels
+    oracle_damage_same_bits: float   # ... of the oracle's allocation at the controller's bits
     static_damage: float         # ... of the best static mix at the same bits (interpolated)
-    importance: dict[str, float] = field(default_factory=dict)   # held-out CE rise when a feature is shuffled
+    importance: dict[str, float] = field(default_factory=dict)   # held-out rise when a feature is shuffled
+    importance_metric: str = "held-out cross-entropy rise when shuffled"
 
 
 def fit(x: np.ndarray, y: np.ndarray, val: np.ndarray, *, budget: float, hidden: int = 16, seed: int = 0,
@@ -277,6 +339,78 @@ def fit(x: np.ndarray, y: np.ndarray, val: np.ndarray, *, budget: float, hidden:
     return best_params, mean, std, ep
 
 
+def fit_damage(x: np.ndarray, t: np.ndarray, val: np.ndarray, *, hidden: int = 16, seed: int = 0, epochs: int = 60,
+               batch: int = 1024, lr: float = 3e-3, patience: int = 8,
+               on_epoch: Callable[[int, int, float], None] | None = None):
+    """Adam on the mean squared error of the MLP's outputs against the damage `t` [n, k] of each row
+    at each quantized precision; returns (params, mean, std, epochs run). The outputs estimate the
+    expected damage given the features, which is what the decision rule needs."""
+    rng = np.random.default_rng(seed)
+    tr = ~val
+    mean = x[tr].mean(0)
+    std = x[tr].std(0)
+    std = np.where(std > 1e-8, std, 1.0)
+    z = ((x - mean) / std).astype(np.float64)
+    nf, no = x.shape[1], t.shape[1]
+    params = [rng.normal(0, math.sqrt(2 / nf), (hidden, nf)), np.zeros(hidden),
+              rng.normal(0, math.sqrt(1 / hidden), (no, hidden)), t[tr].mean(0)]
+    m = [np.zeros_like(p) for p in params]
+    v = [np.zeros_like(p) for p in params]
+    zt, tt, zv, tv = z[tr], t[tr], z[val], t[val]
+
+    def mse(P, zz, tt_):
+        return float(((_forward(P, zz)[2] - tt_) ** 2).mean())
+
+    best, best_params, bad, step, ep = math.inf, [p.copy() for p in params], 0, 0, 0
+    for ep in range(1, epochs + 1):
+        order = rng.permutation(len(zt))
+        for s in range(0, len(order), batch):
+            idx = order[s:s + batch]
+            pre, h, out = _forward(params, zt[idx])
+            g = 2 * (out - tt[idx]) / (len(idx) * no)
+            dh = g @ params[2]
+            dh[pre <= 0] = 0
+            grads = [dh.T @ zt[idx], dh.sum(0), g.T @ h, g.sum(0)]
+            step += 1
+            for i, gr in enumerate(grads):
+                m[i] = 0.9 * m[i] + 0.1 * gr
+                v[i] = 0.999 * v[i] + 0.001 * gr * gr
+                params[i] -= lr * (m[i] / (1 - 0.9 ** step)) / (np.sqrt(v[i] / (1 - 0.999 ** step)) + 1e-8)
+        val_loss = mse(params, zv, tv)
+        if on_epoch:
+            on_epoch(ep, epochs, val_loss)
+        if val_loss < best * (1 - 1e-4):
+            best, best_params, bad = val_loss, [p.copy() for p in params], 0
+        else:
+            bad += 1
+            if bad >= patience:
+                break
+    return best_params, mean, std, ep
+
+
+def _price_for(pred: np.ndarray, budget: float) -> float:
+    """lambda such that argmin(pred_damage + lambda * bits) averages `budget` bits (pred [n, 4], f16 last)."""
+    lo, hi = 1e-12, 1e6
+    for _ in range(100):
+        lam = math.sqrt(lo * hi)
+        if EFF_BITS[np.argmin(pred + lam * EFF_BITS, 1)].mean() > budget:
+            lo = lam
+        else:
+            hi = lam
+    return hi
+
+
+def damage_logits(params, lam: float):
+    """The runtime's MLP head for a damage regressor: logit_p = -(damage_p / lam + bits_p), f16 damage 0.
+
+    The C decision, argmax of logit - price * bits, is then argmin of damage + lam * (1 + price) * bits:
+    price 0 is the training budget, and --kv-bits moves the price relative to lam."""
+    w1, b1, w2, b2 = params
+    w2c = np.concatenate([-w2 / lam, np.zeros((1, w2.shape[1]))])
+    b2c = np.concatenate([-b2 / lam, [0.0]]) - EFF_BITS
+    return [w1, b1, w2c, b2c]
+
+
 def _static_damage(damage: np.ndarray, bits: float) -> float:
     """Mean damage of the best two-level static mix (a fraction of rows at each of two adjacent pools) at `bits`."""
     means = damage.mean(0)
@@ -285,10 +419,17 @@ def _static_damage(damage: np.ndarray, bits: float) -> float:
     return float((1 - t) * means[i] + t * means[i + 1])
 
 
+OBJECTIVES = ("damage", "labels")
+
+
 def train(c: Collected, *, budget: float, per_layer: bool, hidden: int = 16, seed: int = 0, epochs: int = 60,
-          val_chunks: int = 2, features: list[str] | None = None,
+          val_chunks: int = 2, features: list[str] | None = None, objective: str = "labels",
           on_epoch: Callable[[int, int, float], None] | None = None) -> tuple[ControllerSpec, FitReport]:
-    """Labels at `budget` bits per decided row, then the MLP; returns the controller and a report."""
+    """The MLP and a report. objective "labels": cross-entropy to the oracle's labels at `budget` bits
+    per decided row; "damage": regression of each row's damage per precision, with the price per
+    bit that puts the training rows at `budget` folded into the output layer."""
+    if objective not in OBJECTIVES:
+        raise BadOption(f"--objective must be one of {', '.join(OBJECTIVES)}, got {objective}")
     data = c if per_layer else per_token(c)
     names = features or [n for n in data.names if n in KNOWN_FEATURES and n not in NOT_TRANSFERABLE
                          and (per_layer or n != "layer_frac")]
@@ -299,12 +440,21 @@ def train(c: Collected, *, budget: float, per_layer: bool, hidden: int = 16, see
     if len(chunks) <= val_chunks:
         raise BadOption(f"need more than {val_chunks} calibration chunks (got {len(chunks)}): raise --chunks")
     val = np.isin(data.chunk, chunks[-val_chunks:])
-    params, mean, std, ep = fit(x, y, val, budget=budget, hidden=hidden, seed=seed, epochs=epochs, on_epoch=on_epoch)
+    if objective == "damage":
+        scale = float(data.damage[~val, 0].mean()) or 1.0
+        reg, mean, std, ep = fit_damage(x, data.damage[:, :3] / scale, val, hidden=hidden, seed=seed, epochs=epochs,
+                                        on_epoch=on_epoch)
+        pred = _forward(reg, (x[~val] - mean) / std)[2]
+        lam = _price_for(np.concatenate([pred, np.zeros((len(pred), 1))], 1), budget)
+        params = damage_logits(reg, lam)
+    else:
+        params, mean, std, ep = fit(x, y, val, budget=budget, hidden=hidden, seed=seed, epochs=epochs,
+                                    on_epoch=on_epoch)
     w1, b1, w2, b2 = params
     spec = ControllerSpec(features=names, precisions=list(PRECISIONS), w1=w1.tolist(), b1=b1.tolist(),
                           w2=w2.tolist(), b2=b2.tolist(), feature_mean=mean.tolist(), feature_std=std.tolist(),
                           budget_bits=float(budget), granularity="token_layer" if per_layer else "token",
-                          extra={"seed": seed}).validate()
+                          extra={"seed": seed, "objective": objective}).validate()
     zv = (x[val] - mean) / std
     logits = _forward(params, zv)[2]
     pred = logits.argmax(1)
@@ -313,33 +463,88 @@ def train(c: Collected, *, budget: float, per_layer: bool, hidden: int = 16, see
     ce = float(-lp[np.arange(len(pred)), y[val]].mean())
     importance = {}
     rng = np.random.default_rng(seed)
+    dv = data.damage[val]
+    rows = np.arange(len(pred))
     for j, n in enumerate(names):
         zs = zv.copy()
         zs[:, j] = zs[rng.permutation(len(zs)), j]
         lps = _forward(params, zs)[2]
+        if objective == "damage":   # relative rise of the decisions' damage (the logits are not probabilities)
+            importance[n] = float(dv[rows, lps.argmax(1)].mean() / max(dv[rows, pred].mean(), 1e-30) - 1)
+            continue
         lps = lps - lps.max(1, keepdims=True)
         lps = lps - np.log(np.exp(lps).sum(1, keepdims=True))
-        importance[n] = float(-lps[np.arange(len(pred)), y[val]].mean() - ce)
-    dv = data.damage[val]
+        importance[n] = float(-lps[rows, y[val]].mean() - ce)
     pred_bits = float(EFF_BITS[pred].mean())
     report = FitReport(
         n_train=int((~val).sum()), n_val=int(val.sum()), epochs=ep, val_ce=ce,
         val_acc=float((pred == y[val]).mean()), val_bits=pred_bits, label_bits=float(EFF_BITS[y[val]].mean()),
         val_damage=float(dv[np.arange(len(pred)), pred].mean()),
         oracle_damage=float(dv[np.arange(len(pred)), y[val]].mean()),
-        static_damage=_static_damage(dv, pred_bits), importance=importance)
+        oracle_damage_same_bits=float(dv[rows, allocate(dv, pred_bits)].mean()),
+        static_damage=_static_damage(dv, pred_bits), importance=importance,
+        importance_metric="held-out damage rise when shuffled, relative" if objective == "damage"
+        else "held-out cross-entropy rise when shuffled")
     return spec, report
 
 
+REGIMES = ("both", "decode", "prompt")
+PROMPT_HELD_OUT = 0.1   # share of the prompts held out for early stopping (decode: the last 2 chunks)
+
+
+def merge_regimes(dec: Collected, pro: Collected, val_dec: int, val_pro: int) -> tuple[Collected, int]:
+    """Both regimes as one training set, and its number of held-out chunks (the last ones).
+
+    A prompt row's damage is ~15x a decode row's (its queries sit right after it), so the prompt
+    rows' damage is rescaled to the decode rows' mean 2-bit damage: otherwise the regression would
+    fit the prompt rows only. Chunk ids are renumbered with both regimes' held-out chunks last."""
+    ud, up = np.unique(dec.chunk), np.unique(pro.chunk)
+    tr_d, tr_p = ~np.isin(dec.chunk, ud[-val_dec:]), ~np.isin(pro.chunk, up[-val_pro:])
+    scale = float(dec.damage[tr_d, 0].mean() / max(pro.damage[tr_p, 0].mean(), 1e-30))
+    order = list(ud[:-val_dec]) + [("p", c) for c in up[:-val_pro]] + list(ud[-val_dec:]) + [("p", c) for c in up[-val_pro:]]
+    ids = {k if isinstance(k, tuple) else ("d", k): i for i, k in enumerate(order)}
+    chunk = np.concatenate([[ids[("d", c)] for c in dec.chunk], [ids[("p", c)] for c in pro.chunk]]).astype(np.int32)
+    merged = Collected(np.concatenate([dec.features, pro.features]), np.concatenate([dec.damage, pro.damage * scale]),
+                       np.concatenate([dec.layer, pro.layer]), np.concatenate([dec.pos, pro.pos]), chunk,
+                       dec.names, dec.n_layer)
+    return merged, val_dec + val_pro
+
+
+def calibration_data(model: str | Path, text: str, *, regime: str, cache: Path | None, n_chunks: int, n_prompts: int,
+                     chunk_len: int, window: int, n_threads: int | None = None,
+                     on_chunk: Callable[[int, int], None] | None = None) -> tuple[Collected, int]:
+    """The training rows of a regime (decode, prompt or both) and how many chunks are held out.
+
+    With --regime both the cache is two files next to `cache`: NAME.decode.npz and NAME.prompt.npz."""
+    if regime not in REGIMES:
+        raise BadOption(f"--regime must be one of {', '.join(REGIMES)}, got {regime}")
+    parts = ("decode", "prompt") if regime == "both" else (regime,)
+    held = {"decode": 2, "prompt": max(2, int(n_prompts * PROMPT_HELD_OUT))}
+    got = {}
+    for r in parts:
+        where = cache.with_name(f"{cache.stem}.{r}.npz") if cache is not None and regime == "both" else cache
+        got[r] = collect_cached(model, text, cache=where, n_chunks=n_chunks if r == "decode" else n_prompts,
+                                chunk_len=chunk_len, window=window, regime=r, n_threads=n_threads, on_chunk=on_chunk)
+    if regime == "both":
+        return merge_regimes(got["decode"], got["prompt"], held["decode"], held["prompt"])
+    return got[regime], held[regime]
+
+
 def collect_cached(model: str | Path, text: str, *, cache: Path | None, n_chunks: int, chunk_len: int,
-                   window: int, n_threads: int | None = None,
+                   window: int, regime: str = "decode", n_threads: int | None = None,
                    on_chunk: Callable[[int, int], None] | None = None) -> Collected:
-    """collect() over the calibration text, read from / written to an NPZ cache when given."""
+    """collect() (regime decode) or collect_prompts() (regime prompt) over the calibration text,
+    read from / written to an NPZ cache when given."""
+    if regime not in ("decode", "prompt"):
+        raise BadOption(f"cannot collect regime {regime}")
     meta = {"model": Path(model).name, "n_chunks": n_chunks, "chunk_len": chunk_len, "window": window}
+    if regime == "prompt":
+        meta = {"model": Path(model).name, "n_chunks": n_chunks, "regime": regime,
+                "prompts": f"{PROMPT_MIN}-{PROMPT_MAX}+{PROMPT_CONT}"}
     if cache is not None and cache.is_file():
         try:
             z = np.load(cache, allow_pickle=False)
-            saved = {k: z["meta_" + k].item() for k in meta}
+            saved = {k[5:]: z[k].item() for k in z.files if k.startswith("meta_")}
         except (OSError, ValueError, KeyError) as e:
             raise BadOption(f"--cache {cache}: not a kvq train cache ({e})") from None
         if saved != meta:
@@ -348,9 +553,14 @@ def collect_cached(model: str | Path, text: str, *, cache: Path | None, n_chunks
             on_chunk(n_chunks, n_chunks)
         return Collected(z["features"], z["damage"], z["layer"], z["pos"], z["chunk"],
                          [str(n) for n in z["names"]], int(z["n_layer"]))
-    with Engine(model, kv=KvPolicy("f16", kvq="static"), n_ctx=chunk_len) as tok:
-        chunks = calibration_chunks(tok, text, chunk_len, n_chunks)
-    c = collect(model, chunks, window=window, n_threads=n_threads, on_chunk=on_chunk)
+    if regime == "prompt":
+        with Engine(model, kv=KvPolicy("f16", kvq="static"), n_ctx=PROMPT_MAX + PROMPT_CONT) as tok:
+            pairs = prompt_chunks(tok, text, n_chunks)
+        c = collect_prompts(model, pairs, n_threads=n_threads, on_chunk=on_chunk)
+    else:
+        with Engine(model, kv=KvPolicy("f16", kvq="static"), n_ctx=chunk_len) as tok:
+            chunks = calibration_chunks(tok, text, chunk_len, n_chunks)
+        c = collect(model, chunks, window=window, n_threads=n_threads, on_chunk=on_chunk)
     if cache is not None:
         from kvq_cli.gguf_write import atomic_output
 

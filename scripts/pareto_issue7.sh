@@ -24,8 +24,15 @@ fi
 # 2. every family side by side: 8 chunks of 2048 tokens, second halves scored (8,192 tokens)
 common=(--data "$data" --task wikitext2 --tokens 16384 --ppl-ctx 2048 --ref stock-f16)
 resume() { [ -f "$1" ] && echo --resume || true; }
-step 2 && $kvq eval "${common[@]}" --json results/pareto_wikitext2.json $(resume results/pareto_wikitext2.json) \
-  --kv stock-f16,stock-q8_0,stock-q4_0,f16,q8,q4,q2,rule@3,rule@3.5,rule@4,rule@5,adaptive@3,adaptive@3.5,adaptive@4,adaptive@4.5,adaptive@5,adaptive@6,oracle@3,oracle@3.5,oracle@4
+# Steps 2 and 4 first re-key the records of the policies that do not read the controller (static,
+# stock, rule, oracle) to the GGUF copy of the current controller (seed_records.py), so only the
+# adaptive rows run again after the controller changes (WIKI_ADAPTIVE: the budgets of step 2).
+if step 2; then
+  [ -f results/pareto_wikitext2.json ] && .venv/bin/python scripts/seed_records.py results/pareto_wikitext2.json results/pareto_wikitext2.json wikitext2
+  adaptive=$(for b in ${WIKI_ADAPTIVE:-3 3.5 4 4.5 5 6}; do printf ',adaptive@%s' "$b"; done)
+  $kvq eval "${common[@]}" --json results/pareto_wikitext2.json $(resume results/pareto_wikitext2.json) \
+    --kv stock-f16,stock-q8_0,stock-q4_0,f16,q8,q4,q2,rule@3,rule@3.5,rule@4,rule@5$adaptive,oracle@3,oracle@3.5,oracle@4
+fi
 # 3. per-token decisions (same chunks, same reference)
 if step 3; then
   [ -f "$KVQ_HOME/per-token.gguf" ] || $kvq embed "$(.venv/bin/python -c 'from kvq_cli.models import embedded_path; print(embedded_path())')" \
@@ -36,17 +43,16 @@ fi
 if step 2 || step 3; then
   .venv/bin/python scripts/plot_pareto.py results/pareto_wikitext2.json results/pareto_per_token.json results/pareto_wikitext2.png
 fi
-# 4. multiple-choice accuracy of the adaptive and rule policies on the items of issue 6. Items are
-# short (tens of tokens), so W = 0: every context row is decided when the context has been
-# prefilled, from the attention it received there (with W = 32 most rows of an item would stay f16).
+# 4. multiple-choice accuracy of the adaptive policy on the items of issue 6. Items are short
+# (tens of tokens), so W = 0: every context row is decided when the context has been prefilled,
+# from the attention it received there (with W = 32 most rows of an item would stay f16).
 # The static rows (the paired reference) are those of results/eval_statics.json, copied in by
-# seed_mc_records.py (their scoring is deterministic, so they are not run again). One policy at a
-# time, all four tasks each, so a stopped run leaves whole policies; a rerun resumes the file.
+# seed_records.py (their scoring is deterministic, so they are not run again); the adaptive
+# budgets (MC_POLICIES) run side by side in one call, with KL vs f16 on every choice token.
 if step 4; then
-  .venv/bin/python scripts/seed_mc_records.py results/eval_statics.json results/pareto_mc.json
-  for kv in ${MC_POLICIES:-adaptive@3 adaptive@5}; do   # more: MC_POLICIES="adaptive@4 rule@3"
-    $kvq eval --task openbookqa,arc-challenge,arc-easy,hellaswag --limit hellaswag=2000 --data "$data" \
-      --kv-window 0 --ref f16 --json results/pareto_mc.json --resume --kv stock-f16,f16,q8,q4,q2,$kv
-  done
+  .venv/bin/python scripts/seed_records.py results/eval_statics.json results/pareto_mc.json mc
+  mc=$(for kv in ${MC_POLICIES:-adaptive@3 adaptive@4 adaptive@5}; do printf ',%s' "$kv"; done)
+  $kvq eval --task openbookqa,arc-challenge,arc-easy,hellaswag --limit hellaswag=2000 --data "$data" \
+    --kv-window 0 --ref f16 --json results/pareto_mc.json --resume --kv stock-f16,f16,q8,q4,q2$mc
   .venv/bin/python scripts/plot_pareto_mc.py results/pareto_mc.json results/pareto_mc.png | tee results/pareto_mc.md
 fi

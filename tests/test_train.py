@@ -10,8 +10,8 @@ from kvq_cli.cli import app
 from kvq_cli.controller import load_controller
 from kvq_cli.runtime.engine import Engine
 from kvq_cli.runtime.kv import KvqOptions, parse_kv
-from kvq_cli.train import (EFF_BITS, ORACLE, allocate, calibration_chunks, collect, layer_damage,
-                           oracle_assignment, train)
+from kvq_cli.train import (EFF_BITS, ORACLE, allocate, calibration_chunks, collect, collect_prompts, layer_damage,
+                           oracle_assignment, prompt_chunks, train)
 
 from .conftest import SHARED_DATA
 from .test_errors import assert_one_line_error
@@ -86,15 +86,65 @@ def test_oracle_collects_features_and_damage(collected):
     assert d[:, 0].mean() > 4 * d[:, 1].mean() > 16 * d[:, 2].mean()
 
 
-@pytest.mark.parametrize("per_layer", [True, False])
-def test_trained_controller_round_trips_and_decides_like_c(collected, model_path, tmp_path, per_layer, runner):
-    spec, report = train(collected, budget=3.5, per_layer=per_layer, hidden=8, epochs=15, val_chunks=1)
-    assert report.n_val > 0 and 0 < report.val_acc <= 1
+def test_prompt_regime_decides_after_the_prefill_and_scores_with_the_continuation(model_path):
+    with Engine(model_path, kv=parse_kv("f16"), n_ctx=256) as e:
+        pairs = prompt_chunks(e, CALIB.read_text(encoding="utf-8"), 5, min_ctx=20, max_ctx=40, cont_len=8)
+    assert len(pairs) == 5 and all(20 <= len(a) <= 40 and len(b) == 8 for a, b in pairs)
+    c = collect_prompts(model_path, pairs)
+    # every prompt row of every layer is decided (W = 0), none of the continuation's
+    for ci, (ctx, _) in enumerate(pairs):
+        got = c.chunk == ci
+        assert got.sum() == len(ctx) * c.n_layer and c.pos[got].max() == len(ctx) - 1
+    assert np.isfinite(c.features).all() and (c.damage[:, :3] > 0).all() and (c.damage[:, 3] == 0).all()
+    assert c.damage[:, 0].mean() > 4 * c.damage[:, 1].mean() > 16 * c.damage[:, 2].mean()
+    # the damage counts the continuation's queries only: the same as layer_damage restricted by hand
+    ctx, cont = pairs[0]
+    with Engine(model_path, kv=ORACLE, n_ctx=64, n_ubatch=64, kvq=KvqOptions(window=0, per_layer=True, record_q=True)) as e:
+        e.decode(ctx + cont, 0)
+        q, qpos = e.queries(3)
+        k, v, kpos, _ = e.read_layer(3)
+        from kvq_cli.train import _roundtrip_deltas
+
+        d, n_later = layer_damage(q, qpos, k, v, kpos, _roundtrip_deltas(e, k), _roundtrip_deltas(e, v), 0,
+                                  q_stride=1, q_from=len(ctx))
+    assert (n_later[:len(ctx)] == len(cont)).all()
+    mine = (c.chunk == 0) & (c.layer == 3)
+    np.testing.assert_allclose(c.damage[mine, :3], d[c.pos[mine]], rtol=1e-3)
+
+
+def test_merge_regimes_balances_damage_and_holds_out_both():
+    from kvq_cli.train import Collected, merge_regimes
+
+    def fake(n_chunks, scale, seed):
+        rng = np.random.default_rng(seed)
+        ch = np.repeat(np.arange(n_chunks), 10)
+        d = rng.lognormal(size=(len(ch), 1)) * scale * np.array([[1, 1 / 16, 1 / 256, 0]])
+        return Collected(rng.normal(size=(len(ch), 3)), d, np.zeros(len(ch), np.int32), np.tile(np.arange(10), n_chunks),
+                         ch.astype(np.int32), ["a", "b", "c"], 1)
+    dec, pro = fake(5, 1.0, 0), fake(20, 15.0, 1)
+    m, k = merge_regimes(dec, pro, 2, 4)
+    assert k == 6 and len(m.chunk) == 250
+    held = np.isin(m.chunk, np.unique(m.chunk)[-k:])
+    # the held-out chunks are the decode's last 2 and the prompts' last 4
+    assert held[:50].sum() == 20 and held[50:].sum() == 40 and held[30:50].all() and held[-40:].all()
+    tr = ~held
+    assert m.damage[:50][tr[:50], 0].mean() == pytest.approx(m.damage[50:][tr[50:], 0].mean())
+    np.testing.assert_array_equal(m.damage[:50], dec.damage)
+
+
+@pytest.mark.parametrize("per_layer,objective", [(True, "labels"), (False, "labels"), (True, "damage"), (False, "damage")])
+def test_trained_controller_round_trips_and_decides_like_c(collected, model_path, tmp_path, per_layer, objective, runner):
+    kw = dict(budget=3.5, per_layer=per_layer, hidden=8, epochs=15, val_chunks=1, objective=objective)
+    spec, report = train(collected, **kw)
+    assert report.n_val > 0 and 0 < report.val_acc <= 1 and spec.extra["objective"] == objective
     assert abs(report.label_bits - 3.5) < 0.3 and 2.5 <= report.val_bits <= 16
+    assert report.oracle_damage_same_bits <= report.val_damage
+    if objective == "damage":   # price 0 is the training budget (on the training rows; held out: near it)
+        assert abs(report.val_bits - 3.5) < 0.6
     if per_layer:  # (the per-token rows of 4 short chunks are too few to learn from)
         # the learned allocation beats spending the same bits uniformly on held-out rows
         assert report.val_damage < report.static_damage
-    again, _ = train(collected, budget=3.5, per_layer=per_layer, hidden=8, epochs=15, val_chunks=1)
+    again, _ = train(collected, **kw)
     assert again.w1 == spec.w1 and again.b2 == spec.b2   # deterministic for a seed
     ctrl = tmp_path / "ctrl.json"
     ctrl.write_text(json.dumps(spec.to_json()))
@@ -149,7 +199,7 @@ def test_oracle_assignment_meets_the_budget(model_path):
 
 def test_train_cli_end_to_end_and_errors(runner, tmp_path, model_path):
     out, cache = tmp_path / "c.json", tmp_path / "cache.npz"
-    args = ["train", "--calib", str(CALIB), "--chunks", "3", "--chunk-len", "192", "--window", "8",
+    args = ["train", "--calib", str(CALIB), "--regime", "decode", "--chunks", "3", "--chunk-len", "192", "--window", "8",
             "--epochs", "3", "--hidden", "4", "--out", str(out), "--cache", str(cache)]
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
@@ -165,5 +215,20 @@ def test_train_cli_end_to_end_and_errors(runner, tmp_path, model_path):
     r = runner.invoke(app, args[:-4] + ["--out", str(tmp_path / "e.json"), "--cache", str(cache), "--window", "4"])
     assert_one_line_error(r, "was collected with")
     assert not (tmp_path / "x.json").exists() and not (tmp_path / "e.json").exists()
+    r = runner.invoke(app, ["train", "--calib", str(CALIB), "--regime", "prompt", "--prompts", "20", "--epochs", "2",
+                            "--hidden", "4", "--objective", "labels", "--out", str(tmp_path / "p.json")])
+    assert r.exit_code == 0, r.output
+    p = load_controller(tmp_path / "p.json")
+    assert p.extra["regime"] == "prompt" and p.extra["objective"] == "labels" and "window" not in p.extra
+    both = tmp_path / "both.npz"
+    r = runner.invoke(app, [*args[:-4], "--regime", "both", "--prompts", "20", "--out", str(tmp_path / "b.json"),
+                            "--cache", str(both)])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "both.decode.npz").is_file() and (tmp_path / "both.prompt.npz").is_file()
+    b = load_controller(tmp_path / "b.json")
+    assert b.extra["regime"] == "both" and b.extra["prompts"] == 20 and b.extra["objective"] == "damage"
+    for bad, needle in ((["--regime", "chat"], "--regime must be one of"), (["--objective", "mse"], "--objective must be one of")):
+        r = runner.invoke(app, ["train", "--calib", str(CALIB), *bad, "--out", str(tmp_path / "x.json")])
+        assert_one_line_error(r, needle)
     r = runner.invoke(app, ["chat", "--kv", "oracle@3", "-p", "hi"])
     assert_one_line_error(r, "kvq eval --task wikitext2")

@@ -1,0 +1,53 @@
+"""Seed a `kvq eval --json` file with the complete records of the controller-independent policies.
+
+    python scripts/seed_records.py SRC.json DST.json {mc,wikitext2}
+
+A run that includes `adaptive` evaluates the GGUF copy with the shipped controller embedded,
+whose file name (with the controller's hash) is part of each record's resume key. The static,
+stock, rule and oracle policies do not read the controller, so their records in SRC (the same
+weights, run without adaptive or with an earlier controller) would not be found by --resume and
+would be scored again. This copies SRC's complete records of every policy but `adaptive*`, of the
+multiple-choice tasks or of wikitext-2, into DST under the current copy's name. DST keeps its
+own records of that copy; records of other copies (an earlier controller) are dropped. SRC may
+be DST. Scoring is deterministic: re-running the static policies against the copy gave the same
+per-item results on every item compared.
+"""
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from kvq_cli.models import gguf_for, resolve  # noqa: E402
+from kvq_cli.runtime.kv import parse_kv  # noqa: E402
+from kvq_cli.tasks import MC_TASKS  # noqa: E402
+
+GROUPS = {"mc": set(MC_TASKS), "wikitext2": {"wikitext2"}}
+
+
+def key(r: dict) -> tuple:
+    return (r["task"], r["kv"], r["split"], r["ctx"], r["kv_bits"], r["kv_window"])
+
+
+def main(src: str, dst: str, group: str) -> None:
+    name = gguf_for(resolve(None), [parse_kv("adaptive")]).name
+    tasks = GROUPS[group]
+    seeds = [dict(r, model=name) for r in json.load(open(src))
+             if r["task"] in tasks and r.get("complete") and not r["kv"].startswith("adaptive")]
+    seeded = {key(r) for r in seeds}
+    old = json.load(open(dst)) if os.path.exists(dst) else []
+    kept = [r for r in old if r["model"] == name and key(r) not in seeded]
+    dropped = sum(1 for r in old if r["model"] != name and key(r) not in seeded)
+    tmp = dst + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(json.dumps(seeds + kept, indent=1) + "\n")
+    os.replace(tmp, dst)
+    print(f"seeded {len(seeds)} records of {src} into {dst} as {name} "
+          f"({len(kept)} kept, {dropped} of another copy dropped)")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 4 or not os.path.isfile(sys.argv[1]) or sys.argv[3] not in GROUPS:
+        sys.exit("usage: seed_records.py SRC.json DST.json {mc,wikitext2} (SRC must exist)")
+    main(*sys.argv[1:])
