@@ -6,7 +6,8 @@ Draws acc_norm vs bits/element for each task and for the four-task average, and 
 markdown table: per task acc_norm (complete tasks only), the average over the tasks the
 policy has complete, and the paired difference of that average vs the reference policy on
 the same tasks, with a bootstrap 95% interval (items resampled within each task, tasks
-weighted equally). A policy missing a task is marked with the number of tasks averaged.
+weighted equally), and the mean over those tasks of the KL vs the reference on every choice
+token where the records have it. A policy missing a task is marked with the number of tasks averaged.
 """
 import json
 import sys
@@ -58,8 +59,8 @@ def main(src: str, dst: str, ref: str = "f16") -> None:
         return float(np.mean(b))
 
     rows = sorted(by_kv.items(), key=lambda kv: (-bits(kv[1]), kv[0]))
-    print("| KV cache | bits/elem | " + " | ".join(TASKS) + " | average | average − " + ref + " [95% CI] |")
-    print("|---|---|" + "---|" * len(TASKS) + "---|---|")
+    print("| KV cache | bits/elem | " + " | ".join(TASKS) + " | average | average − " + ref + " [95% CI] | KL vs " + ref + " |")
+    print("|---|---|" + "---|" * len(TASKS) + "---|---|---|")
     for kv, recs in rows:
         accs = [f"{100 * recs[t]['acc_norm']:.1f}" if t in recs else "-" for t in TASKS]
         avg = f"{100 * np.mean([r['acc_norm'] for r in recs.values()]):.1f}"
@@ -70,7 +71,9 @@ def main(src: str, dst: str, ref: str = "f16") -> None:
         else:
             p, lo, hi = average_diff(recs, by_kv[ref])
             d = f"{100 * p:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
-        print(f"| {kv} | {bits(recs):.2f} | " + " | ".join(accs) + f" | {avg} | {d} |")
+        kls = [r.get("kl") for r in recs.values()]
+        kl = "-" if kv == ref or any(k is None for k in kls) else f"{np.mean(kls):.4f}"
+        print(f"| {kv} | {bits(recs):.2f} | " + " | ".join(accs) + f" | {avg} | {d} | {kl} |")
 
     import matplotlib
 
