@@ -508,6 +508,7 @@ def eval_cmd(
     ppl_ctx: Annotated[int, typer.Option("--ppl-ctx", help="wikitext2: chunk length; the second half of each chunk is scored.")] = 512,
     ctx: Annotated[int, typer.Option("--ctx", help="Context of the multiple-choice runs (longer items are left-truncated).")] = 1024,
     ref: Annotated[str, typer.Option("--ref", help="Policy that paired differences and KL compare against ('none' to skip).")] = "f16",
+    mc_kl: Annotated[bool, typer.Option("--mc-kl/--no-mc-kl", help="Multiple choice: KL vs --ref on every choice token (re-scores the reference for items it has from an earlier run).")] = True,
     json_path: Annotated[Optional[str], typer.Option("--json", help="Write the records (a JSON list, resumable) to this file; rewritten at checkpoints.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the records in --json (items already scored are kept).")] = False,
     threads: ThreadsOpt = None,
@@ -557,7 +558,7 @@ def eval_cmd(
     resolved = resolve(model)
     cfg = EvalConfig(model=gguf_for(resolved, policies), policies=tuple(policies), tasks=tuple(tasks), data=Path(data),
                      split=split, limit=limits, n_ctx=ctx, ppl_ctx=ppl_ctx, ppl_tokens=tokens, kvq=opts,
-                     ref=ref_name, n_threads=threads, seed=seed)
+                     ref=ref_name, mc_kl=mc_kl, n_threads=threads, seed=seed)
     run = EvalRun(cfg, previous)
 
     def write(records) -> None:

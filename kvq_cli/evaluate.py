@@ -331,6 +331,7 @@ class EvalConfig:
     ppl_window_ubatch: int = 32
     kvq: KvqOptions = field(default_factory=KvqOptions)
     ref: str | None = "f16"
+    mc_kl: bool = True                # multiple choice: KL vs ref per item (re-scores ref where it was resumed)
     n_threads: int | None = None
     seed: int = 0
     checkpoint_every: int = 50
@@ -448,7 +449,7 @@ class EvalRun:
             kl = st.get("kl")
             if kl is not None:
                 kl = kl[:len(items)]
-            ok = ref is not None and j != ref and st.get("kl_ref") in (None, names[ref]) and r.n == len(kl or [])
+            ok = self.cfg.mc_kl and ref is not None and j != ref and st.get("kl_ref") in (None, names[ref]) and r.n == len(kl or [])
             st["kl"] = kl if ok and kl is not None else ([] if ok else None)
             st["kl_ref"] = names[ref] if ok else None
         start = min(r.n for r in recs)

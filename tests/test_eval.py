@@ -163,7 +163,7 @@ def test_resume_continues_and_matches_a_fresh_run(model_path, tmp_path):
     assert resumed[1].kl == pytest.approx(fresh[1].kl, rel=1e-5) and resumed[0].kl is None
 
 
-def test_mc_kl_when_the_reference_was_scored_earlier(model_path):
+def test_mc_kl_when_the_reference_was_scored_earlier(model_path, monkeypatch):
     """A policy added to a file whose reference is complete: the reference's logits are computed again."""
     base = dict(model=model_path, tasks=("openbookqa",), data=SHARED_DATA, ref="f16", limit=5)
     both = EvalRun(EvalConfig(**base, policies=tuple(parse_kv_list("f16,q2")))).run()
@@ -177,6 +177,18 @@ def test_mc_kl_when_the_reference_was_scored_earlier(model_path):
     del old[1]["state"]["kl"]
     again = EvalRun(EvalConfig(**{**base, "limit": 6}, policies=tuple(parse_kv_list("f16,q2"))), previous=old).run()
     assert again[1].n == 6 and again[1].state["kl"] is None and again[1].kl is None
+    # --no-mc-kl: the reference is not scored again for items it has, and no KL is reported
+    import kvq_cli.evaluate as ev
+
+    calls = []
+    score = ev.Scorer.score_item_lps
+    monkeypatch.setattr(ev.Scorer, "score_item_lps", lambda self, item: calls.append(1) or score(self, item))
+    for mc_kl, n_calls in ((False, 5), (True, 10)):
+        calls.clear()
+        saved = json.loads(json.dumps([r.__dict__ for r in only_ref]))
+        res = EvalRun(EvalConfig(**base, policies=tuple(parse_kv_list("f16,q2")), mc_kl=mc_kl), previous=saved).run()
+        assert len(calls) == n_calls and res[1].state["correct"] == both[1].state["correct"]
+        assert (res[1].kl is None) == (not mc_kl)
 
 
 @pytest.mark.parametrize("args,needle", [
