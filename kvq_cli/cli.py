@@ -399,7 +399,7 @@ def _ci(x, ci, pct: bool = True) -> str:
 def train_cmd(
     model: ModelArg = None,
     calib: Annotated[str, typer.Option("--calib", help="Calibration text file (e.g. DATA/calib/boolq_passages.txt); never the evaluation sets.")] = ...,
-    budget: Annotated[float, typer.Option("--budget", help="Bits per decided row the oracle labels average (2.5 to 16); at run time --kv-bits moves the controller to other budgets.")] = 3.5,
+    budget: Annotated[float, typer.Option("--budget", help="Bits per decided row at price 0, the controller's choice without --kv-bits (2.5 to 16; with --objective labels, the labels' average); at run time --kv-bits moves it to other budgets.")] = 3.5,
     out: Annotated[str, typer.Option("--out", "-o", help="Controller JSON to write (atomically).")] = ...,
     objective: Annotated[str, typer.Option("--objective", help="damage: regress each row's damage per precision and decide by damage + price * bits; labels: classify the oracle's labels at --budget.")] = "damage",
     granularity: Annotated[str, typer.Option("--granularity", help="token: one decision per token for all layers; token_layer: one per token and layer.")] = "token_layer",
