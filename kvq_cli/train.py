@@ -495,7 +495,7 @@ PROMPT_HELD_OUT = 0.1   # share of the prompts held out for early stopping (deco
 def merge_regimes(dec: Collected, pro: Collected, val_dec: int, val_pro: int) -> tuple[Collected, int]:
     """Both regimes as one training set, and its number of held-out chunks (the last ones).
 
-    A prompt row's damage is ~15x a decode row's (its queries sit right after it), so the prompt
+    A prompt row's damage is an order of magnitude above a decode row's (its queries sit right after it), so the prompt
     rows' damage is rescaled to the decode rows' mean 2-bit damage: otherwise the regression would
     fit the prompt rows only. Chunk ids are renumbered with both regimes' held-out chunks last."""
     ud, up = np.unique(dec.chunk), np.unique(pro.chunk)
