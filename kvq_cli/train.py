@@ -126,36 +126,51 @@ def layer_damage(q: np.ndarray, qpos: np.ndarray, k: np.ndarray, v: np.ndarray, 
 def collect(model: str | Path, chunks: list[list[int]], *, window: int = 32, n_ubatch: int = 32,
             n_threads: int | None = None, on_chunk: Callable[[int, int], None] | None = None) -> Collected:
     """Run the oracle over each chunk and measure features and damage of every decided (token, layer) row."""
-    feats, dmgs, layers, poss, chunk_ids = [], [], [], [], []
-    names: list[str] = []
-    n_layer = 0
+    rows = _Rows()
     n_ctx = max(len(c) for c in chunks)
     opts = KvqOptions(window=window, trace=True, per_layer=True, record_q=True)
     with Engine(model, kv=ORACLE, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ubatch, n_threads=n_threads, kvq=opts) as e:
-        n_layer = e.dims.n_layer
         for ci, chunk in enumerate(chunks):
             e.clear_trace()
             e.decode(chunk, 0)
-            tr = e.trace()
-            names = tr.names
-            for il in range(n_layer):
-                q, qpos = e.queries(il)
-                k, v, kpos, _ = e.read_layer(il)
-                d, n_later = layer_damage(q, qpos, k, v, kpos, _roundtrip_deltas(e, k), _roundtrip_deltas(e, v), window)
-                rows = np.flatnonzero(tr.layer == il)
-                at = {int(p): i for i, p in enumerate(kpos)}
-                idx = np.array([at[int(p)] for p in tr.pos[rows]])
-                keep = n_later[idx] >= MIN_FUTURE
-                rows, idx = rows[keep], idx[keep]
-                feats.append(tr.features[rows])
-                dmgs.append(np.concatenate([d[idx], np.zeros((len(idx), 1))], 1))
-                layers.append(np.full(len(rows), il, np.int32))
-                poss.append(tr.pos[rows])
-                chunk_ids.append(np.full(len(rows), ci, np.int32))
+            rows.add_chunk(e, ci, window=window, min_future=MIN_FUTURE)
             if on_chunk:
                 on_chunk(ci + 1, len(chunks))
-    return Collected(np.concatenate(feats), np.concatenate(dmgs), np.concatenate(layers),
-                     np.concatenate(poss), np.concatenate(chunk_ids), names, n_layer)
+        return rows.collected(e.dims.n_layer)
+
+
+class _Rows:
+    """Decided (token, layer) rows of the oracle chunks seen so far: features from the trace, damage per precision."""
+
+    def __init__(self):
+        self.parts: list[tuple] = []
+        self.names: list[str] = []
+
+    def add_chunk(self, e: Engine, ci: int, *, window: int, min_future: int, q_stride: int = 2, q_from: int = 0,
+                  pos_below: int | None = None) -> None:
+        """The rows of chunk `ci` just decoded on `e` (decided before position pos_below, seen by >= min_future
+        counted queries), with damage from layer_damage(window, q_stride, q_from)."""
+        tr = e.trace()
+        self.names = tr.names
+        for il in range(e.dims.n_layer):
+            q, qpos = e.queries(il)
+            k, v, kpos, _ = e.read_layer(il)
+            d, n_later = layer_damage(q, qpos, k, v, kpos, _roundtrip_deltas(e, k), _roundtrip_deltas(e, v), window,
+                                      q_stride=q_stride, q_from=q_from)
+            sel = tr.layer == il
+            if pos_below is not None:
+                sel &= tr.pos < pos_below
+            rows = np.flatnonzero(sel)
+            at = {int(p): i for i, p in enumerate(kpos)}
+            idx = np.array([at[int(p)] for p in tr.pos[rows]], dtype=np.int64)
+            keep = n_later[idx] >= min_future
+            rows, idx = rows[keep], idx[keep]
+            self.parts.append((tr.features[rows], np.concatenate([d[idx], np.zeros((len(idx), 1))], 1),
+                               np.full(len(rows), il, np.int32), tr.pos[rows], np.full(len(rows), ci, np.int32)))
+
+    def collected(self, n_layer: int) -> Collected:
+        f, d, layer, pos, chunk = (np.concatenate(x) for x in zip(*self.parts))
+        return Collected(f, d, layer, pos, chunk, self.names, n_layer)
 
 
 def prompt_chunks(engine: Engine, text: str, n_chunks: int, *, min_ctx: int = PROMPT_MIN, max_ctx: int = PROMPT_MAX,
@@ -182,37 +197,18 @@ def collect_prompts(model: str | Path, pairs: list[tuple[list[int], list[int]]],
     ubatch and every row is decided right after it (W = 0), from the attention of the prompt's own
     queries; damage is measured with the queries of the continuation only, which are the ones
     that see the stored rows."""
-    feats, dmgs, layers, poss, chunk_ids = [], [], [], [], []
-    names: list[str] = []
+    rows = _Rows()
     n_ctx = max(len(a) + len(b) for a, b in pairs)
     opts = KvqOptions(window=0, trace=True, per_layer=True, record_q=True)
     with Engine(model, kv=ORACLE, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=n_threads, kvq=opts) as e:
-        n_layer = e.dims.n_layer
         for ci, (ctx, cont) in enumerate(pairs):
             e.clear_trace()
             e.decode(ctx, 0)
             e.decode(cont, len(ctx))
-            tr = e.trace()
-            names = tr.names
-            for il in range(n_layer):
-                q, qpos = e.queries(il)
-                k, v, kpos, _ = e.read_layer(il)
-                d, n_later = layer_damage(q, qpos, k, v, kpos, _roundtrip_deltas(e, k), _roundtrip_deltas(e, v),
-                                          0, q_stride=1, q_from=len(ctx))
-                rows = np.flatnonzero((tr.layer == il) & (tr.pos < len(ctx)))
-                at = {int(p): i for i, p in enumerate(kpos)}
-                idx = np.array([at[int(p)] for p in tr.pos[rows]], dtype=np.int64)
-                keep = n_later[idx] >= len(cont)
-                rows, idx = rows[keep], idx[keep]
-                feats.append(tr.features[rows])
-                dmgs.append(np.concatenate([d[idx], np.zeros((len(idx), 1))], 1))
-                layers.append(np.full(len(rows), il, np.int32))
-                poss.append(tr.pos[rows])
-                chunk_ids.append(np.full(len(rows), ci, np.int32))
+            rows.add_chunk(e, ci, window=0, min_future=len(cont), q_stride=1, q_from=len(ctx), pos_below=len(ctx))
             if on_chunk:
                 on_chunk(ci + 1, len(pairs))
-    return Collected(np.concatenate(feats), np.concatenate(dmgs), np.concatenate(layers),
-                     np.concatenate(poss), np.concatenate(chunk_ids), names, n_layer)
+        return rows.collected(e.dims.n_layer)
 
 
 def per_token(c: Collected) -> Collected:
@@ -281,6 +277,14 @@ def _loss_grad(params, z, y, budget, mu):
     return loss, ce, [gw1, gb1, gw2, gb2]
 
 
+def _adam(params, grads, m, v, step: int, lr: float) -> None:
+    """One Adam update of params in place (beta 0.9 / 0.999)."""
+    for i, g in enumerate(grads):
+        m[i] = 0.9 * m[i] + 0.1 * g
+        v[i] = 0.999 * v[i] + 0.001 * g * g
+        params[i] -= lr * (m[i] / (1 - 0.9 ** step)) / (np.sqrt(v[i] / (1 - 0.999 ** step)) + 1e-8)
+
+
 @dataclass
 class FitReport:
     """What training saw and reached."""
@@ -323,10 +327,7 @@ def fit(x: np.ndarray, y: np.ndarray, val: np.ndarray, *, budget: float, hidden:
             idx = order[s:s + batch]
             _, _, grads = _loss_grad(params, zt[idx], yt[idx], budget, mu)
             step += 1
-            for i, g in enumerate(grads):
-                m[i] = 0.9 * m[i] + 0.1 * g
-                v[i] = 0.999 * v[i] + 0.001 * g * g
-                params[i] -= lr * (m[i] / (1 - 0.9 ** step)) / (np.sqrt(v[i] / (1 - 0.999 ** step)) + 1e-8)
+            _adam(params, grads, m, v, step, lr)
         val_loss = _loss_grad(params, zv, yv, budget, mu)[0]
         if on_epoch:
             on_epoch(ep, epochs, val_loss)
@@ -370,12 +371,8 @@ def fit_damage(x: np.ndarray, t: np.ndarray, val: np.ndarray, *, hidden: int = 1
             g = 2 * (out - tt[idx]) / (len(idx) * no)
             dh = g @ params[2]
             dh[pre <= 0] = 0
-            grads = [dh.T @ zt[idx], dh.sum(0), g.T @ h, g.sum(0)]
             step += 1
-            for i, gr in enumerate(grads):
-                m[i] = 0.9 * m[i] + 0.1 * gr
-                v[i] = 0.999 * v[i] + 0.001 * gr * gr
-                params[i] -= lr * (m[i] / (1 - 0.9 ** step)) / (np.sqrt(v[i] / (1 - 0.999 ** step)) + 1e-8)
+            _adam(params, [dh.T @ zt[idx], dh.sum(0), g.T @ h, g.sum(0)], m, v, step, lr)
         val_loss = mse(params, zv, tv)
         if on_epoch:
             on_epoch(ep, epochs, val_loss)
