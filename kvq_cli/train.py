@@ -11,12 +11,16 @@
        do_q = a * (dV + s * (V - o_q))            (softmax derivative)
    damage = mean over those queries of sum over heads |do_q|^2, divided by the layer's mean
    |o_q|^2 (relative output error, so layers are comparable). f16 costs 0.
-3. Labels. The optimal allocation at the training budget: each row takes the precision
-   minimising damage + lambda * bits, lambda bisected so that the rows average the budget.
-4. Fit. A tiny MLP (features -> hidden ReLU -> one logit per precision) by Adam on
-   cross-entropy to the labels plus a penalty on (expected bits - budget)^2, held-out chunks
-   for early stopping; deterministic for a seed. Decisions may be per (token, layer) or per
-   token (features averaged over layers, damage summed), as the runtime makes them.
+3. Fit (--objective damage, the default). A tiny MLP (features -> hidden ReLU -> one output
+   per precision) regresses each row's damage at 2/4/8 bits (MSE on damage divided by the
+   mean 2-bit damage; held-out rows for early stopping; deterministic for a seed). The price
+   per bit lambda that puts the training rows at --budget bits is folded into the output
+   layer, logit_p = -(damage_p / lambda + bits_p), so the runtime's rule (argmax of logit -
+   price * bits) picks argmin damage + lambda * bits at price 0, and a price moves lambda.
+   --objective labels instead classifies the oracle's optimal allocation at the budget (each
+   row takes the precision minimising damage + lambda * bits) by cross-entropy plus a penalty
+   on (expected bits - budget)^2. Decisions may be per (token, layer) or per token (features
+   averaged over layers, damage summed), as the runtime makes them.
 At inference, --kv-bits B makes the runtime add a price per bit to the logits, adjusted
 online so the cache lands at B effective bits (llama_kvq_params.price_step).
 """
@@ -80,10 +84,10 @@ def _roundtrip_deltas(engine: Engine, x: np.ndarray) -> list[np.ndarray]:
 
 def layer_damage(q: np.ndarray, qpos: np.ndarray, k: np.ndarray, v: np.ndarray, kpos: np.ndarray,
                  dks: list[np.ndarray], dvs: list[np.ndarray], window: int, q_stride: int = 2, q_from: int = 0):
-    """Relative first-order attention-output damage [n_keys, 3] of one layer, and the count of later queries.
+    """Relative first-order attention-output damage [n_keys, len(dks)] of one layer, and the count of later queries.
 
     q: [n_q, n_head, hd] (post-RoPE), k/v: [n_keys, n_head_kv * hd], dks/dvs: per precision the
-    change of k/v. Only queries past each key's window (qpos > kpos + window) and at positions
+    change of k/v (the pools' 2, 4, 8 bits; scripts/pool_candidates.py passes other pairs). Only queries past each key's window (qpos > kpos + window) and at positions
     >= q_from count.
     """
     n_q, n_head, hd = q.shape
@@ -95,7 +99,7 @@ def layer_damage(q: np.ndarray, qpos: np.ndarray, k: np.ndarray, v: np.ndarray, 
     causal = qpos[:, None] >= kpos[None, :]
     later = (qpos[:, None] > kpos[None, :] + window) & (qpos[:, None] >= q_from)
     n_later = later.sum(0)
-    dmg = np.zeros((k.shape[0], 3), np.float64)
+    dmg = np.zeros((k.shape[0], len(dks)), np.float64)
     out_sq = 0.0
     for g in range(n_head_kv):
         cols = slice(g * hd, (g + 1) * hd)
@@ -226,21 +230,25 @@ def per_token(c: Collected) -> Collected:
                      c.names, c.n_layer)
 
 
-def allocate(damage: np.ndarray, budget: float) -> np.ndarray:
-    """Class per row minimising damage + lambda * bits, with lambda set so rows average `budget` bits."""
-    if budget >= EFF_BITS[-1]:
-        return np.full(len(damage), len(EFF_BITS) - 1)
-    if budget <= EFF_BITS[0]:
-        return np.zeros(len(damage), int)
+def price_for(damage: np.ndarray, budget: float, costs: np.ndarray = EFF_BITS) -> float:
+    """lambda such that argmin(damage + lambda * costs) averages `budget` bits over the rows (bisection)."""
     lo, hi = 1e-12, 1e6
     for _ in range(100):
         lam = math.sqrt(lo * hi)
-        cls = np.argmin(damage + lam * EFF_BITS, 1)
-        if EFF_BITS[cls].mean() > budget:
+        if costs[np.argmin(damage + lam * costs, 1)].mean() > budget:
             lo = lam
         else:
             hi = lam
-    return np.argmin(damage + hi * EFF_BITS, 1)
+    return hi
+
+
+def allocate(damage: np.ndarray, budget: float, costs: np.ndarray = EFF_BITS) -> np.ndarray:
+    """Class per row minimising damage + lambda * bits, with lambda set so rows average `budget` bits."""
+    if budget >= costs.max():
+        return np.full(len(damage), int(np.argmax(costs)))
+    if budget <= costs.min():
+        return np.full(len(damage), int(np.argmin(costs)))
+    return np.argmin(damage + price_for(damage, budget, costs) * costs, 1)
 
 
 # -- the MLP ------------------------------------------------------------------------------
@@ -385,18 +393,6 @@ def fit_damage(x: np.ndarray, t: np.ndarray, val: np.ndarray, *, hidden: int = 1
     return best_params, mean, std, ep
 
 
-def _price_for(pred: np.ndarray, budget: float) -> float:
-    """lambda such that argmin(pred_damage + lambda * bits) averages `budget` bits (pred [n, 4], f16 last)."""
-    lo, hi = 1e-12, 1e6
-    for _ in range(100):
-        lam = math.sqrt(lo * hi)
-        if EFF_BITS[np.argmin(pred + lam * EFF_BITS, 1)].mean() > budget:
-            lo = lam
-        else:
-            hi = lam
-    return hi
-
-
 def damage_logits(params, lam: float):
     """The runtime's MLP head for a damage regressor: logit_p = -(damage_p / lam + bits_p), f16 damage 0.
 
@@ -442,7 +438,7 @@ def train(c: Collected, *, budget: float, per_layer: bool, hidden: int = 16, see
         reg, mean, std, ep = fit_damage(x, data.damage[:, :3] / scale, val, hidden=hidden, seed=seed, epochs=epochs,
                                         on_epoch=on_epoch)
         pred = _forward(reg, (x[~val] - mean) / std)[2]
-        lam = _price_for(np.concatenate([pred, np.zeros((len(pred), 1))], 1), budget)
+        lam = price_for(np.concatenate([pred, np.zeros((len(pred), 1))], 1), budget)
         params = damage_logits(reg, lam)
     else:
         params, mean, std, ep = fit(x, y, val, budget=budget, hidden=hidden, seed=seed, epochs=epochs,

@@ -1,0 +1,150 @@
+"""Which new precision pool would lower the oracle's damage at a bit budget? (issue 7, 3-bit bar)
+
+    .venv/bin/python scripts/pool_candidates.py CALIB.txt [--chunks 4] [--json OUT]
+
+Decodes calibration chunks with the oracle engine (every row f16, W = 32, 32-token ubatches, as
+`kvq train --regime decode` does), and measures each (token, layer) row's first-order damage
+(kvq_cli.train.layer_damage) for candidate pools that store K and V at different precisions:
+
+- K2V2, K4V4, K8V8: the runtime's pools (llama_kvq_roundtrip), 2.5 / 4.5 / 8.5 bits/element.
+- K4V2, K2V4: K of one runtime pool with V of another (3.5 bits): no new quantizer needed.
+- K2V16, K16V2: one side at 2 bits, the other exact: how the damage splits between K and V.
+- K3V3, K3V2: a *simulated* 3-bit type (NumPy here, not in the runtime): the runtime's Hadamard
+  rotation per 64 values, then per 64-value block an f16 minimum and step and 3-bit codes
+  (3.5 bits/element), clipping range searched for the lowest squared error.
+
+For each set of pools and budget it reports the oracle's allocation (argmin damage + lambda *
+bits over the rows, lambda bisected to the budget: kvq_cli.train.allocate) and its mean
+damage relative to the runtime's current pools. First-order damage on calibration text, not KL:
+a ratio here says how much room a pool gives the oracle, not what a controller will reach.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from kvq_cli.models import embedded_path  # noqa: E402
+from kvq_cli.runtime.engine import Engine  # noqa: E402
+from kvq_cli.runtime.kv import KvqOptions  # noqa: E402
+from kvq_cli.train import ORACLE, allocate, calibration_chunks, layer_damage  # noqa: E402
+
+WINDOW, MIN_FUTURE = 32, 32
+COST = {"K2V2": 2.5, "K4V4": 4.5, "K8V8": 8.5, "F16": 16.0, "K4V2": 3.5, "K2V4": 3.5,
+        "K3V3": 3.5, "K3V2": 3.0, "K2V16": 9.25, "K16V2": 9.25}
+CURRENT = ["K2V2", "K4V4", "K8V8", "F16"]
+SETS = {
+    "current (2/4/8/16)": CURRENT,
+    "+ K4V2": CURRENT + ["K4V2"],
+    "+ K2V4": CURRENT + ["K2V4"],
+    "+ K3V3 (sim.)": CURRENT + ["K3V3"],
+    "+ K3V2 (sim.)": CURRENT + ["K3V2"],
+    "+ K4V2, K3V3": CURRENT + ["K4V2", "K3V3"],
+    "+ K4V2, K3V3, K3V2": CURRENT + ["K4V2", "K3V3", "K3V2"],
+}
+BUDGETS = (3.0, 3.5, 4.0, 5.0)
+
+
+def _hadamard64() -> np.ndarray:
+    h = np.array([[1.0]])
+    while h.shape[0] < 64:
+        h = np.block([[h, h], [h, -h]])
+    return h / 8.0   # normalised: symmetric, orthogonal, self-inverse
+
+
+H64 = _hadamard64()
+
+
+def q3_sim(x: np.ndarray, blk: int = 64) -> np.ndarray:
+    """x [n, d] through the simulated 3-bit pool: rotate, quantize per block, dequantize, rotate back."""
+    n, d = x.shape
+    r = (x.reshape(n, -1, 64) @ H64).reshape(-1, blk)
+    mn, mx = r.min(1, keepdims=True), r.max(1, keepdims=True)
+    best, best_err = r, np.full((len(r), 1), np.inf)
+    for lo_f in np.linspace(0, 0.15, 7):
+        for hi_f in np.linspace(0, 0.15, 7):
+            lo = (mn + (mx - mn) * lo_f).astype(np.float16).astype(np.float64)
+            step = ((mx - (mx - mn) * hi_f - lo) / 7).astype(np.float16).astype(np.float64)
+            step[step == 0] = 1.0
+            y = np.clip(np.round((r - lo) / step), 0, 7) * step + lo
+            err = ((y - r) ** 2).sum(1, keepdims=True)
+            better = err < best_err
+            best, best_err = np.where(better, y, best), np.where(better, err, best_err)
+    return (best.reshape(n, -1, 64) @ H64).reshape(n, d).astype(np.float32)
+
+
+def collect(calib: str, n_chunks: int) -> tuple[np.ndarray, list[str], float]:
+    """Damage [rows, candidates] of the decided rows of n_chunks calibration chunks; names; 3-bit nmse."""
+    text = Path(calib).read_text(encoding="utf-8")
+    names = [n for n in COST if n != "F16"]
+    opts = KvqOptions(window=WINDOW, trace=True, per_layer=True, record_q=True)
+    out, err, ref = [], 0.0, 0.0
+    with Engine(embedded_path(), kv=ORACLE, n_ctx=1024, n_batch=1024, n_ubatch=32, kvq=opts) as e:
+        for ci, chunk in enumerate(calibration_chunks(e, text, 1024, n_chunks)):
+            e.clear_trace()
+            e.decode(chunk, 0)
+            for il in range(e.dims.n_layer):
+                q, qpos = e.queries(il)
+                k, v, kpos, _ = e.read_layer(il)
+                d = {b: (e.roundtrip(b, k) - k, e.roundtrip(b, v) - v) for b in (2, 4, 8)}
+                k3, v3 = q3_sim(k) - k, q3_sim(v) - v
+                err += float((k3 ** 2).sum() + (v3 ** 2).sum())
+                ref += float((k ** 2).sum() + (v ** 2).sum())
+                zero = np.zeros_like(k)
+                cand = {"K2V2": d[2], "K4V4": d[4], "K8V8": d[8], "K4V2": (d[4][0], d[2][1]),
+                        "K2V4": (d[2][0], d[4][1]), "K3V3": (k3, v3), "K3V2": (k3, d[2][1]),
+                        "K2V16": (d[2][0], zero), "K16V2": (zero, d[2][1])}
+                dmg, n_later = layer_damage(q, qpos, k, v, kpos, [cand[n][0] for n in names],
+                                            [cand[n][1] for n in names], WINDOW)
+                out.append(dmg[n_later >= MIN_FUTURE])
+            print(f"chunk {ci + 1}/{n_chunks}: {sum(len(o) for o in out)} rows", file=sys.stderr, flush=True)
+    return np.concatenate(out), names, err / ref
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("calib")
+    ap.add_argument("--chunks", type=int, default=4)
+    ap.add_argument("--json")
+    a = ap.parse_args()
+    if not os.path.isfile(a.calib):
+        sys.exit(f"error: no calibration file {a.calib}")
+    D, names, nmse3 = collect(a.calib, a.chunks)
+    col = {n: D[:, i] for i, n in enumerate(names)}
+    col["F16"] = np.zeros(len(D))
+    res = {"command": " ".join(["python scripts/pool_candidates.py"] + sys.argv[1:]), "rows": len(D),
+           "sim_3bit_nmse": nmse3, "mean_damage": {n: float(col[n].mean()) for n in names}, "sets": {}}
+    print(f"{len(D)} (token, layer) rows; simulated 3-bit nmse {nmse3:.4f} (kvq2 ~0.10, q4_0 ~0.0074)")
+    print(f"damage with one side at 2 bits, the other exact: K {col['K2V16'].mean():.2e}, V {col['K16V2'].mean():.2e}"
+          f" ({col['K2V16'].mean() / col['K16V2'].mean():.1f}x)")
+    print("oracle damage at each budget, relative to the current pools (pool mix in brackets):")
+    for name, pools in SETS.items():
+        dm = np.stack([col[p] for p in pools], 1)
+        cost = np.array([COST[p] for p in pools])
+        row = {}
+        for b in BUDGETS:
+            cls = allocate(dm, b, cost)
+            base = allocate(np.stack([col[p] for p in CURRENT], 1), b, np.array([COST[p] for p in CURRENT]))
+            cur = np.stack([col[p] for p in CURRENT], 1)[np.arange(len(D)), base].mean()
+            mean = dm[np.arange(len(D)), cls].mean()
+            frac = np.bincount(cls, minlength=len(pools)) / len(cls)
+            row[str(b)] = {"damage": float(mean), "ratio": float(mean / cur), "bits": float(cost[cls].mean()),
+                           "mix": {p: round(float(f), 3) for p, f in zip(pools, frac)}}
+        res["sets"][name] = row
+        print(f"  {name:22s} " + "  ".join(f"@{b}: {row[str(b)]['ratio']:.2f}x" for b in BUDGETS)
+              + "   [@3: " + " ".join(f"{p} {f:.2f}" for p, f in row["3.0"]["mix"].items() if f > 0) + "]")
+    if a.json:
+        tmp = a.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(res, f, indent=1)
+        os.replace(tmp, a.json)
+
+
+if __name__ == "__main__":
+    main()
