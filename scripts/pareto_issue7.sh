@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 7: train the shipped controller on calibration text, then wikitext-2 (test) perplexity
 # and KL vs stock f16 for every policy family at several budgets, side by side in one run.
-# Usage: bash scripts/pareto_issue7.sh DATA_DIR [STEP...]   (steps 1 2 3 by default, 4 on request;
+# Usage: bash scripts/pareto_issue7.sh DATA_DIR [STEP...]   (steps 1 2 3 by default, 4 and 5 on request;
 # steps 1-3 about 2.5 h on 2 cores, step 4 about 25 min per policy; the eval JSONs are rewritten
 # at checkpoints and a rerun resumes them)
 set -euo pipefail
@@ -48,13 +48,20 @@ fi
 # from the attention it received there (with W = 32 most rows of an item would stay f16).
 # The static rows (the paired reference) are those of results/eval_statics.json, copied in by
 # seed_records.py (their scoring is deterministic, so they are not run again); the adaptive
-# budgets (MC_POLICIES) run side by side in one call. --no-mc-kl: the seeded static rows have no
+# budgets and the rule rows (MC_POLICIES) run side by side in one call (--resume: only the ones
+# not yet complete run). --no-mc-kl: the seeded static rows have no
 # KL (so there would be nothing to compare it with), and re-scoring f16 for it would cost
 # another policy's time; the side-by-side KL of the tuning is on the dev splits (results/README.md).
 if step 4; then
   .venv/bin/python scripts/seed_records.py results/eval_statics.json results/pareto_mc.json mc
-  mc=$(for kv in ${MC_POLICIES:-adaptive@3 adaptive@4 adaptive@5}; do printf ',%s' "$kv"; done)
+  mc=$(for kv in ${MC_POLICIES:-adaptive@3 adaptive@3.5 adaptive@4 adaptive@5 rule@3 rule@4}; do printf ',%s' "$kv"; done)
   $kvq eval --task openbookqa,arc-challenge,arc-easy,hellaswag --limit hellaswag=2000 --data "$data" \
     --kv-window 0 --ref f16 --no-mc-kl --json results/pareto_mc.json --resume --kv stock-f16,f16,q8,q4,q2$mc
   .venv/bin/python scripts/plot_pareto_mc.py results/pareto_mc.json results/pareto_mc.png | tee results/pareto_mc.md
+fi
+# 5. the KL instrument on HellaSwag, which has no dev split: its first 500 items (a subset of
+# step 4's, reported, not tuned on), kvq f16 as the reference, q4 and adaptive side by side.
+if step 5; then
+  $kvq eval --task hellaswag --limit hellaswag=500 --data "$data" --kv-window 0 --ref f16 \
+    --json results/hellaswag_kl.json $(resume results/hellaswag_kl.json) --kv f16,q4,adaptive@4,adaptive@5
 fi
