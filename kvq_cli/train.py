@@ -87,8 +87,8 @@ def layer_damage(q: np.ndarray, qpos: np.ndarray, k: np.ndarray, v: np.ndarray, 
     """Relative first-order attention-output damage [n_keys, len(dks)] of one layer, and the count of later queries.
 
     q: [n_q, n_head, hd] (post-RoPE), k/v: [n_keys, n_head_kv * hd], dks/dvs: per precision the
-    change of k/v (the pools' 2, 4, 8 bits; scripts/pool_candidates.py passes other pairs). Only queries past each key's window (qpos > kpos + window) and at positions
-    >= q_from count.
+    change of k/v (the pools' 2, 4, 8 bits; scripts/pool_candidates.py passes other pairs).
+    Only queries past each key's window (qpos > kpos + window) and at positions >= q_from count.
     """
     n_q, n_head, hd = q.shape
     n_head_kv = k.shape[1] // hd
