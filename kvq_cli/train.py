@@ -77,7 +77,7 @@ def calibration_chunks(engine: Engine, text: str, chunk_len: int, n_chunks: int)
     return [[bos] + toks[i * per:(i + 1) * per] for i in range(n)]
 
 
-def _roundtrip_deltas(engine: Engine, x: np.ndarray) -> list[np.ndarray]:
+def roundtrip_deltas(engine: Engine, x: np.ndarray) -> list[np.ndarray]:
     """x stored at 2, 4, 8 bits minus x (what each pool does to these rows)."""
     return [engine.roundtrip(b, x) - x for b in PRECISIONS[:-1]]
 
@@ -159,7 +159,7 @@ class _Rows:
         for il in range(e.dims.n_layer):
             q, qpos = e.queries(il)
             k, v, kpos, _ = e.read_layer(il)
-            d, n_later = layer_damage(q, qpos, k, v, kpos, _roundtrip_deltas(e, k), _roundtrip_deltas(e, v), window,
+            d, n_later = layer_damage(q, qpos, k, v, kpos, roundtrip_deltas(e, k), roundtrip_deltas(e, v), window,
                                       q_stride=q_stride, q_from=q_from)
             sel = tr.layer == il
             if pos_below is not None:
@@ -582,7 +582,7 @@ def oracle_assignment(engine: Engine, tokens: list[int], budget: float) -> np.nd
     for il in range(n_layer):
         q, qpos = engine.queries(il)
         k, v, kpos, _ = engine.read_layer(il)
-        d, _ = layer_damage(q, qpos, k, v, kpos, _roundtrip_deltas(engine, k), _roundtrip_deltas(engine, v), window)
+        d, _ = layer_damage(q, qpos, k, v, kpos, roundtrip_deltas(engine, k), roundtrip_deltas(engine, v), window)
         dmg[kpos, il, :3] = d
     engine.clear_trace()
     bits = np.full((n, n_layer), 16, np.int32)

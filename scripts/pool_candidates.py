@@ -33,11 +33,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from kvq_cli.models import embedded_path  # noqa: E402
 from kvq_cli.runtime.engine import Engine  # noqa: E402
 from kvq_cli.runtime.kv import KvqOptions  # noqa: E402
-from kvq_cli.train import ORACLE, allocate, calibration_chunks, layer_damage  # noqa: E402
+from kvq_cli.errors import KvqError  # noqa: E402
+from kvq_cli.train import EFF_BITS, ORACLE, allocate, calibration_chunks, layer_damage, roundtrip_deltas  # noqa: E402
 
 WINDOW, MIN_FUTURE = 32, 32
-COST = {"K2V2": 2.5, "K4V4": 4.5, "K8V8": 8.5, "F16": 16.0, "K4V2": 3.5, "K2V4": 3.5,
-        "K3V3": 3.5, "K3V2": 3.0, "K2V16": 9.25, "K16V2": 9.25}
+# bits/element of a (K, V) pair: the mean of its sides' bits; a runtime type's from EFF_BITS
+_SIDE = {2: float(EFF_BITS[0]), 3: 3.5, 4: float(EFF_BITS[1]), 8: float(EFF_BITS[2]), 16: float(EFF_BITS[3])}
+_PAIRS = {"K2V2": (2, 2), "K4V4": (4, 4), "K8V8": (8, 8), "F16": (16, 16), "K4V2": (4, 2), "K2V4": (2, 4),
+          "K3V3": (3, 3), "K3V2": (3, 2), "K2V16": (2, 16), "K16V2": (16, 2)}
+COST = {n: (_SIDE[kb] + _SIDE[vb]) / 2 for n, (kb, vb) in _PAIRS.items()}
 CURRENT = ["K2V2", "K4V4", "K8V8", "F16"]
 SETS = {
     "current (2/4/8/16)": CURRENT,
@@ -92,7 +96,7 @@ def collect(calib: str, n_chunks: int) -> tuple[np.ndarray, list[str], float]:
             for il in range(e.dims.n_layer):
                 q, qpos = e.queries(il)
                 k, v, kpos, _ = e.read_layer(il)
-                d = {b: (e.roundtrip(b, k) - k, e.roundtrip(b, v) - v) for b in (2, 4, 8)}
+                d = dict(zip((2, 4, 8), zip(roundtrip_deltas(e, k), roundtrip_deltas(e, v))))
                 k3, v3 = q3_sim(k) - k, q3_sim(v) - v
                 err += float((k3 ** 2).sum() + (v3 ** 2).sum())
                 ref += float((k ** 2).sum() + (v ** 2).sum())
@@ -115,7 +119,14 @@ def main() -> None:
     a = ap.parse_args()
     if not os.path.isfile(a.calib):
         sys.exit(f"error: no calibration file {a.calib}")
-    D, names, nmse3 = collect(a.calib, a.chunks)
+    if a.chunks < 1:
+        sys.exit(f"error: --chunks must be at least 1 (got {a.chunks})")
+    try:
+        D, names, nmse3 = collect(a.calib, a.chunks)
+    except (KvqError, UnicodeDecodeError) as e:
+        sys.exit(f"error: {e.one_line() if isinstance(e, KvqError) else e}")
+    if not len(D):
+        sys.exit("error: no calibration row was seen by enough later queries: the text is too short")
     col = {n: D[:, i] for i, n in enumerate(names)}
     col["F16"] = np.zeros(len(D))
     res = {"command": " ".join(["python scripts/pool_candidates.py"] + sys.argv[1:]), "rows": len(D),
@@ -124,26 +135,31 @@ def main() -> None:
     print(f"damage with one side at 2 bits, the other exact: K {col['K2V16'].mean():.2e}, V {col['K16V2'].mean():.2e}"
           f" ({col['K2V16'].mean() / col['K16V2'].mean():.1f}x)")
     print("oracle damage at each budget, relative to the current pools (pool mix in brackets):")
+    cur_dm, cur_cost = np.stack([col[p] for p in CURRENT], 1), np.array([COST[p] for p in CURRENT])
+    cur = {b: cur_dm[np.arange(len(D)), allocate(cur_dm, b, cur_cost)].mean() for b in BUDGETS}
     for name, pools in SETS.items():
         dm = np.stack([col[p] for p in pools], 1)
         cost = np.array([COST[p] for p in pools])
         row = {}
         for b in BUDGETS:
             cls = allocate(dm, b, cost)
-            base = allocate(np.stack([col[p] for p in CURRENT], 1), b, np.array([COST[p] for p in CURRENT]))
-            cur = np.stack([col[p] for p in CURRENT], 1)[np.arange(len(D)), base].mean()
             mean = dm[np.arange(len(D)), cls].mean()
             frac = np.bincount(cls, minlength=len(pools)) / len(cls)
-            row[str(b)] = {"damage": float(mean), "ratio": float(mean / cur), "bits": float(cost[cls].mean()),
+            row[str(b)] = {"damage": float(mean), "ratio": float(mean / cur[b]), "bits": float(cost[cls].mean()),
                            "mix": {p: round(float(f), 3) for p, f in zip(pools, frac)}}
         res["sets"][name] = row
         print(f"  {name:22s} " + "  ".join(f"@{b}: {row[str(b)]['ratio']:.2f}x" for b in BUDGETS)
               + "   [@3: " + " ".join(f"{p} {f:.2f}" for p, f in row["3.0"]["mix"].items() if f > 0) + "]")
     if a.json:
         tmp = a.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(res, f, indent=1)
-        os.replace(tmp, a.json)
+        try:
+            with open(tmp, "w") as f:
+                json.dump(res, f, indent=1)
+            os.replace(tmp, a.json)
+        except OSError as e:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            sys.exit(f"error: cannot write {a.json}: {e.strerror}")
 
 
 if __name__ == "__main__":

@@ -103,9 +103,9 @@ def test_prompt_regime_decides_after_the_prefill_and_scores_with_the_continuatio
         e.decode(ctx + cont, 0)
         q, qpos = e.queries(3)
         k, v, kpos, _ = e.read_layer(3)
-        from kvq_cli.train import _roundtrip_deltas
+        from kvq_cli.train import roundtrip_deltas
 
-        d, n_later = layer_damage(q, qpos, k, v, kpos, _roundtrip_deltas(e, k), _roundtrip_deltas(e, v), 0,
+        d, n_later = layer_damage(q, qpos, k, v, kpos, roundtrip_deltas(e, k), roundtrip_deltas(e, v), 0,
                                   q_stride=1, q_from=len(ctx))
     assert (n_later[:len(ctx)] == len(cont)).all()
     mine = (c.chunk == 0) & (c.layer == 3)
