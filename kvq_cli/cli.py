@@ -509,6 +509,7 @@ def eval_cmd(
     ctx: Annotated[int, typer.Option("--ctx", help="Context of the multiple-choice runs (longer items are left-truncated).")] = 1024,
     ref: Annotated[str, typer.Option("--ref", help="Policy that paired differences and KL compare against ('none' to skip).")] = "f16",
     mc_kl: Annotated[bool, typer.Option("--mc-kl/--no-mc-kl", help="Multiple choice: KL vs --ref on every choice token (re-scores the reference for items it has from an earlier run).")] = True,
+    ending_ubatch: Annotated[Optional[int], typer.Option("--ending-ubatch", help="Multiple choice: decode each ending N tokens per ubatch (1: as in generation, where rule/adaptive decide each row before the next token). Default: the whole ending in one ubatch, its own rows f16 until it ends.")] = None,
     json_path: Annotated[Optional[str], typer.Option("--json", help="Write the records (a JSON list, resumable) to this file; rewritten at checkpoints.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the records in --json (items already scored are kept).")] = False,
     threads: ThreadsOpt = None,
@@ -545,6 +546,8 @@ def eval_cmd(
         raise BadOption(f"--tokens ({tokens}) must be at least one chunk (--ppl-ctx {ppl_ctx})")
     if resume and not json_path:
         raise BadOption("--resume needs --json PATH (the file to continue)")
+    if ending_ubatch is not None and ending_ubatch < 1:
+        raise BadOption(f"--ending-ubatch must be >= 1, got {ending_ubatch}")
     opts = kvq_options(policies, kv_bits, kv_window)
     previous = None
     err = _stderr_console()
@@ -558,7 +561,7 @@ def eval_cmd(
     resolved = resolve(model)
     cfg = EvalConfig(model=gguf_for(resolved, policies), policies=tuple(policies), tasks=tuple(tasks), data=Path(data),
                      split=split, limit=limits, n_ctx=ctx, ppl_ctx=ppl_ctx, ppl_tokens=tokens, kvq=opts,
-                     ref=ref_name, mc_kl=mc_kl, n_threads=threads, seed=seed)
+                     ref=ref_name, mc_kl=mc_kl, n_threads=threads, seed=seed, ending_ubatch=ending_ubatch)
     run = EvalRun(cfg, previous)
 
     def write(records) -> None:

@@ -150,19 +150,6 @@ def encode_pair(engine: Engine, context: str, continuation: str) -> tuple[list[i
     return ctx, whole[len(ctx):]
 
 
-def continuation_logprobs(last_logits: np.ndarray, cont_logits: np.ndarray) -> np.ndarray:
-    """Log-probabilities [len(cont), vocab] of the positions predicting each continuation token.
-
-    last_logits are the logits of the last context token; cont_logits those of cont[:-1].
-    """
-    return _log_softmax(np.concatenate([last_logits[None, :], cont_logits]).astype(np.float64))
-
-
-def continuation_logprob(last_logits: np.ndarray, cont_logits: np.ndarray, cont: list[int]) -> tuple[float, bool]:
-    """Sum of log p(cont) and whether cont is the greedy continuation."""
-    return _sum_and_greedy(continuation_logprobs(last_logits, cont_logits), cont)
-
-
 def _sum_and_greedy(lp: np.ndarray, cont: list[int]) -> tuple[float, bool]:
     targets = np.asarray(cont, dtype=np.int64)
     picked = lp[np.arange(len(cont)), targets]
@@ -176,25 +163,36 @@ def mean_kl(ref_lps: Sequence[np.ndarray], lps: Sequence[np.ndarray]) -> float:
 
 
 class Scorer:
-    """Log-likelihoods of continuations on one engine, reusing the prefilled context."""
+    """Log-likelihoods of continuations on one engine, reusing the prefilled context.
 
-    def __init__(self, engine: Engine):
+    The context but its last token is prefilled once; each continuation is decoded after it
+    together with the last context token, whose logits predict the continuation's first token.
+    So every scored token is predicted from the cache as the policy left it after the context:
+    a policy that decides rows after each ubatch (rule, adaptive) would otherwise predict the
+    first token from a context it had not yet quantized, and the others from one it had.
+    ending_ubatch: decode that many tokens of the ending per ubatch (1: as in generation, where
+    such a policy decides each row before the next token); None: the whole ending in one
+    ubatch, whose own rows then stay f16 until it ends.
+    """
+
+    def __init__(self, engine: Engine, ending_ubatch: int | None = None):
         self.engine = engine
-        self._ctx: list[int] | None = None
-        self._last: np.ndarray | None = None
+        self.ending_ubatch = ending_ubatch
+        self._head: list[int] | None = None
         self.n_truncated = 0
 
-    def prefill(self, ctx: list[int]) -> np.ndarray:
-        """Decode `ctx` from an empty cache unless it is the context already held; its last logits."""
-        if ctx != self._ctx:
-            self._ctx = None
-            self._last = self.engine.decode(ctx, 0, logits_from=len(ctx) - 1)[0]
-            self._ctx = list(ctx)
-        return self._last
+    def prefill(self, ctx: list[int]) -> None:
+        """Decode ctx[:-1] from an empty cache unless it is the prefix already held."""
+        head = ctx[:-1]
+        if head != self._head:
+            self._head = None
+            if head:
+                self.engine.decode(head, 0)
+            self._head = list(head)
 
     def forget(self) -> None:
         """The engine's cache was used for something else: prefill again on the next call."""
-        self._ctx = None
+        self._head = None
 
     def fit(self, ctx: list[int], longest_cont: int) -> list[int]:
         """Left-truncate the context so context + continuation fit the engine's context."""
@@ -210,9 +208,11 @@ class Scorer:
         """Log-probabilities [len(cont), vocab] predicting cont after ctx (ctx prefilled once for consecutive calls)."""
         if not ctx or not cont:
             raise BadOption("cannot score an empty context or continuation")
-        last = self.prefill(ctx)
-        rest = self.engine.decode(cont[:-1], len(ctx), logits_from=0) if len(cont) > 1 else last[None][:0]
-        return continuation_logprobs(last, rest)
+        self.prefill(ctx)
+        seq, n0, k = ctx[-1:] + cont[:-1], len(ctx) - 1, self.ending_ubatch or len(cont)
+        logits = np.concatenate([self.engine.decode(seq[i:i + k], n0 + i, logits_from=0)
+                                 for i in range(0, len(seq), k)])
+        return _log_softmax(logits.astype(np.float64))
 
     def score(self, ctx: list[int], cont: list[int]) -> tuple[float, bool]:
         """(log p(cont | ctx), greedy)."""
@@ -277,6 +277,7 @@ class EvalRecord:
     ctx: int
     kv_bits: float | None
     kv_window: int | None
+    ending_ubatch: int | None = None   # multiple choice: ending tokens per ubatch (None: the whole ending)
     n: int = 0                   # items scored (multiple choice) or tokens scored (wikitext2)
     complete: bool = False
     bits_per_elem: float | None = None
@@ -302,7 +303,7 @@ class EvalRecord:
 
     @property
     def key(self) -> tuple:
-        return (self.task, self.kv, self.split, self.model, self.ctx, self.kv_bits, self.kv_window)
+        return (self.task, self.kv, self.split, self.model, self.ctx, self.kv_bits, self.kv_window, self.ending_ubatch)
 
     @classmethod
     def from_json(cls, d: dict) -> "EvalRecord":
@@ -332,6 +333,7 @@ class EvalConfig:
     kvq: KvqOptions = field(default_factory=KvqOptions)
     ref: str | None = "f16"
     mc_kl: bool = True                # multiple choice: KL vs ref per item (re-scores ref where it was resumed)
+    ending_ubatch: int | None = None  # multiple choice: ending tokens per ubatch (Scorer); None: the whole ending
     n_threads: int | None = None
     seed: int = 0
     checkpoint_every: int = 50
@@ -362,7 +364,8 @@ class EvalRun:
                 ctx = cfg.ppl_ctx if task == "wikitext2" else cfg.n_ctx
                 r = EvalRecord(task=task, kv=p.name, split=cfg.split, model=cfg.model.name, ctx=ctx,
                                kv_bits=cfg.kvq.budget_for(p),
-                               kv_window=None if p.is_stock else cfg.kvq.window_for(p), ref=cfg.ref)
+                               kv_window=None if p.is_stock else cfg.kvq.window_for(p), ref=cfg.ref,
+                               ending_ubatch=None if task == "wikitext2" else cfg.ending_ubatch)
                 self.records.append(old.get(r.key, r))
                 wanted.add(r.key)
         # records of other tasks/policies in the resumed file are kept as they are
@@ -435,7 +438,7 @@ class EvalRun:
 
     def _run_mc(self, task: str, items: list[McItem], engines: list[Engine], on_progress: Progress | None) -> None:
         recs = self._task_records(task)
-        scorers = [Scorer(e) for e in engines]
+        scorers = [Scorer(e, self.cfg.ending_ubatch) for e in engines]
         names = [p.name for p in self.cfg.policies]
         ref = names.index(self.cfg.ref) if self.cfg.ref is not None else None
         for j, r in enumerate(recs):

@@ -96,6 +96,62 @@ def test_scoring_matches_direct_computation(f16_weights_engine, task):
         assert np.all(lls < 0)
 
 
+@pytest.mark.parametrize("kv", ["q4", "rule@3"])
+def test_first_token_is_predicted_from_the_decided_context(model_path, kv):
+    """The first continuation token, like the others, sees the cache as the policy left it.
+
+    A static policy quantizes rows as it stores them, so predicting the first token within the
+    context's own ubatch (one decode of the context) or after it (the Scorer) is the same
+    computation, bit for bit. A rule/adaptive policy decides rows after each ubatch: within the
+    context's ubatch the context is still f16, so the two differ, by far more than rounding.
+    """
+    from kvq_cli.evaluate import _log_softmax
+    from kvq_cli.runtime.kv import KvqOptions
+
+    e = Engine(model_path, kv=parse_kv(kv), n_ctx=512, kvq=KvqOptions(window=0))
+    try:
+        scorer = Scorer(e)
+        for it in load_mc_task(SHARED_DATA, "arc-easy", limit=3):
+            ctx, cont = encode_pair(e, it.context, " " + it.choices[0])
+            first = scorer.logprobs(ctx, cont)[0]
+            scorer.forget()
+            undecided = _log_softmax(e.decode(ctx, 0, logits_from=len(ctx) - 1)[0].astype(np.float64))
+            kl = float((np.exp(undecided) * (undecided - first)).sum())
+            if kv == "q4":
+                assert np.array_equal(first, undecided)
+            else:
+                assert kl > 0.02      # measured 0.09-0.21 on these items at 3 bits
+    finally:
+        e.close()
+
+
+@pytest.mark.parametrize("kv", ["q4", "rule@3"])
+def test_ending_ubatch_one_scores_as_generation_would(model_path, kv):
+    """--ending-ubatch 1: each ending token decoded on its own, so a rule/adaptive policy has
+    decided the rows before it (one ubatch: they stay f16 until the ending ends). A static
+    policy stores rows quantized either way: same log-likelihoods up to batch-shape rounding."""
+    from kvq_cli.runtime.kv import KvqOptions
+
+    e = Engine(model_path, kv=parse_kv(kv), n_ctx=512, kvq=KvqOptions(window=0))
+    try:
+        whole, single = Scorer(e), Scorer(e, ending_ubatch=1)
+        gaps = []
+        for it in load_mc_task(SHARED_DATA, "arc-easy", limit=3):
+            ctx, cont = encode_pair(e, it.context, " " + it.choices[0])
+            assert len(cont) > 1
+            a = whole.logprobs(ctx, cont)
+            b = single.logprobs(ctx, cont)
+            assert a.shape == b.shape == (len(cont), e.dims.n_vocab)
+            assert np.array_equal(a[0], b[0])      # the first token: same cache, same one-token ubatch
+            gaps.append(float(np.abs(a[1:] - b[1:]).max()))
+        if kv == "q4":
+            assert max(gaps) < 0.05
+        else:
+            assert max(gaps) > 0.1
+    finally:
+        e.close()
+
+
 def test_encode_pair_moves_trailing_space(stock_engine):
     ctx, cont = encode_pair(stock_engine, "The sky is ", "blue")
     assert stock_engine.detokenize(ctx) == "The sky is" and stock_engine.detokenize(cont) == " blue"
@@ -163,6 +219,19 @@ def test_resume_continues_and_matches_a_fresh_run(model_path, tmp_path):
     assert resumed[1].kl == pytest.approx(fresh[1].kl, rel=1e-5) and resumed[0].kl is None
 
 
+def test_ending_ubatch_is_part_of_the_resume_key(model_path):
+    """Records scored with whole-ending ubatches are not resumed by an --ending-ubatch 1 run."""
+    base = dict(model=model_path, policies=tuple(parse_kv_list("q4")), tasks=("arc-easy",), data=SHARED_DATA,
+                ref=None, limit=2)
+    first = EvalRun(EvalConfig(**base)).run()
+    saved = json.loads(json.dumps([r.__dict__ for r in first]))
+    assert saved[0]["ending_ubatch"] is None and saved[0]["n"] == 2
+    again = EvalRun(EvalConfig(**base, ending_ubatch=1), previous=saved)
+    assert again.records[0].n == 0 and again.records[0].ending_ubatch == 1
+    assert [r.ending_ubatch for r in again.others] == [None]
+    assert EvalRun(EvalConfig(**base), previous=saved).records[0].n == 2
+
+
 def test_mc_kl_when_the_reference_was_scored_earlier(model_path, monkeypatch):
     """A policy added to a file whose reference is complete: the reference's logits are computed again."""
     base = dict(model=model_path, tasks=("openbookqa",), data=SHARED_DATA, ref="f16", limit=5)
@@ -199,6 +268,7 @@ def test_mc_kl_when_the_reference_was_scored_earlier(model_path, monkeypatch):
     (["--kv", "f16,f16"], "lists a policy twice"),
     (["--kv", "q4", "--ref", "q9"], "unknown --kv value 'q9'"),
     (["--resume"], "--resume needs --json"),
+    (["--ending-ubatch", "0"], "--ending-ubatch must be >= 1"),
 ])
 def test_eval_bad_input(runner, args, needle):
     r = runner.invoke(app, ["eval", "--data", str(SHARED_DATA), *args])
