@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 7: train the shipped controller on calibration text, then wikitext-2 (test) perplexity
 # and KL vs stock f16 for every policy family at several budgets, side by side in one run.
-# Usage: bash scripts/pareto_issue7.sh DATA_DIR [STEP...]   (steps 1 2 3 by default, 4 and 5 on request;
+# Usage: bash scripts/pareto_issue7.sh DATA_DIR [STEP...]   (steps 1 2 3 by default, 4-6 on request;
 # steps 1-3 about 2.5 h on 2 cores, step 4 about 25 min per policy; the eval JSONs are rewritten
 # at checkpoints and a rerun resumes them)
 set -euo pipefail
@@ -64,4 +64,14 @@ fi
 if step 5; then
   $kvq eval --task hellaswag --limit hellaswag=500 --data "$data" --kv-window 0 --ref f16 \
     --json results/hellaswag_kl.json $(resume results/hellaswag_kl.json) --kv f16,q4,adaptive@4,adaptive@5
+fi
+# 6. how much an ending's own ubatch matters (OpenBookQA test, short endings). By default an
+# ending is decoded in one ubatch, whose rows rule/adaptive keep at f16 until it ends;
+# --ending-ubatch 1 decodes it token by token, each row decided before the next token (as
+# generation with W = 0 would). Static policies store rows quantized either way.
+if step 6; then
+  $kvq eval --task openbookqa --data "$data" --kv-window 0 --ref f16 --json results/obqa_ending_ubatch.json \
+    --kv f16,q4,adaptive@4
+  $kvq eval --task openbookqa --data "$data" --kv-window 0 --ref f16 --json results/obqa_ending_ubatch.json \
+    --resume --ending-ubatch 1 --kv f16,q4,adaptive@4
 fi
