@@ -205,7 +205,7 @@ class Scorer:
         return ctx
 
     def logprobs(self, ctx: list[int], cont: list[int]) -> np.ndarray:
-        """Log-probabilities [len(cont), vocab] predicting cont after ctx (ctx prefilled once for consecutive calls)."""
+        """Log-probabilities [len(cont), vocab] predicting cont after ctx (ctx[:-1] prefilled once for consecutive calls)."""
         if not ctx or not cont:
             raise BadOption("cannot score an empty context or continuation")
         self.prefill(ctx)
