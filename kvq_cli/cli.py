@@ -526,17 +526,15 @@ def eval_cmd(
     from kvq_cli.evaluate import EvalConfig, EvalRun, eval_records_to_json
     from kvq_cli.gguf_write import atomic_output
     from kvq_cli.models import gguf_for, resolve
-    from kvq_cli.runtime.kv import parse_kv, require_online
+    from kvq_cli.runtime.kv import parse_kv
     from kvq_cli.tasks import parse_tasks
 
     policies = parse_kv_list_checked(kv, eval_only_ok=True)
     ref_name = None if ref.lower() == "none" else ref.strip().lower()
-    if ref_name is not None and ref_name not in [p.name for p in policies]:
+    added_ref = ref_name is not None and ref_name not in [p.name for p in policies]
+    if added_ref:
         policies.insert(0, parse_kv(ref_name))  # paired differences need the reference on the same items
-        _stderr_console().print(f"kvq: also running the reference policy {ref_name} (--ref none to skip)", style="dim")
     tasks = parse_tasks(task)
-    if any(t != "wikitext2" for t in tasks):
-        require_online(policies)
     if data is None:
         raise BadOption("no evaluation data", hint="pass --data DIR (or set KVQ_DATA)")
     if not Path(data).is_dir():
@@ -563,6 +561,8 @@ def eval_cmd(
                      split=split, limit=limits, n_ctx=ctx, ppl_ctx=ppl_ctx, ppl_tokens=tokens, kvq=opts,
                      ref=ref_name, mc_kl=mc_kl, n_threads=threads, seed=seed, ending_ubatch=ending_ubatch)
     run = EvalRun(cfg, previous)
+    if added_ref:   # after every check of the options, so that bad input gets one line
+        err.print(f"kvq: also running the reference policy {ref_name} (--ref none to skip)", style="dim")
 
     def write(records) -> None:
         if json_path:

@@ -231,6 +231,14 @@ class Scorer:
         """Log-likelihood of " " + choice for every choice, and each choice's log-probability rows."""
         pairs = [encode_pair(self.engine, item.context, " " + c) for c in item.choices]
         ctx = self.fit(pairs[0][0], max(len(cont) for _, cont in pairs))
+        if self.engine.kv.kvq == "assign":   # oracle@B: measure this item's damage first, then score with it
+            from kvq_cli.train import oracle_mc_assignment
+
+            if self.ending_ubatch is not None:
+                raise BadOption("oracle@B scores each ending in one ubatch: leave out --ending-ubatch")
+            oracle_mc_assignment(self.engine, ctx[:-1], [ctx[-1:] + cont[:-1] for _, cont in pairs],
+                                 self.engine.kvq_opts.budget_for(self.engine.kv))
+            self.forget()
         lps = [self.logprobs(ctx, cont) for _, cont in pairs]
         return np.array([_sum_and_greedy(lp, cont)[0] for lp, (_, cont) in zip(lps, pairs)]), lps
 
@@ -348,6 +356,9 @@ class EvalRun:
     def __init__(self, cfg: EvalConfig, previous: list[dict] | None = None):
         if cfg.ref is not None and cfg.ref not in [p.name for p in cfg.policies]:
             raise BadOption(f"the reference policy '{cfg.ref}' is not among the policies")
+        if cfg.ending_ubatch is not None and any(p.kvq == "assign" for p in cfg.policies) \
+                and any(t in MC_TASKS for t in cfg.tasks):
+            raise BadOption("oracle@B scores each ending in one ubatch: leave out --ending-ubatch")
         self.cfg = cfg
         old = {}
         for d in previous or []:

@@ -20,7 +20,7 @@ from lm_eval.api.registry import register_model
 
 from kvq_cli.evaluate import Scorer
 from kvq_cli.runtime.engine import Engine
-from kvq_cli.runtime.kv import KvqOptions, parse_kv
+from kvq_cli.runtime.kv import KvqOptions, parse_kv, require_online
 
 
 def _opt(value, cast):
@@ -37,6 +37,7 @@ class KvqLM(LM):
         from kvq_cli.models import resolve
 
         policy = parse_kv(kv)
+        require_online([policy])   # oracle@B needs each item's endings in advance (kvq eval)
         opts = KvqOptions(window=_opt(kv_window, int), budget_bits=_opt(kv_bits, float))
         self.engine = Engine(resolve(model).path, kv=policy, n_ctx=int(ctx), n_batch=int(ctx),
                              n_threads=_opt(threads, int), kvq=opts)

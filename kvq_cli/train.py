@@ -565,6 +565,42 @@ def collect_cached(model: str | Path, text: str, *, cache: Path | None, n_chunks
     return c
 
 
+def oracle_mc_assignment(engine: Engine, head: list[int], seqs: list[list[int]], budget: float) -> np.ndarray:
+    """Multiple choice (W = 0): set the damage-optimal bits per (position, layer) of a context on an oracle engine.
+
+    The scoring (evaluate.Scorer) prefills `head` (the context but its last token) in one ubatch
+    and decodes each of `seqs` (the last context token and an ending) after it. Those are the
+    only queries that see stored context rows, so each row's damage is summed over the endings,
+    each measured with its own queries, after one pass with every row at f16. The rows of an
+    ending are used at f16 inside its ubatch, so they get 2 bits, and the context rows share the
+    rest of the budget: the cache as the last ending leaves it (what kv_stats measures) holds
+    `budget` bits/element, as for every other policy. Installs the assignment for the next
+    decode of the same tokens; returns bits [len(head) + longest seq, n_layer].
+    """
+    n0, n_layer = len(head), engine.dims.n_layer
+    bits = np.full((n0 + max(len(s) for s in seqs), n_layer), PRECISIONS[0], np.int32)
+    engine.set_assignment(np.zeros(0, np.int32))   # nothing assigned: every row at f16
+    if n0 > 0:
+        engine.decode(head, 0)
+        dmg = np.zeros((n0, n_layer, len(PRECISIONS)))
+        for seq in seqs:
+            engine.clear_trace()
+            engine.decode(seq, n0)
+            for il in range(n_layer):
+                q, qpos = engine.queries(il)
+                k, v, kpos, _ = engine.read_layer(il)
+                d, _ = layer_damage(q, qpos, k, v, kpos, roundtrip_deltas(engine, k), roundtrip_deltas(engine, v), 0,
+                                    q_stride=1, q_from=n0)
+                ctx = kpos < n0
+                dmg[kpos[ctx], il, :3] += d[ctx]
+        engine.clear_trace()
+        last = len(seqs[-1])
+        cls = allocate(dmg.reshape(-1, len(PRECISIONS)), (budget * (n0 + last) - EFF_BITS[0] * last) / n0)
+        bits[:n0] = np.asarray(PRECISIONS)[cls].reshape(n0, n_layer)
+    engine.set_assignment(bits.reshape(-1))
+    return bits
+
+
 def oracle_assignment(engine: Engine, tokens: list[int], budget: float) -> np.ndarray:
     """Set the damage-optimal bits per (position, layer) for `tokens` on an oracle engine.
 

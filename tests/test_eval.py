@@ -230,6 +230,33 @@ def test_ending_ubatch_is_part_of_the_resume_key(model_path):
     assert EvalRun(EvalConfig(**base), previous=saved).records[0].n == 2
 
 
+def test_oracle_on_multiple_choice(model_path):
+    """oracle@B on multiple choice: each item's context rows get the damage-optimal bits for that
+    item's endings; the cache as the last ending leaves it holds B bits (the ending rows, used
+    at f16 inside their ubatch, get 2); at the static 4-bit cache's bits it has lower KL."""
+    from kvq_cli.runtime.kv import KvqOptions
+    from kvq_cli.train import oracle_mc_assignment
+
+    cfg = EvalConfig(model=model_path, policies=tuple(parse_kv_list("f16,q4,oracle@4.5")), tasks=("openbookqa",),
+                     data=SHARED_DATA, split="dev", limit=6, ref="f16", kvq=KvqOptions(window=0))
+    f16, q4, oracle = EvalRun(cfg).run()
+    assert oracle.n == 6 and oracle.complete and oracle.bits_per_elem == pytest.approx(4.5, abs=0.05)
+    assert max(abs(b - 4.5) for b in oracle.state["bits"]) < 0.1     # every item, not only on average
+    assert q4.bits_per_elem == pytest.approx(4.5) and 0 < oracle.kl < 0.5 * q4.kl   # measured 0.013 vs 0.086
+    item = load_mc_task(SHARED_DATA, "openbookqa", split="dev", limit=1)[0]
+    opts = KvqOptions(window=0, per_layer=True, record_q=True)
+    with Engine(model_path, kv=parse_kv("oracle@3"), n_ctx=512, kvq=opts) as e:
+        pairs = [encode_pair(e, item.context, " " + c) for c in item.choices]
+        ctx, seqs = pairs[0][0], [pairs[0][0][-1:] + cont[:-1] for _, cont in pairs]
+        bits = oracle_mc_assignment(e, ctx[:-1], seqs, 3.0)
+        n0 = len(ctx) - 1
+        assert bits.shape == (n0 + max(map(len, seqs)), 30) and (bits[n0:] == 2).all()
+        assert len(set(bits[:n0].ravel().tolist())) > 1     # a mix, decided per (position, layer)
+        e.decode(ctx[:-1], 0)
+        e.decode(seqs[-1], n0)
+        assert e.kv_stats().bits_per_elem == pytest.approx(3.0, abs=0.1)
+
+
 def test_mc_kl_when_the_reference_was_scored_earlier(model_path, monkeypatch):
     """A policy added to a file whose reference is complete: the reference's logits are computed again."""
     base = dict(model=model_path, tasks=("openbookqa",), data=SHARED_DATA, ref="f16", limit=5)
@@ -267,6 +294,7 @@ def test_mc_kl_when_the_reference_was_scored_earlier(model_path, monkeypatch):
     (["--kv", "q4", "--ref", "q9"], "unknown --kv value 'q9'"),
     (["--resume"], "--resume needs --json"),
     (["--ending-ubatch", "0"], "--ending-ubatch must be >= 1"),
+    (["--kv", "oracle@3", "--task", "arc-easy", "--ending-ubatch", "1"], "leave out --ending-ubatch"),
 ])
 def test_eval_bad_input(runner, args, needle):
     r = runner.invoke(app, ["eval", "--data", str(SHARED_DATA), *args])

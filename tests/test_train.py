@@ -231,4 +231,4 @@ def test_train_cli_end_to_end_and_errors(runner, tmp_path, model_path):
         r = runner.invoke(app, ["train", "--calib", str(CALIB), *bad, "--out", str(tmp_path / "x.json")])
         assert_one_line_error(r, needle)
     r = runner.invoke(app, ["chat", "--kv", "oracle@3", "-p", "hi"])
-    assert_one_line_error(r, "kvq eval --task wikitext2")
+    assert_one_line_error(r, "is for `kvq eval` only")

@@ -40,8 +40,8 @@ KVQ_POLICIES: dict[str, KvPolicy] = {
     "q2": KvPolicy("q2", kvq="static", static_bits=2),
     "rule": KvPolicy("rule", kvq="rule"),
     "adaptive": KvPolicy("adaptive", kvq="adaptive"),
-    # evaluation only (kvq eval --task wikitext2): the damage-optimal assignment measured on
-    # the scored text itself with every later query known (kvq_cli/train.py), an upper bound
+    # evaluation only (kvq eval): the damage-optimal assignment measured on the scored text
+    # itself with every later query known (kvq_cli/train.py), an upper bound
     "oracle": KvPolicy("oracle", kvq="assign"),
 }
 EVAL_ONLY = ("oracle",)
@@ -74,10 +74,10 @@ def parse_kv(value: str) -> KvPolicy:
 
 
 def require_online(policies: list[KvPolicy]) -> None:
-    """Refuse evaluation-only policies where text arrives as it is decoded (chat, bench, MC tasks)."""
+    """Refuse evaluation-only policies where text arrives as it is decoded (chat, bench, lm-eval)."""
     for p in policies:
         if p.name.split("@")[0] in EVAL_ONLY:
-            raise BadOption(f"--kv {p.name} is for `kvq eval --task wikitext2` only (it needs the text in advance)")
+            raise BadOption(f"--kv {p.name} is for `kvq eval` only (it needs the text in advance)")
 
 
 def check_budget(bits: float, what: str = "--kv-bits") -> None:
