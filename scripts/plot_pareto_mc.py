@@ -8,6 +8,9 @@ policy has complete, and the paired difference of that average vs the reference 
 the same tasks, with a bootstrap 95% interval (items resampled within each task, tasks
 weighted equally), and the mean over those tasks of the KL vs the reference on every choice
 token where the records have it. A policy missing a task is marked with the number of tasks averaged.
+The last column counts the items whose acc_norm verdict differs from the reference's, right
+where the reference was wrong (+) and wrong where it was right (-), over the same tasks: a
+perturbation that only adds noise changes items both ways about equally.
 """
 import json
 import sys
@@ -59,8 +62,9 @@ def main(src: str, dst: str, ref: str = "f16") -> None:
         return float(np.mean(b))
 
     rows = sorted(by_kv.items(), key=lambda kv: (-bits(kv[1]), kv[0]))
-    print("| KV cache | bits/elem | " + " | ".join(TASKS) + " | average | average − " + ref + " [95% CI] | KL vs " + ref + " |")
-    print("|---|---|" + "---|" * len(TASKS) + "---|---|---|")
+    print("| KV cache | bits/elem | " + " | ".join(TASKS) + " | average | average − " + ref + " [95% CI] | KL vs " + ref
+          + " | items changed vs " + ref + " (+ / −) |")
+    print("|---|---|" + "---|" * len(TASKS) + "---|---|---|---|")
     for kv, recs in rows:
         accs = [f"{100 * recs[t]['acc_norm']:.1f}" if t in recs else "-" for t in TASKS]
         avg = f"{100 * np.mean([r['acc_norm'] for r in recs.values()]):.1f}"
@@ -73,7 +77,12 @@ def main(src: str, dst: str, ref: str = "f16") -> None:
             d = f"{100 * p:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
         kls = [r.get("kl") for r in recs.values()]
         kl = "-" if kv == ref or any(k is None for k in kls) else f"{np.mean(kls):.4f}"
-        print(f"| {kv} | {bits(recs):.2f} | " + " | ".join(accs) + f" | {avg} | {d} | {kl} |")
+        ch = "-"
+        if kv != ref:
+            pairs = [(correct(recs[t]), correct(by_kv[ref][t])) for t in recs]
+            ch = (f"+{sum(int(((a == 1) & (b == 0)).sum()) for a, b in pairs)}"
+                  f" / −{sum(int(((a == 0) & (b == 1)).sum()) for a, b in pairs)}")
+        print(f"| {kv} | {bits(recs):.2f} | " + " | ".join(accs) + f" | {avg} | {d} | {kl} | {ch} |")
 
     import matplotlib
 
