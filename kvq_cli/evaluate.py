@@ -162,6 +162,12 @@ def mean_kl(ref_lps: Sequence[np.ndarray], lps: Sequence[np.ndarray]) -> float:
     return total / sum(len(r) for r in ref_lps)
 
 
+def refuse_oracle_with_ending_ubatch(policies: Sequence[KvPolicy], ending_ubatch: int | None) -> None:
+    """The oracle measures each item with every ending in one ubatch, and scores it the same way."""
+    if ending_ubatch is not None and any(p.kvq == "assign" for p in policies):
+        raise BadOption("oracle@B scores each ending in one ubatch: leave out --ending-ubatch")
+
+
 class Scorer:
     """Log-likelihoods of continuations on one engine, reusing the prefilled context.
 
@@ -176,6 +182,7 @@ class Scorer:
     """
 
     def __init__(self, engine: Engine, ending_ubatch: int | None = None):
+        refuse_oracle_with_ending_ubatch([engine.kv], ending_ubatch)
         self.engine = engine
         self.ending_ubatch = ending_ubatch
         self._head: list[int] | None = None
@@ -234,8 +241,6 @@ class Scorer:
         if self.engine.kv.kvq == "assign":   # oracle@B: measure this item's damage first, then score with it
             from kvq_cli.train import oracle_mc_assignment
 
-            if self.ending_ubatch is not None:
-                raise BadOption("oracle@B scores each ending in one ubatch: leave out --ending-ubatch")
             oracle_mc_assignment(self.engine, ctx[:-1], [ctx[-1:] + cont[:-1] for _, cont in pairs],
                                  self.engine.kvq_opts.budget_for(self.engine.kv))
             self.forget()
@@ -356,9 +361,8 @@ class EvalRun:
     def __init__(self, cfg: EvalConfig, previous: list[dict] | None = None):
         if cfg.ref is not None and cfg.ref not in [p.name for p in cfg.policies]:
             raise BadOption(f"the reference policy '{cfg.ref}' is not among the policies")
-        if cfg.ending_ubatch is not None and any(p.kvq == "assign" for p in cfg.policies) \
-                and any(t in MC_TASKS for t in cfg.tasks):
-            raise BadOption("oracle@B scores each ending in one ubatch: leave out --ending-ubatch")
+        if any(t in MC_TASKS for t in cfg.tasks):   # before any engine is loaded
+            refuse_oracle_with_ending_ubatch(cfg.policies, cfg.ending_ubatch)
         self.cfg = cfg
         old = {}
         for d in previous or []:

@@ -127,6 +127,15 @@ def layer_damage(q: np.ndarray, qpos: np.ndarray, k: np.ndarray, v: np.ndarray, 
     return dmg, n_later
 
 
+def engine_layer_damage(e: Engine, il: int, window: int, **kw) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """layer_damage of the rows held for layer il on an oracle engine (record_q), with the pools'
+    own round trips: (damage [n_keys, 3], later-query counts, key positions)."""
+    q, qpos = e.queries(il)
+    k, v, kpos, _ = e.read_layer(il)
+    d, n_later = layer_damage(q, qpos, k, v, kpos, roundtrip_deltas(e, k), roundtrip_deltas(e, v), window, **kw)
+    return d, n_later, kpos
+
+
 def collect(model: str | Path, chunks: list[list[int]], *, window: int = 32, n_ubatch: int = 32,
             n_threads: int | None = None, on_chunk: Callable[[int, int], None] | None = None) -> Collected:
     """Run the oracle over each chunk and measure features and damage of every decided (token, layer) row."""
@@ -157,10 +166,7 @@ class _Rows:
         tr = e.trace()
         self.names = tr.names
         for il in range(e.dims.n_layer):
-            q, qpos = e.queries(il)
-            k, v, kpos, _ = e.read_layer(il)
-            d, n_later = layer_damage(q, qpos, k, v, kpos, roundtrip_deltas(e, k), roundtrip_deltas(e, v), window,
-                                      q_stride=q_stride, q_from=q_from)
+            d, n_later, kpos = engine_layer_damage(e, il, window, q_stride=q_stride, q_from=q_from)
             sel = tr.layer == il
             if pos_below is not None:
                 sel &= tr.pos < pos_below
@@ -587,10 +593,7 @@ def oracle_mc_assignment(engine: Engine, head: list[int], seqs: list[list[int]],
             engine.clear_trace()
             engine.decode(seq, n0)
             for il in range(n_layer):
-                q, qpos = engine.queries(il)
-                k, v, kpos, _ = engine.read_layer(il)
-                d, _ = layer_damage(q, qpos, k, v, kpos, roundtrip_deltas(engine, k), roundtrip_deltas(engine, v), 0,
-                                    q_stride=1, q_from=n0)
+                d, _, kpos = engine_layer_damage(engine, il, 0, q_stride=1, q_from=n0)
                 ctx = kpos < n0
                 dmg[kpos[ctx], il, :3] += d[ctx]
         engine.clear_trace()
@@ -616,9 +619,7 @@ def oracle_assignment(engine: Engine, tokens: list[int], budget: float) -> np.nd
     engine.decode(tokens, 0)
     dmg = np.zeros((n, n_layer, len(PRECISIONS)))
     for il in range(n_layer):
-        q, qpos = engine.queries(il)
-        k, v, kpos, _ = engine.read_layer(il)
-        d, _ = layer_damage(q, qpos, k, v, kpos, roundtrip_deltas(engine, k), roundtrip_deltas(engine, v), window)
+        d, _, kpos = engine_layer_damage(engine, il, window)
         dmg[kpos, il, :3] = d
     engine.clear_trace()
     bits = np.full((n, n_layer), 16, np.int32)

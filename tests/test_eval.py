@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from kvq_cli.cli import app
+from kvq_cli.errors import BadOption
 from kvq_cli.evaluate import (EvalConfig, EvalRun, Scorer, bootstrap_ci, encode_pair, mc_correct)
 from kvq_cli.runtime.engine import Engine
 from kvq_cli.runtime.kv import parse_kv, parse_kv_list
@@ -255,6 +256,8 @@ def test_oracle_on_multiple_choice(model_path):
         e.decode(ctx[:-1], 0)
         e.decode(seqs[-1], n0)
         assert e.kv_stats().bits_per_elem == pytest.approx(3.0, abs=0.1)
+        with pytest.raises(BadOption, match="leave out --ending-ubatch"):
+            Scorer(e, ending_ubatch=1)
 
 
 def test_mc_kl_when_the_reference_was_scored_earlier(model_path, monkeypatch):
