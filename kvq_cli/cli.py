@@ -25,6 +25,7 @@ ModelArg = Annotated[Optional[str], typer.Argument(
          "Default: smollm2-135m-instruct (embedded).", show_default=False)]
 KvOpt = Annotated[str, typer.Option("--kv", help="KV cache policy: f16, q8, q4, q2 (kvq pools, static), rule, adaptive (the GGUF's controller, or the one kvq ships for the model), or stock llama.cpp caches stock-f16, stock-f16-fa (flash attention on), stock-q8_0, stock-q4_0, stock-q2_0. kvq policies take @BITS (adaptive@3.5).")]
 KvBitsOpt = Annotated[Optional[float], typer.Option("--kv-bits", help="kvq memory budget in bits per KV element at full context (a full pool demotes, never overflows); adaptive also steers its choices to land on it.")]
+KvCenterOpt = Annotated[str, typer.Option("--kv-center", help="kvq: subtract the controller's mean K per layer before storing K (attention is unchanged; quantized rows lose less): auto (rule/adaptive/oracle), on (every kvq policy) or off.")]
 KvWindowOpt = Annotated[Optional[int], typer.Option("--kv-window", help="kvq: recent tokens kept in f16 before a precision decision (default 0 for static, 32 for rule/adaptive).")]
 CtxOpt = Annotated[int, typer.Option("--ctx", help="Context size in tokens (0 = the model's training context).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Sampling seed (same seed, same output).")]
@@ -263,18 +264,20 @@ def inspect_cmd(
     out.print(meta)
 
 
-def kvq_options(policies, kv_bits: float | None, kv_window: int | None):
-    """Validate --kv-bits/--kv-window against the policies; the KvqOptions for the engine."""
+def kvq_options(policies, kv_bits: float | None, kv_window: int | None, kv_center: str = "auto"):
+    """Validate --kv-bits/--kv-window/--kv-center against the policies; the KvqOptions for the engine."""
     from kvq_cli.errors import BadOption
     from kvq_cli.runtime.kv import KvqOptions, check_budget
 
-    if (kv_bits is not None or kv_window is not None) and all(p.is_stock for p in policies):
-        raise BadOption(f"--kv-bits/--kv-window apply to kvq policies, not {', '.join(p.name for p in policies)}")
+    if kv_center not in ("auto", "on", "off"):
+        raise BadOption(f"--kv-center must be auto, on or off, got {kv_center}")
+    if (kv_bits is not None or kv_window is not None or kv_center != "auto") and all(p.is_stock for p in policies):
+        raise BadOption(f"--kv-bits/--kv-window/--kv-center apply to kvq policies, not {', '.join(p.name for p in policies)}")
     if kv_bits is not None:
         check_budget(kv_bits)
     if kv_window is not None and kv_window < 0:
         raise BadOption(f"--kv-window must be >= 0, got {kv_window}")
-    return KvqOptions(window=kv_window, budget_bits=kv_bits)
+    return KvqOptions(window=kv_window, budget_bits=kv_bits, k_center={"auto": None, "on": True, "off": False}[kv_center])
 
 
 @app.command("bench")
@@ -287,6 +290,7 @@ def bench_cmd(
     repeats: Annotated[int, typer.Option("--repeats", help="Interleaved repeats per policy; records keep the median.")] = 3,
     kv_bits: KvBitsOpt = None,
     kv_window: KvWindowOpt = None,
+    kv_center: KvCenterOpt = "auto",
     text: Annotated[Optional[str], typer.Option("--text", help="Text file to prefill (default: wikitext-2 from --data, else Python's stdlib docstrings).")] = None,
     data: Annotated[Optional[str], typer.Option("--data", help="Evaluation data dir (uses wikitext2/wiki.test.nonempty-lf.raw).")] = None,
     vs: Annotated[Optional[str], typer.Option("--vs", help="Baseline policies (comma-separated, among --kv): print speed ratios against the fastest of them at each context.")] = None,
@@ -315,7 +319,7 @@ def bench_cmd(
     if not ctxs or min(ctxs) < 2:
         raise BadOption("--ctx needs context lengths >= 2")
     baselines = [v.strip().lower() for v in vs.split(",") if v.strip()] if vs else None
-    opts = kvq_options(policies, kv_bits, kv_window)
+    opts = kvq_options(policies, kv_bits, kv_window, kv_center)
     for out in (json_path, plot_path):
         if out:
             check_output(out)
@@ -333,7 +337,7 @@ def bench_cmd(
         def on_run(name: str, c: int) -> None:
             progress.update(task, description=f"{name} @ {c} done", advance=1)
 
-        records = bench(gguf_for(resolved, policies), policies, ctxs, n_gen=gen, repeats=repeats, text=body, kvq=opts,
+        records = bench(gguf_for(resolved, policies, opts), policies, ctxs, n_gen=gen, repeats=repeats, text=body, kvq=opts,
                         n_threads=threads, vs=baselines, roofline=roofline, reuse_prefill=reuse_prefill,
                         on_run=on_run)
     from rich.console import Console
@@ -413,6 +417,7 @@ def train_cmd(
     seed: Annotated[int, typer.Option("--seed", help="Seed of initialisation and batching (same seed, same controller).")] = 0,
     cache: Annotated[Optional[str], typer.Option("--cache", help="NPZ of collected features and damage: read if it exists, else written (reuse across budgets); with --regime both, NAME.decode.npz and NAME.prompt.npz next to it.")] = None,
     embed_out: Annotated[Optional[str], typer.Option("--embed", help="Also write a copy of the GGUF with the controller embedded here.")] = None,
+    k_center: Annotated[bool, typer.Option("--k-center/--no-k-center", help="Center K by its mean per layer on the calibration text (saved with the controller; attention is unchanged, quantized rows lose about half their error).")] = True,
     threads: ThreadsOpt = None,
 ) -> None:
     """Learn a precision controller from the runtime's oracle on calibration text.
@@ -451,7 +456,8 @@ def train_cmd(
         data, n_held = calibration_data(resolved.path, Path(calib).read_text(encoding="utf-8", errors="replace"),
                                         regime=regime, cache=Path(cache) if cache else None, n_chunks=chunks,
                                         n_prompts=prompts, chunk_len=chunk_len, window=window, n_threads=threads,
-                                        on_chunk=lambda i, n: progress.update(task, completed=i, total=n))
+                                        on_chunk=lambda i, n: progress.update(task, completed=i, total=n),
+                                        k_center=k_center)
         fit_task = progress.add_task("fit", total=epochs)
         spec, report = train(data, budget=budget, per_layer=granularity == "token_layer", hidden=hidden,
                              seed=seed, epochs=epochs, val_chunks=n_held, objective=objective,
@@ -501,6 +507,7 @@ def eval_cmd(
     kv: Annotated[str, typer.Option("--kv", help="Comma-separated policies scored side by side on the same items.")] = "stock-f16,f16,q8,q4,q2",
     kv_bits: KvBitsOpt = None,
     kv_window: KvWindowOpt = None,
+    kv_center: KvCenterOpt = "auto",
     data: Annotated[Optional[str], typer.Option("--data", envvar="KVQ_DATA", help="Evaluation data dir (hellaswag/, arc/, openbookqa/, wikitext2/; see its SOURCES.md). Env: KVQ_DATA.")] = None,
     split: Annotated[str, typer.Option("--split", help="test, or dev (ARC and OpenBookQA) for tuning.")] = "test",
     limit: Annotated[Optional[str], typer.Option("--limit", help="Score only the first N items of each multiple-choice task, or per task: hellaswag=2000,arc-easy=500.")] = None,
@@ -546,7 +553,7 @@ def eval_cmd(
         raise BadOption("--resume needs --json PATH (the file to continue)")
     if ending_ubatch is not None and ending_ubatch < 1:
         raise BadOption(f"--ending-ubatch must be >= 1, got {ending_ubatch}")
-    opts = kvq_options(policies, kv_bits, kv_window)
+    opts = kvq_options(policies, kv_bits, kv_window, kv_center)
     previous = None
     err = _stderr_console()
     if resume and Path(json_path).exists():
@@ -557,7 +564,7 @@ def eval_cmd(
         if not isinstance(previous, list):
             raise BadOption(f"--resume: {json_path} is not a list of kvq eval records")
     resolved = resolve(model)
-    cfg = EvalConfig(model=gguf_for(resolved, policies), policies=tuple(policies), tasks=tuple(tasks), data=Path(data),
+    cfg = EvalConfig(model=gguf_for(resolved, policies, opts), policies=tuple(policies), tasks=tuple(tasks), data=Path(data),
                      split=split, limit=limits, n_ctx=ctx, ppl_ctx=ppl_ctx, ppl_tokens=tokens, kvq=opts,
                      ref=ref_name, mc_kl=mc_kl, n_threads=threads, seed=seed, ending_ubatch=ending_ubatch)
     run = EvalRun(cfg, previous)
@@ -651,6 +658,7 @@ def chat_cmd(
     kv: KvOpt = "stock-f16",
     kv_bits: KvBitsOpt = None,
     kv_window: KvWindowOpt = None,
+    kv_center: KvCenterOpt = "auto",
     ctx: CtxOpt = 2048,
     seed: SeedOpt = 0,
     max_tokens: Annotated[int, typer.Option("--max-tokens", help="Maximum tokens per reply.")] = 256,
@@ -671,7 +679,7 @@ def chat_cmd(
 
     policy = parse_kv(kv)
     require_online([policy])
-    opts = kvq_options([policy], kv_bits, kv_window)
+    opts = kvq_options([policy], kv_bits, kv_window, kv_center)
     if ctx < 0:
         raise BadOption(f"--ctx must be >= 0, got {ctx}")
     if max_tokens <= 0:
@@ -687,7 +695,7 @@ def chat_cmd(
         resolved = resolve(model)
     err = _stderr_console()
     gen = GenerationConfig(max_tokens=max_tokens, temperature=temperature, seed=seed)
-    with Engine(gguf_for(resolved, [policy]), kv=policy, n_ctx=ctx, seed=seed, n_threads=threads, kvq=opts) as engine:
+    with Engine(gguf_for(resolved, [policy], opts), kv=policy, n_ctx=ctx, seed=seed, n_threads=threads, kvq=opts) as engine:
         session = ChatSession(engine, gen, system=system)
         if prompt is not None:
             for piece in session.reply(prompt):

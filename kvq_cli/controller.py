@@ -7,6 +7,12 @@ Forward pass (the C runtime computes the same):
     bits   = precisions[argmax(logits)]
 The controller file (`kvq train --out`, `kvq embed`, `kvq convert --controller`) is JSON with
 the same fields, matrices as nested lists.
+
+K centering (optional field `k_center`, [n_layer][n_embd_kv]): the mean post-RoPE K of each layer
+on the calibration text. The runtime subtracts it from every K row before storing the row (every
+pool), which moves all of a query's scores by the same q.mu and so leaves attention unchanged,
+while the quantized pools code K - mu, which holds about half of K's energy here. The controller
+is trained with it (its features and damage are those of centered rows), so the two travel together.
 """
 from __future__ import annotations
 
@@ -18,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from kvq_cli.errors import ControllerError
-from kvq_cli.gguf_keys import Controller as K
+from kvq_cli.gguf_keys import Controller as K, Llm
 
 CONTROLLER_VERSION = 1
 # Features the runtime computes per token, by name (order in a controller is its own).
@@ -53,6 +59,7 @@ class ControllerSpec:
     granularity: str = "token"
     version: int = CONTROLLER_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
+    k_center: list[list[float]] | None = None   # [n_layer][n_embd_kv] or None
 
     @property
     def hidden(self) -> int:
@@ -94,6 +101,12 @@ class ControllerSpec:
             raise ControllerError(f"controller granularity {self.granularity!r} must be one of {', '.join(GRANULARITIES)}")
         if not math.isfinite(self.budget_bits):
             raise ControllerError("controller budget_bits is not finite")
+        if self.k_center is not None:
+            kc = self.k_center
+            if not kc or not isinstance(kc, list) or any(not isinstance(r, list) or len(r) != len(kc[0]) or not r for r in kc):
+                raise ControllerError("controller k_center must be a non-empty n_layer x n_embd_kv matrix")
+            if not all(isinstance(x, (int, float)) and math.isfinite(x) for r in kc for x in r):
+                raise ControllerError("controller k_center has non-finite values")
         return self
 
     # -- decisions (NumPy reference of the C forward pass) ------------------------
@@ -118,7 +131,8 @@ class ControllerSpec:
                 "precisions": self.precisions, "budget_bits": self.budget_bits,
                 "granularity": self.granularity, "w1": self.w1,
                 "b1": self.b1, "w2": self.w2, "b2": self.b2, "feature_mean": self.feature_mean,
-                "feature_std": self.feature_std, **({"extra": self.extra} if self.extra else {})}
+                "feature_std": self.feature_std, **({"k_center": self.k_center} if self.k_center is not None else {}),
+                **({"extra": self.extra} if self.extra else {})}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "ControllerSpec":
@@ -132,7 +146,8 @@ class ControllerSpec:
                        feature_std=[float(x) for x in d["feature_std"]],
                        budget_bits=float(d.get("budget_bits", 0.0)), version=int(d["version"]),
                        granularity=str(d.get("granularity", "token")),
-                       extra=dict(d.get("extra", {})))
+                       extra=dict(d.get("extra", {})),
+                       k_center=None if d.get("k_center") is None else [[float(x) for x in r] for r in d["k_center"]])
         except KeyError as e:
             raise ControllerError(f"controller file lacks field {e.args[0]!r}") from None
         except (TypeError, ValueError) as e:
@@ -156,7 +171,7 @@ class ControllerSpec:
             (K.FEATURE_STD, [float(x) for x in self.feature_std], "f32[]"),
             (K.BUDGET_BITS, float(self.budget_bits), "f32"),
             (K.GRANULARITY, self.granularity, "str"),
-        ]
+        ] + ([(K.K_CENTER, flat(self.k_center), "f32[]")] if self.k_center is not None else [])
 
     @classmethod
     def from_gguf_fields(cls, get) -> "ControllerSpec | None":
@@ -179,6 +194,14 @@ class ControllerSpec:
                        feature_mean=list(get(K.FEATURE_MEAN)), feature_std=list(get(K.FEATURE_STD)),
                        budget_bits=float(get(K.BUDGET_BITS) or 0.0), version=int(version),
                        granularity=str(get(K.GRANULARITY) or "token"))
+            kc = get(K.K_CENTER)
+            if kc is not None:
+                n_layer = get(Llm.BLOCK_COUNT.format(arch=get(Llm.ARCHITECTURE)))
+                kc = [float(x) for x in kc]
+                if not n_layer or len(kc) % int(n_layer):
+                    raise ControllerError(f"{K.K_CENTER} has {len(kc)} values, not one row per layer ({n_layer})")
+                per = len(kc) // int(n_layer)
+                spec.k_center = [kc[i * per:(i + 1) * per] for i in range(int(n_layer))]
         except (TypeError, ValueError) as e:
             raise ControllerError(f"GGUF controller metadata is incomplete or malformed ({e})") from None
         return spec.validate()
@@ -209,3 +232,16 @@ def controller_from_reader(reader) -> ControllerSpec | None:
         return None if f is None else f.contents()
 
     return ControllerSpec.from_gguf_fields(get)
+
+
+def model_k_center(path: str | os.PathLike) -> bool:
+    """Whether the GGUF at `path` carries a K centering (kvq.controller.k_center) the runtime would use."""
+    from kvq_cli.gguf_info import read_gguf
+
+    from kvq_cli.errors import KvqError
+
+    try:
+        spec = controller_from_reader(read_gguf(path))
+    except KvqError:   # no usable controller: the engines will say why where it matters
+        return False
+    return spec is not None and spec.k_center is not None

@@ -27,6 +27,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from kvq_cli.controller import model_k_center
 from kvq_cli.errors import BadOption, ContextOverflow
 from kvq_cli.runtime.engine import Engine
 from kvq_cli.runtime.kv import KvPolicy, KvqOptions
@@ -291,6 +292,7 @@ class EvalRecord:
     kv_bits: float | None
     kv_window: int | None
     ending_ubatch: int | None = None   # multiple choice: ending tokens per ubatch (None: the whole ending)
+    k_center: bool | None = None       # True: K stored centered (--kv-center); None: as is
     n: int = 0                   # items scored (multiple choice) or tokens scored (wikitext2)
     complete: bool = False
     bits_per_elem: float | None = None
@@ -316,7 +318,8 @@ class EvalRecord:
 
     @property
     def key(self) -> tuple:
-        return (self.task, self.kv, self.split, self.model, self.ctx, self.kv_bits, self.kv_window, self.ending_ubatch)
+        return (self.task, self.kv, self.split, self.model, self.ctx, self.kv_bits, self.kv_window, self.ending_ubatch,
+                self.k_center)
 
     @classmethod
     def from_json(cls, d: dict) -> "EvalRecord":
@@ -374,13 +377,15 @@ class EvalRun:
             old[r.key] = r
         self.records: list[EvalRecord] = []
         wanted = set()
+        centered = model_k_center(cfg.model)
         for task in cfg.tasks:
             for p in cfg.policies:
                 ctx = cfg.ppl_ctx if task == "wikitext2" else cfg.n_ctx
                 r = EvalRecord(task=task, kv=p.name, split=cfg.split, model=cfg.model.name, ctx=ctx,
                                kv_bits=cfg.kvq.budget_for(p),
                                kv_window=None if p.is_stock else cfg.kvq.window_for(p), ref=cfg.ref,
-                               ending_ubatch=None if task == "wikitext2" else cfg.ending_ubatch)
+                               ending_ubatch=None if task == "wikitext2" else cfg.ending_ubatch,
+                               k_center=True if centered and not p.is_stock and cfg.kvq.k_center_for(p) else None)
                 self.records.append(old.get(r.key, r))
                 wanted.add(r.key)
         # records of other tasks/policies in the resumed file are kept as they are

@@ -111,19 +111,24 @@ def resolve(name: str | None) -> ResolvedModel:
     return ResolvedModel(spec.alias, path, spec)
 
 
-def gguf_for(resolved: ResolvedModel, policies) -> Path:
+def gguf_for(resolved: ResolvedModel, policies, opts=None) -> Path:
     """The GGUF to load for these policies.
 
-    `--kv adaptive` needs a controller in the GGUF. When the file has none and kvq ships a
-    default controller for the model's alias (kvq_cli/controllers/ALIAS.json), a copy with
-    it embedded is made once under $KVQ_HOME/models (named by the controller's hash) and used.
+    `--kv adaptive` needs a controller in the GGUF, and rule and oracle policies use its K
+    centering (kvq.controller.k_center), so that every mixed-precision cache of a run stores the
+    same rows. When the file has no controller and kvq ships a default one for the model's
+    alias (kvq_cli/controllers/ALIAS.json), a copy with it embedded is made once under
+    $KVQ_HOME/models (named by the controller's hash) and used. Static caches use the centering
+    only when asked (`opts.k_center`, `--kv-center on`); stock caches read neither.
     """
     import hashlib
 
     from kvq_cli.controller import controller_from_reader, default_controller_path, load_controller
     from kvq_cli.gguf_info import read_gguf
 
-    if resolved.spec is None or not any(getattr(p, "kvq", None) == "adaptive" for p in policies):
+    if resolved.spec is None or not any(getattr(p, "kvq", None) in ("adaptive", "rule", "assign")
+                                        or (getattr(p, "kvq", None) and opts is not None and opts.k_center)
+                                        for p in policies):
         return resolved.path
     shipped = default_controller_path(resolved.spec.alias)
     if shipped is None or any(k.startswith("kvq.controller.") for k in read_gguf(resolved.path).fields):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from kvq_cli.cli import app
-from kvq_cli.errors import ControllerError
+from kvq_cli.errors import BadOption, ControllerError
 from kvq_cli.runtime._lib import kvq_lib
 from kvq_cli.runtime.engine import Engine
 from kvq_cli.runtime.kv import KvPolicy, KvqOptions, parse_kv
@@ -270,3 +270,90 @@ def test_malformed_controller_metadata_is_a_clear_error(runner, model_path, tmp_
 def test_budget_too_small_is_a_clear_error(runner):
     r = runner.invoke(app, ["chat", "--kv", "rule", "--kv-bits", "2.1", "--kv-window", "64", "--ctx", "256", "-p", "hi"])
     assert_one_line_error(r, "budget too small")
+
+
+def _layer_k(e, n):
+    """K of every layer [N_LAYER, n, N_EMBD_KV], rows in position order."""
+    out = []
+    for il in range(N_LAYER):
+        k, _, kpos, _ = e.read_layer(il)
+        assert len(kpos) == n
+        out.append(k[np.argsort(kpos)])
+    return np.stack(out)
+
+
+def _assigned_logits(model, toks, bits, center=None, **kw):
+    # 16-token ubatches: rows are stored at their precision after each ubatch (inside it they are f16)
+    with Engine(model, kv=ASSIGN, n_ctx=512, n_batch=16, n_ubatch=16, logits_all=True, kvq=KvqOptions(window=0, **kw)) as e:
+        if center is not None:
+            e.set_k_center(center)
+        e.set_assignment(bits)
+        e.llm.eval(toks)
+        return np.array(e.llm.scores[:len(toks)], dtype=np.float64), _layer_k(e, len(toks))
+
+
+def test_k_center_keeps_attention_and_lowers_quantized_damage(converted_f16):
+    """Centered K (llama_kvq_set_k_center): every score of a query moves by q.mu, so f16 logits stay
+    those of plain K, rows read back are K - mu, and 2-bit rows of K - mu lose less than of K.
+    f16 weights: no activation quantization to amplify f16 rounding (see the test above)."""
+    model_path = converted_f16
+    n = 200
+    with Engine(model_path, kv=parse_kv("f16"), n_ctx=512) as e:
+        toks = e.tokenize(TEXT)[:n]
+    f16 = np.full(n, 16, np.int32)
+    ref, K = _assigned_logits(model_path, toks, f16)
+    mu = K[:, 1:].mean(1)
+    assert (mu ** 2).sum(-1).mean() > 0.3 * (K[:, 1:] ** 2).sum(-1).mean()   # much of K's energy is its mean
+    got, Kc = _assigned_logits(model_path, toks, f16, center=mu)
+    assert kl(ref, got) < 1e-4 and (ref.argmax(-1) == got.argmax(-1)).mean() > 0.99
+    assert np.abs(Kc - (K - mu[:, None])).max() < 0.02 * np.abs(K).max()   # f16 rounding only
+    # the attention sink (position 0) at f16, every other row at 2 bits
+    two = np.full(n, 2, np.int32)
+    two[0] = 16
+    plain = kl(ref, _assigned_logits(model_path, toks, two)[0])
+    centered = kl(ref, _assigned_logits(model_path, toks, two, center=mu)[0])
+    assert centered < 0.8 * plain, (centered, plain)
+    with Engine(model_path, kv=ASSIGN, n_ctx=64) as e:
+        with pytest.raises(BadOption, match="n_layer x n_embd_kv = 5760"):
+            e.set_k_center(mu[:2])
+        e.llm.eval(toks[:4])
+        with pytest.raises(BadOption, match="before any row is stored"):
+            e.set_k_center(mu)
+
+
+def test_k_center_travels_in_the_gguf(runner, model_path, tmp_path):
+    """kvq.controller.k_center: written by embed, read back by Python and by the runtime (mixed-precision
+    policies center K with it; static ones store K as is); a wrong shape is one clear line."""
+    from kvq_cli.controller import controller_from_reader, load_controller
+    from kvq_cli.embed import embed
+    from kvq_cli.gguf_info import read_gguf
+
+    mu = np.random.default_rng(0).normal(size=(N_LAYER, N_EMBD_KV)).astype(np.float32)
+    ctrl = load_controller(GOLDEN / "controller_handmade.json")
+    ctrl.k_center = mu.tolist()
+    path = tmp_path / "c.gguf"
+    embed(model_path, ctrl, path)
+    back = controller_from_reader(read_gguf(path))
+    np.testing.assert_array_equal(np.array(back.k_center, np.float32), mu)
+    with Engine(model_path, kv=parse_kv("f16"), n_ctx=128) as e:
+        toks = e.tokenize(TEXT)[:16]
+    ks = {}
+    for name, kv in (("plain", parse_kv("f16")), ("static", parse_kv("f16")), ("assign", ASSIGN)):
+        with Engine(model_path if name == "plain" else path, kv=kv, n_ctx=128, kvq=KvqOptions(window=0)) as e:
+            e.llm.eval(toks)
+            ks[name] = _layer_k(e, len(toks))
+    np.testing.assert_array_equal(ks["static"], ks["plain"])
+    assert np.abs(ks["assign"] - (ks["plain"] - mu[:, None])).max() < 0.02 * np.abs(ks["plain"]).max()
+    ctrl.k_center = mu[:, :64].tolist()
+    with pytest.raises(ControllerError, match="k_center is 30x64, but .* needs n_layer x n_embd_kv = 30x192"):
+        embed(model_path, ctrl, tmp_path / "bad.gguf")
+    assert not (tmp_path / "bad.gguf").exists()
+    for n in (7, 60):   # Python's reader refuses 7; 60 is 30 rows of 2, which the runtime refuses
+        items = load_controller(GOLDEN / "controller_handmade.json").gguf_items() + [("kvq.controller.k_center", [0.5] * n, "f32[]")]
+        bad = _controller_gguf(tmp_path, model_path, items)
+        r = runner.invoke(app, ["chat", str(bad), "--kv", "adaptive", "-p", "hi"])
+        assert_one_line_error(r, f"kvq.controller.k_center has {n} values")
+    r = runner.invoke(app, ["chat", "--kv", "q4", "--kv-center", "maybe", "-p", "hi"])
+    assert_one_line_error(r, "--kv-center must be auto, on or off")
+    r = runner.invoke(app, ["chat", "--kv", "stock-f16", "--kv-center", "on", "-p", "hi"])
+    assert_one_line_error(r, "apply to kvq policies")

@@ -152,6 +152,7 @@ class Engine:
         p.record_q = int(opts.record_q)
         if opts.price_step is not None:
             p.price_step = float(opts.price_step)
+        p.k_center = int(opts.k_center_for(kv))
         if kv.kvq == "static":
             p.policy, p.static_bits = L.POLICY_STATIC, kv.static_bits
         elif kv.kvq == "rule":
@@ -345,6 +346,16 @@ class Engine:
 
         b = np.ascontiguousarray(bits, np.int32)
         self._check(self._kvq().llama_kvq_set_assignment(self.llm.ctx, _ptr(b), len(b)), "assignment")
+
+    def set_k_center(self, k_mu) -> None:
+        """K centering vectors [n_layer, n_embd_kv] (None: none); before the first decode."""
+        import numpy as np
+
+        if k_mu is None:
+            self._check(self._kvq().llama_kvq_set_k_center(self.llm.ctx, None, 0), "K centering")
+            return
+        m = np.ascontiguousarray(k_mu, np.float32).reshape(-1)
+        self._check(self._kvq().llama_kvq_set_k_center(self.llm.ctx, _ptr(m), len(m)), "K centering")
 
     # -- chat -----------------------------------------------------------------------
     def chat_prompt_tokens(self, messages: list[dict[str, str]]) -> int:

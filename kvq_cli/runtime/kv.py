@@ -106,6 +106,12 @@ class KvqOptions:
     attn_ref: bool = False   # reference attention kernel instead of the fused one (tests, A/B)
     record_q: bool = False   # keep every query row (Engine.queries; the training oracle)
     price_step: float | None = None  # adaptive with a budget: how fast the price per bit moves (None: runtime default)
+    # K centering with the model's kvq.controller.k_center (None: on for mixed-precision policies,
+    # off for static ones, whose rows then match the stock caches of their type)
+    k_center: bool | None = None
+
+    def k_center_for(self, policy: KvPolicy) -> bool:
+        return self.k_center if self.k_center is not None else policy.kvq != "static"
 
     def budget_for(self, policy: KvPolicy) -> float | None:
         """The policy's own budget (`rule@3`), else --kv-bits; None for stock caches."""
