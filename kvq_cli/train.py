@@ -26,6 +26,7 @@ online so the cache lands at B effective bits (llama_kvq_params.price_step).
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from dataclasses import dataclass, field
@@ -64,6 +65,7 @@ class Collected:
     chunk: np.ndarray         # [n]
     names: list[str]
     n_layer: int
+    k_center: np.ndarray | None = None   # [n_layer, n_embd_kv]: the K centering the rows were stored with
 
 
 def calibration_chunks(engine: Engine, text: str, chunk_len: int, n_chunks: int) -> list[list[int]]:
@@ -75,6 +77,24 @@ def calibration_chunks(engine: Engine, text: str, chunk_len: int, n_chunks: int)
         raise BadOption(f"the calibration text has {len(toks)} tokens, fewer than one chunk of {chunk_len}")
     bos = engine.llm.token_bos()
     return [[bos] + toks[i * per:(i + 1) * per] for i in range(n)]
+
+
+def k_center_of(model: str | Path, chunks: list[list[int]], n_threads: int | None = None) -> np.ndarray:
+    """K centering [n_layer, n_embd_kv]: the mean post-RoPE K of each layer over the chunks'
+    positions >= 1 (position 0, the attention sink, is far from every other row and would pull the mean)."""
+    n_ctx = max(len(c) for c in chunks)
+    total, n = None, 0
+    with Engine(model, kv=KvPolicy("f16", kvq="static"), n_ctx=n_ctx, n_batch=n_ctx, n_threads=n_threads,
+                kvq=KvqOptions(window=0, k_center=False)) as e:
+        for chunk in chunks:
+            e.decode(chunk, 0)
+            sums = []
+            for il in range(e.dims.n_layer):
+                k, _, kpos, _ = e.read_layer(il)
+                sums.append(k[kpos >= 1].sum(0, dtype=np.float64))
+            total = np.stack(sums) if total is None else total + np.stack(sums)
+            n += int((kpos >= 1).sum())
+    return (total / max(n, 1)).astype(np.float32)
 
 
 def roundtrip_deltas(engine: Engine, x: np.ndarray) -> list[np.ndarray]:
@@ -137,19 +157,22 @@ def engine_layer_damage(e: Engine, il: int, window: int, **kw) -> tuple[np.ndarr
 
 
 def collect(model: str | Path, chunks: list[list[int]], *, window: int = 32, n_ubatch: int = 32,
-            n_threads: int | None = None, on_chunk: Callable[[int, int], None] | None = None) -> Collected:
-    """Run the oracle over each chunk and measure features and damage of every decided (token, layer) row."""
+            n_threads: int | None = None, on_chunk: Callable[[int, int], None] | None = None,
+            k_center: np.ndarray | None = None) -> Collected:
+    """Run the oracle over each chunk and measure features and damage of every decided (token, layer) row
+    (K stored centered by k_center when given, as the runtime will store it)."""
     rows = _Rows()
     n_ctx = max(len(c) for c in chunks)
     opts = KvqOptions(window=window, trace=True, per_layer=True, record_q=True)
     with Engine(model, kv=ORACLE, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ubatch, n_threads=n_threads, kvq=opts) as e:
+        e.set_k_center(k_center)
         for ci, chunk in enumerate(chunks):
             e.clear_trace()
             e.decode(chunk, 0)
             rows.add_chunk(e, ci, window=window, min_future=MIN_FUTURE)
             if on_chunk:
                 on_chunk(ci + 1, len(chunks))
-        return rows.collected(e.dims.n_layer)
+        return rows.collected(e.dims.n_layer, k_center)
 
 
 class _Rows:
@@ -178,9 +201,9 @@ class _Rows:
             self.parts.append((tr.features[rows], np.concatenate([d[idx], np.zeros((len(idx), 1))], 1),
                                np.full(len(rows), il, np.int32), tr.pos[rows], np.full(len(rows), ci, np.int32)))
 
-    def collected(self, n_layer: int) -> Collected:
+    def collected(self, n_layer: int, k_center: np.ndarray | None = None) -> Collected:
         f, d, layer, pos, chunk = (np.concatenate(x) for x in zip(*self.parts))
-        return Collected(f, d, layer, pos, chunk, self.names, n_layer)
+        return Collected(f, d, layer, pos, chunk, self.names, n_layer, k_center)
 
 
 def prompt_chunks(engine: Engine, text: str, n_chunks: int, *, min_ctx: int = PROMPT_MIN, max_ctx: int = PROMPT_MAX,
@@ -202,7 +225,7 @@ def prompt_chunks(engine: Engine, text: str, n_chunks: int, *, min_ctx: int = PR
 
 
 def collect_prompts(model: str | Path, pairs: list[tuple[list[int], list[int]]], *, n_threads: int | None = None,
-                    on_chunk: Callable[[int, int], None] | None = None) -> Collected:
+                    on_chunk: Callable[[int, int], None] | None = None, k_center: np.ndarray | None = None) -> Collected:
     """The prompt regime (multiple choice, `kvq eval --kv-window 0`): each prompt is prefilled in one
     ubatch and every row is decided right after it (W = 0), from the attention of the prompt's own
     queries; damage is measured with the queries of the continuation only, which are the ones
@@ -211,6 +234,7 @@ def collect_prompts(model: str | Path, pairs: list[tuple[list[int], list[int]]],
     n_ctx = max(len(a) + len(b) for a, b in pairs)
     opts = KvqOptions(window=0, trace=True, per_layer=True, record_q=True)
     with Engine(model, kv=ORACLE, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=n_threads, kvq=opts) as e:
+        e.set_k_center(k_center)
         for ci, (ctx, cont) in enumerate(pairs):
             e.clear_trace()
             e.decode(ctx, 0)
@@ -218,7 +242,7 @@ def collect_prompts(model: str | Path, pairs: list[tuple[list[int], list[int]]],
             rows.add_chunk(e, ci, window=0, min_future=len(cont), q_stride=1, q_from=len(ctx), pos_below=len(ctx))
             if on_chunk:
                 on_chunk(ci + 1, len(pairs))
-        return rows.collected(e.dims.n_layer)
+        return rows.collected(e.dims.n_layer, k_center)
 
 
 def per_token(c: Collected) -> Collected:
@@ -233,7 +257,7 @@ def per_token(c: Collected) -> Collected:
     f /= counts[:, None]
     return Collected(f[full].astype(np.float32), d[full], np.full(full.sum(), -1, np.int32),
                      (uniq % 1_000_000)[full].astype(np.int32), (uniq // 1_000_000)[full].astype(np.int32),
-                     c.names, c.n_layer)
+                     c.names, c.n_layer, c.k_center)
 
 
 def price_for(damage: np.ndarray, budget: float, costs: np.ndarray = EFF_BITS) -> float:
@@ -453,7 +477,8 @@ def train(c: Collected, *, budget: float, per_layer: bool, hidden: int = 16, see
     spec = ControllerSpec(features=names, precisions=list(PRECISIONS), w1=w1.tolist(), b1=b1.tolist(),
                           w2=w2.tolist(), b2=b2.tolist(), feature_mean=mean.tolist(), feature_std=std.tolist(),
                           budget_bits=float(budget), granularity="token_layer" if per_layer else "token",
-                          extra={"seed": seed, "objective": objective}).validate()
+                          extra={"seed": seed, "objective": objective},
+                          k_center=None if c.k_center is None else c.k_center.tolist()).validate()
     zv = (x[val] - mean) / std
     logits = _forward(params, zv)[2]
     pred = logits.argmax(1)
@@ -505,25 +530,33 @@ def merge_regimes(dec: Collected, pro: Collected, val_dec: int, val_pro: int) ->
     chunk = np.concatenate([[ids[("d", c)] for c in dec.chunk], [ids[("p", c)] for c in pro.chunk]]).astype(np.int32)
     merged = Collected(np.concatenate([dec.features, pro.features]), np.concatenate([dec.damage, pro.damage * scale]),
                        np.concatenate([dec.layer, pro.layer]), np.concatenate([dec.pos, pro.pos]), chunk,
-                       dec.names, dec.n_layer)
+                       dec.names, dec.n_layer, dec.k_center)
     return merged, val_dec + val_pro
 
 
 def calibration_data(model: str | Path, text: str, *, regime: str, cache: Path | None, n_chunks: int, n_prompts: int,
                      chunk_len: int, window: int, n_threads: int | None = None,
-                     on_chunk: Callable[[int, int], None] | None = None) -> tuple[Collected, int]:
+                     on_chunk: Callable[[int, int], None] | None = None,
+                     k_center: bool = True) -> tuple[Collected, int]:
     """The training rows of a regime (decode, prompt or both) and how many chunks are held out.
 
+    With k_center, K is centered by its mean per layer over the decode chunks (k_center_of) in
+    every pass, and the rows carry that centering (Collected.k_center, saved with the controller).
     With --regime both the cache is two files next to `cache`: NAME.decode.npz and NAME.prompt.npz."""
     if regime not in REGIMES:
         raise BadOption(f"--regime must be one of {', '.join(REGIMES)}, got {regime}")
+    center = None
+    if k_center:
+        with Engine(model, kv=KvPolicy("f16", kvq="static"), n_ctx=chunk_len) as tok:
+            center = k_center_of(model, calibration_chunks(tok, text, chunk_len, n_chunks), n_threads)
     parts = ("decode", "prompt") if regime == "both" else (regime,)
     held = {"decode": 2, "prompt": max(2, int(n_prompts * PROMPT_HELD_OUT))}
     got = {}
     for r in parts:
         where = cache.with_name(f"{cache.stem}.{r}.npz") if cache is not None and regime == "both" else cache
         got[r] = collect_cached(model, text, cache=where, n_chunks=n_chunks if r == "decode" else n_prompts,
-                                chunk_len=chunk_len, window=window, regime=r, n_threads=n_threads, on_chunk=on_chunk)
+                                chunk_len=chunk_len, window=window, regime=r, n_threads=n_threads, on_chunk=on_chunk,
+                                k_center=center)
     if regime == "both":
         return merge_regimes(got["decode"], got["prompt"], held["decode"], held["prompt"])
     return got[regime], held[regime]
@@ -531,7 +564,7 @@ def calibration_data(model: str | Path, text: str, *, regime: str, cache: Path |
 
 def collect_cached(model: str | Path, text: str, *, cache: Path | None, n_chunks: int, chunk_len: int,
                    window: int, regime: str = "decode", n_threads: int | None = None,
-                   on_chunk: Callable[[int, int], None] | None = None) -> Collected:
+                   on_chunk: Callable[[int, int], None] | None = None, k_center: np.ndarray | None = None) -> Collected:
     """collect() (regime decode) or collect_prompts() (regime prompt) over the calibration text,
     read from / written to an NPZ cache when given."""
     if regime not in ("decode", "prompt"):
@@ -540,6 +573,8 @@ def collect_cached(model: str | Path, text: str, *, cache: Path | None, n_chunks
     if regime == "prompt":
         meta = {"model": Path(model).name, "n_chunks": n_chunks, "regime": regime,
                 "prompts": f"{PROMPT_MIN}-{PROMPT_MAX}+{PROMPT_CONT}"}
+    # a digest of the centering: rows collected with another one (or none) are not reused
+    meta["k_center"] = "none" if k_center is None else hashlib.sha256(np.ascontiguousarray(k_center, np.float32).tobytes()).hexdigest()[:16]
     if cache is not None and cache.is_file():
         try:
             z = np.load(cache, allow_pickle=False)
@@ -551,15 +586,15 @@ def collect_cached(model: str | Path, text: str, *, cache: Path | None, n_chunks
         if on_chunk:
             on_chunk(n_chunks, n_chunks)
         return Collected(z["features"], z["damage"], z["layer"], z["pos"], z["chunk"],
-                         [str(n) for n in z["names"]], int(z["n_layer"]))
+                         [str(n) for n in z["names"]], int(z["n_layer"]), k_center)
     if regime == "prompt":
         with Engine(model, kv=KvPolicy("f16", kvq="static"), n_ctx=PROMPT_MAX + PROMPT_CONT) as tok:
             pairs = prompt_chunks(tok, text, n_chunks)
-        c = collect_prompts(model, pairs, n_threads=n_threads, on_chunk=on_chunk)
+        c = collect_prompts(model, pairs, n_threads=n_threads, on_chunk=on_chunk, k_center=k_center)
     else:
         with Engine(model, kv=KvPolicy("f16", kvq="static"), n_ctx=chunk_len) as tok:
             chunks = calibration_chunks(tok, text, chunk_len, n_chunks)
-        c = collect(model, chunks, window=window, n_threads=n_threads, on_chunk=on_chunk)
+        c = collect(model, chunks, window=window, n_threads=n_threads, on_chunk=on_chunk, k_center=k_center)
     if cache is not None:
         from kvq_cli.gguf_write import atomic_output
 

@@ -24,14 +24,16 @@ fi
 # 2. every family side by side: 8 chunks of 2048 tokens, second halves scored (8,192 tokens)
 common=(--data "$data" --task wikitext2 --tokens 16384 --ppl-ctx 2048 --ref stock-f16)
 resume() { [ -f "$1" ] && echo --resume || true; }
-# Steps 2 and 4 first re-key the records of the policies that do not read the controller (static,
-# stock, rule, oracle) to the GGUF copy of the current controller (seed_records.py), so only the
-# adaptive rows run again after the controller changes (WIKI_ADAPTIVE: the budgets of step 2).
+# Steps 2 and 4 first re-key the records of the policies that read neither the controller nor its
+# K centering (static, stock) to the GGUF copy of the current controller (seed_records.py), so
+# only the mixed-precision rows (adaptive, rule, oracle) run again after the controller changes
+# (WIKI_ADAPTIVE / WIKI_ORACLE: the budgets of step 2).
 if step 2; then
   [ -f results/pareto_wikitext2.json ] && .venv/bin/python scripts/seed_records.py results/pareto_wikitext2.json results/pareto_wikitext2.json wikitext2
   adaptive=$(for b in ${WIKI_ADAPTIVE:-3 3.5 4 4.5 5 6}; do printf ',adaptive@%s' "$b"; done)
+  oracle=$(for b in ${WIKI_ORACLE:-3 3.5 4}; do printf ',oracle@%s' "$b"; done)
   $kvq eval "${common[@]}" --json results/pareto_wikitext2.json $(resume results/pareto_wikitext2.json) \
-    --kv stock-f16,stock-q8_0,stock-q4_0,f16,q8,q4,q2,rule@3,rule@3.5,rule@4,rule@5$adaptive,oracle@3,oracle@3.5,oracle@4
+    --kv stock-f16,stock-q8_0,stock-q4_0,f16,q8,q4,q2,rule@3,rule@3.5,rule@4,rule@5$adaptive$oracle
 fi
 # 3. per-token decisions (same chunks, same reference)
 if step 3; then

@@ -2,12 +2,13 @@
 
     python scripts/seed_records.py SRC.json DST.json {mc,wikitext2}
 
-A run that includes `adaptive` evaluates the GGUF copy with the shipped controller embedded,
-whose file name (with the controller's hash) is part of each record's resume key. The static,
-stock, rule and oracle policies do not read the controller, so their records in SRC (the same
-weights, run without adaptive or with an earlier controller) would not be found by --resume and
-would be scored again. This copies SRC's complete records of every policy but `adaptive*`, of the
-multiple-choice tasks or of wikitext-2, into DST under the current copy's name. DST keeps its
+A run that includes a mixed-precision policy (adaptive, rule, oracle) evaluates the GGUF copy with
+the shipped controller embedded, whose file name (with the controller's hash) is part of each
+record's resume key. The static and stock policies read neither the controller nor its K
+centering (which rule and oracle use), so their records in SRC (the same weights, run alone or
+with an earlier controller) would not be found by --resume and would be scored again. This
+copies SRC's complete records of the static and stock policies, of the multiple-choice tasks or
+of wikitext-2, into DST under the current copy's name. DST keeps its
 own records of that copy; records of other copies (an earlier controller) are dropped. SRC may
 be DST. Scoring is deterministic: re-running the static policies against the copy gave the same
 per-item results on every item compared.
@@ -24,6 +25,7 @@ from kvq_cli.runtime.kv import parse_kv  # noqa: E402
 from kvq_cli.tasks import MC_TASKS  # noqa: E402
 
 GROUPS = {"mc": set(MC_TASKS), "wikitext2": {"wikitext2"}}
+MIXED = ("adaptive", "rule", "assign")   # policies that read the embedded controller or its K centering
 
 
 def key(r: dict) -> tuple:
@@ -34,7 +36,7 @@ def main(src: str, dst: str, group: str) -> None:
     name = gguf_for(resolve(None), [parse_kv("adaptive")]).name
     tasks = GROUPS[group]
     seeds = [dict(r, model=name) for r in json.load(open(src))
-             if r["task"] in tasks and r.get("complete") and not r["kv"].startswith("adaptive")]
+             if r["task"] in tasks and r.get("complete") and parse_kv(r["kv"]).kvq not in MIXED]
     seeded = {key(r) for r in seeds}
     old = json.load(open(dst)) if os.path.exists(dst) else []
     kept = [r for r in old if r["model"] == name and key(r) not in seeded]

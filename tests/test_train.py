@@ -205,9 +205,18 @@ def test_train_cli_end_to_end_and_errors(runner, tmp_path, model_path):
     assert r.exit_code == 0, r.output
     spec = load_controller(out)
     assert spec.granularity == "token_layer" and "attn_recv" in spec.features and cache.is_file()
+    # K centering: the mean K per layer of the calibration chunks travels with the controller
+    kc = np.array(spec.k_center)
+    assert kc.shape == (30, 192) and np.isfinite(kc).all() and np.abs(kc).max() > 0.1
     r = runner.invoke(app, args[:-4] + ["--out", str(tmp_path / "d.json"), "--cache", str(cache), "--granularity", "token"])
     assert r.exit_code == 0, r.output   # reuses the cache
-    assert load_controller(tmp_path / "d.json").granularity == "token"
+    d = load_controller(tmp_path / "d.json")
+    assert d.granularity == "token" and d.k_center == spec.k_center   # deterministic
+    r = runner.invoke(app, args[:-4] + ["--out", str(tmp_path / "n.json"), "--cache", str(cache), "--no-k-center"])
+    assert_one_line_error(r, "was collected with")   # rows stored uncentered are other rows
+    r = runner.invoke(app, args[:-4] + ["--out", str(tmp_path / "n.json"), "--no-k-center"])
+    assert r.exit_code == 0, r.output
+    assert load_controller(tmp_path / "n.json").k_center is None
     r = runner.invoke(app, ["train", "--calib", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "x.json")])
     assert_one_line_error(r, "no such file")
     r = runner.invoke(app, ["train", "--calib", str(CALIB), "--budget", "1", "--out", str(tmp_path / "x.json")])
