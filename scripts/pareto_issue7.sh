@@ -43,7 +43,9 @@ if step 3; then
     --kv stock-f16,adaptive@3,adaptive@3.5,adaptive@4,adaptive@5
 fi
 if step 2 || step 3; then
-  .venv/bin/python scripts/plot_pareto.py results/pareto_wikitext2.json results/pareto_per_token.json results/pareto_wikitext2.png
+  # with the adaptive rows of the controller before K centering (results/pareto_wikitext2_uncentered.json)
+  .venv/bin/python scripts/plot_pareto.py results/pareto_wikitext2.json results/pareto_wikitext2_uncentered.json \
+    results/pareto_per_token.json results/pareto_wikitext2.png
 fi
 # 4. multiple-choice accuracy of the adaptive policy on the items of issue 6. Items are short
 # (tens of tokens), so W = 0: every context row is decided when the context has been prefilled,

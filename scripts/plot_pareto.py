@@ -1,7 +1,9 @@
 """Draw KL-vs-bits and perplexity-vs-bits Pareto plots from `kvq eval --task wikitext2 --json` files.
 
     python scripts/plot_pareto.py A.json [B.json ...] OUT.png
-Records of the second and later files are labelled as per-token adaptive ("adaptive/token").
+Every family of the first file is drawn; of the second and later files only the adaptive rows,
+labelled by the file's name ("adaptive (pareto_per_token)"). Rule, adaptive and oracle records
+of K-centered runs (`k_center` true) are labelled "... K centered".
 """
 import json
 import os
@@ -13,13 +15,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def family(kv: str, extra: bool) -> str:
-    name = kv.split("@")[0]
+def family(r: dict, src: str | None) -> str:
+    name = r["kv"].split("@")[0]
     if name.startswith("stock-"):
         return "stock llama.cpp"
     if name in ("f16", "q8", "q4", "q2"):
-        return "kvq static"
-    return f"{name}/token" if extra and name == "adaptive" else name
+        return "kvq static" + (", K centered" if r.get("k_center") else "")
+    name += ", K centered" if r.get("k_center") else ""
+    return f"{name} ({os.path.splitext(os.path.basename(src))[0]})" if src else name
 
 
 def main(srcs, dst):
@@ -31,7 +34,7 @@ def main(srcs, dst):
         for r in json.load(open(src)):
             if r["task"] != "wikitext2" or r.get("kl") is None or (i and not r["kv"].startswith("adaptive")):
                 continue
-            points.setdefault(family(r["kv"], i > 0), []).append((r["bits_per_elem"], r["kl"], r["ppl"], r["kv"]))
+            points.setdefault(family(r, src if i else None), []).append((r["bits_per_elem"], r["kl"], r["ppl"], r["kv"]))
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     for fam, pts in sorted(points.items()):
         pts.sort()

@@ -20,10 +20,10 @@ import numpy as np
 TASKS = ["hellaswag", "arc-easy", "arc-challenge", "openbookqa"]
 
 
-def family(kv: str) -> str:
+def family(rec: dict) -> str:
     from plot_pareto import family as wikitext_family  # the same legend families as the KL plot
 
-    return wikitext_family(kv, False)
+    return wikitext_family(rec, None)
 
 
 def correct(r) -> np.ndarray:
@@ -102,7 +102,7 @@ def main(src: str, dst: str, ref: str = "f16") -> None:
                 x, y = float(np.mean(recs[t]["state"]["bits"])), recs[t]["acc_norm"]
             else:
                 continue
-            fams.setdefault(family(kv), []).append((x, 100 * y, kv))
+            fams.setdefault(family(next(iter(recs.values()))), []).append((x, 100 * y, kv))
         for fam, pts in sorted(fams.items()):
             pts.sort()
             style = "o--" if fam in ("kvq static", "stock llama.cpp") else "o-"
