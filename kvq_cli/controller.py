@@ -11,7 +11,7 @@ the same fields, matrices as nested lists.
 K centering (optional field `k_center`, [n_layer][n_embd_kv]): the mean post-RoPE K of each layer
 on the calibration text. The runtime subtracts it from every K row before storing the row (every
 pool), which moves all of a query's scores by the same q.mu and so leaves attention unchanged,
-while the quantized pools code K - mu, which holds about half of K's energy here. The controller
+while the quantized pools code K - mu, a smaller signal than K. The controller
 is trained with it (its features and damage are those of centered rows), so the two travel together.
 """
 from __future__ import annotations
