@@ -187,6 +187,37 @@ def test_budget_knob_lands_on_the_budget(model_path, runner):
     assert "bits/elem" in r.stderr
 
 
+def test_budget_knob_on_short_prompts_with_rolled_back_continuations(model_path):
+    # multiple-choice scoring with W = 0: each prompt but its last token is prefilled (every row
+    # decided after it), then several continuations are decoded after it in turn, each rolling the
+    # previous one back. Rolled back rows take their decisions out of the price, so scoring four
+    # continuations decides every kept row as scoring only the last one does, and the bits the cache
+    # keeps land on the budget.
+    from kvq_cli.models import ResolvedModel, get_spec, gguf_for
+
+    path = gguf_for(ResolvedModel("smollm2-135m-instruct", model_path, get_spec("smollm2-135m-instruct")),
+                    [parse_kv("adaptive")])
+    opts = KvqOptions(window=0)
+    with Engine(path, kv=parse_kv("adaptive"), n_ctx=256, n_ubatch=256, kvq=opts) as e:
+        toks = e.tokenize(WIKI.read_text(encoding="utf-8")[:60000])
+    rng = np.random.default_rng(0)
+    prompts = [toks[o:o + n] for o, n in zip(rng.integers(0, len(toks) - 200, 30), rng.integers(16, 128, 30))]
+    conts = [toks[c * 7:c * 7 + 6] for c in range(4)]
+    for budget in (3.0, 4.0):
+        held = {}
+        for n_conts in (4, 1):
+            with Engine(path, kv=parse_kv(f"adaptive@{budget}"), n_ctx=256, n_ubatch=256, kvq=opts) as e:
+                held[n_conts] = []
+                for p in prompts:
+                    e.decode(p[:-1], 0)
+                    for c in conts[-n_conts:]:
+                        e.decode(p[-1:] + c, len(p) - 1)
+                    held[n_conts].append(e.kv_stats().bytes_held)
+        assert held[4] == held[1], budget
+        bits = np.array(held[4]) * 8 / ((np.array([len(p) for p in prompts]) + 6) * 11520)
+        assert abs(bits[5:].mean() - budget) <= 0.05, (budget, bits[5:].mean())
+
+
 def test_oracle_assignment_meets_the_budget(model_path):
     opts = KvqOptions(window=16, per_layer=True, record_q=True, budget_bits=3.5)
     with Engine(model_path, kv=ORACLE, n_ctx=512, n_ubatch=32, kvq=opts) as e:
