@@ -90,6 +90,9 @@ def main(src: str, dst: str, ref: str = "f16") -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 5, figsize=(22, 4.5))
+    # one colour per family in every panel (a family missing from a panel must not shift the others')
+    all_fams = sorted({family(next(iter(recs.values()))) for recs in by_kv.values()})
+    colour = {f: f"C{i % 10}" for i, f in enumerate(all_fams)}
     for j, t in enumerate(TASKS + ["average"]):
         ax = axes[j]
         fams: dict[str, list] = {}
@@ -106,14 +109,17 @@ def main(src: str, dst: str, ref: str = "f16") -> None:
         for fam, pts in sorted(fams.items()):
             pts.sort()
             style = "o--" if fam in ("kvq static", "stock llama.cpp") else "o-"
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=fam)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, color=colour[fam])
             for p in pts:
                 ax.annotate(p[2], (p[0], p[1]), fontsize=6, alpha=0.7)
         ax.set_title(t)
         ax.set_xlabel("effective bits per KV element")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("acc_norm (%)")
-    axes[-1].legend(fontsize=8)
+    from matplotlib.lines import Line2D
+
+    axes[-1].legend([Line2D([], [], color=colour[f], marker="o", linestyle="--" if f in ("kvq static", "stock llama.cpp") else "-")
+                     for f in all_fams], all_fams, fontsize=8)
     fig.suptitle("SmolLM2-135M-Instruct Q4_1: zero-shot multiple-choice accuracy vs KV bits (same items for every policy)")
     fig.tight_layout()
     fig.savefig(dst, dpi=100)
