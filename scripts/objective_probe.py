@@ -8,6 +8,8 @@ K centered as shipped) to other targets, and compares, at --budget bits:
   damage   the shipped objective (train.train(objective="damage"), the shipped controller's weights)
   sqrt     sqrt(damage); predicted damage = max(out, 0)^2
   log      log(damage + floor); predicted damage = exp(out)
+  logc     the log fit with a lognormal mean: exp(out + s2 / 2), s2 the training rows' residual
+           variance per precision
   ARM+layer  ARM's prediction times a factor per (layer, precision): the training rows' mean true
            damage over their mean predicted damage in that layer (a per-layer calibration the
            runtime could store like the K centering)
@@ -69,6 +71,7 @@ def main() -> int:
     dmg = data.damage[:, :3] / scale
     arms = a.arms.split(",")
     predict = {}
+    fits = {}
     for arm in arms:
         if arm == "damage":
             spec, _ = train(data, budget=3.5, per_layer=True, val_chunks=n_held, objective="damage", features=names)
@@ -85,8 +88,14 @@ def main() -> int:
                 fac[il] = dmg[tr][m_].mean(0) / np.maximum(p[m_].mean(0), 1e-30)
             predict[arm] = (lambda xx, inner=inner, fac=fac: inner(xx) * fac[_LAYER_OF[0]])
             continue
+        if arm == "logc":
+            reg, m, s, ep = fits.get("log") or fit_damage(x, np.log(dmg + FLOOR), val)
+            res = _forward(reg, (x[~val] - m) / s)[2] - np.log(dmg[~val] + FLOOR)
+            s2 = res.var(0)
+            predict[arm] = (lambda xx, reg=reg, m=m, s=s, s2=s2: np.exp(_forward(reg, (xx - m) / s)[2] + s2 / 2))
+            continue
         target = {"sqrt": np.sqrt(dmg), "log": np.log(dmg + FLOOR)}[arm]
-        reg, m, s, ep = fit_damage(x, target, val)
+        reg, m, s, ep = fits[arm] = fit_damage(x, target, val)
         post = {"sqrt": lambda o: np.maximum(o, 0) ** 2, "log": np.exp}[arm]
         predict[arm] = (lambda xx, reg=reg, m=m, s=s, post=post: post(_forward(reg, (xx - m) / s)[2]))
         print(f"fit {arm}: {ep} epochs {time.time() - t0:.0f}s", flush=True)
