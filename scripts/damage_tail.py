@@ -50,15 +50,17 @@ def main() -> int:
     rows = np.arange(len(d))
     c_ctl, c_or = allocate(pred, a.budget), allocate(d, a.budget)
     dc, do = d[rows, c_ctl], d[rows, c_or]
-    print(f"{len(d)} held-out decode rows ({cache_name(a.cache)}), allocation at {a.budget:g} bits/row")
+    print(f"{len(d)} held-out decode rows ({Path(a.cache).name}), allocation at {a.budget:g} bits/row")
     print(f"mean damage: controller {dc.mean():.3e}, oracle {do.mean():.3e} ({dc.mean() / do.mean():.1f}x)")
     d2 = np.sort(d[:, 0])[::-1]
     for share in (0.01, 0.02, 0.05):
         k = int(round(share * len(d2)))
-        print(f"the {100 * share:g}% of rows with the most 2-bit damage carry {100 * d2[:k].sum() / d2.sum():.0f}% of it")
+        print(f"the {100 * share:g}% of rows with the most 2-bit damage carry "
+              f"{100 * d2[:k].sum() / d2.sum():.0f}% of it")
     ex = np.sort(dc - do)[::-1]
     for k in (100, 1000):
-        print(f"the {k} rows with the most excess damage (controller - oracle) carry {100 * ex[:k].sum() / ex.sum():.0f}% of the excess")
+        print(f"the {k} rows with the most excess damage (controller - oracle) carry "
+              f"{100 * ex[:k].sum() / ex.sum():.0f}% of the excess")
     y = c_or == 2
     print(f"rows the oracle keeps at 8 bits: {100 * y.mean():.1f}%; of them the controller puts "
           f"{100 * (c_ctl[y] == 0).mean():.0f}% at 2 bits")
@@ -67,10 +69,6 @@ def main() -> int:
     rho = np.corrcoef(np.argsort(np.argsort(pred[:, 0])), np.argsort(np.argsort(d[:, 0])))[0, 1]
     print(f"rank correlation of predicted and true 2-bit damage: {rho:.2f}")
     return 0
-
-
-def cache_name(p: str) -> str:
-    return Path(p).name
 
 
 if __name__ == "__main__":

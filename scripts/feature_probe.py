@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kvq_cli.controller import ControllerSpec  # noqa: E402
 from kvq_cli.models import embedded_path  # noqa: E402
 from kvq_cli.runtime.engine import Engine  # noqa: E402
-from kvq_cli.runtime.kv import KvPolicy, KvqOptions  # noqa: E402
+from kvq_cli.runtime.kv import KvqOptions  # noqa: E402
 from kvq_cli.train import (EFF_BITS, MIN_FUTURE, ORACLE, PRECISIONS, _forward, allocate,  # noqa: E402
                            engine_layer_damage, fit_damage)
 

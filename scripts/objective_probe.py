@@ -62,8 +62,7 @@ def main() -> int:
     text = Path(a.calib).read_text(encoding="utf-8", errors="replace")
     data, n_held = calibration_data(model, text, regime="both", cache=Path(a.cache), n_chunks=12, n_prompts=512,
                                     chunk_len=1024, window=W)
-    names = [n for n in ["token_freq", "quality", "attn_var", "attn_entropy", "layer_frac", "k_absmax", "v_absmax",
-                         "attn_recv"]]
+    names = ["token_freq", "quality", "attn_var", "attn_entropy", "layer_frac", "k_absmax", "v_absmax", "attn_recv"]
     x = data.features[:, [data.names.index(n) for n in names]].astype(np.float64)
     chunks = np.unique(data.chunk)
     val = np.isin(data.chunk, chunks[-n_held:])
