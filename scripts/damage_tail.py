@@ -11,7 +11,6 @@ Usage: python scripts/damage_tail.py KVQ_HOME/calib-oracle.decode.npz [--budget 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -19,10 +18,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kvq_cli.controller import ControllerSpec  # noqa: E402
-from kvq_cli.train import EFF_BITS, _forward, allocate  # noqa: E402
-
-CONTROLLER = Path(__file__).resolve().parents[1] / "kvq_cli/controllers/smollm2-135m-instruct.json"
+from kvq_cli.train import allocate  # noqa: E402
+from probe_common import run, shipped_controller, shipped_damage  # noqa: E402
 
 
 def auc(score: np.ndarray, y: np.ndarray) -> float:
@@ -42,11 +39,9 @@ def main() -> int:
     names = [str(n) for n in z["names"]]
     val = z["chunk"] >= z["chunk"].max() - 1
     d = z["damage"][val]
-    spec = ControllerSpec.from_json(json.loads(CONTROLLER.read_text()))
+    spec = shipped_controller()
     x = np.stack([z["features"][val][:, names.index(n)] for n in spec.features], 1)
-    params = [np.array(spec.w1), np.array(spec.b1), np.array(spec.w2), np.array(spec.b2)]
-    pred = -(_forward(params, (x - np.array(spec.feature_mean)) / np.array(spec.feature_std))[2] + EFF_BITS)
-    pred[:, 3] = 0.0
+    pred = shipped_damage(spec, x)
     rows = np.arange(len(d))
     c_ctl, c_or = allocate(pred, a.budget), allocate(d, a.budget)
     dc, do = d[rows, c_ctl], d[rows, c_or]
@@ -72,4 +67,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run(main))

@@ -30,7 +30,6 @@ Usage: python scripts/feature_probe.py CALIB_TXT [--chunks 12] [--kl-chunks 4] [
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -40,15 +39,15 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kvq_cli.controller import ControllerSpec  # noqa: E402
 from kvq_cli.models import embedded_path  # noqa: E402
 from kvq_cli.runtime.engine import Engine  # noqa: E402
 from kvq_cli.runtime.kv import KvqOptions  # noqa: E402
-from kvq_cli.train import (EFF_BITS, MIN_FUTURE, ORACLE, PRECISIONS, _forward, allocate,  # noqa: E402
-                           engine_layer_damage, fit_damage)
+from kvq_cli.train import (EFF_BITS, MIN_FUTURE, ORACLE, _forward, allocate, engine_layer_damage,  # noqa: E402
+                           fit_damage)
+from probe_common import (allocation_kl, chunk_log_probs, run, shipped_controller, shipped_damage,  # noqa: E402
+                          with_f16, write_json)
 
 W = 32
-CONTROLLER = Path(__file__).resolve().parents[1] / "kvq_cli/controllers/smollm2-135m-instruct.json"
 BASE = ["token_freq", "quality", "attn_var", "attn_entropy", "layer_frac", "k_absmax", "v_absmax", "attn_recv"]
 NEW = ["recv_max", "recv_far", "qbar_k", "qbar_dk", "dv2"]
 ARMS = {
@@ -136,7 +135,7 @@ def main() -> int:
     ap.add_argument("--json", required=True)
     a = ap.parse_args()
     t0 = time.time()
-    spec = ControllerSpec.from_json(json.loads(CONTROLLER.read_text()))
+    spec = shipped_controller()
     k_center = np.array(spec.k_center, np.float32)
     model = embedded_path()
     text = Path(a.calib).read_text(encoding="utf-8")
@@ -185,7 +184,7 @@ def main() -> int:
             reg, mean, std, ep = fit_damage(x, dmg[:, :3] / scale, val, seed=0)
             models[arm] = (names, reg, mean, std)
             pred = _forward(reg, (x[val] - mean) / std)[2]
-            cls = allocate(np.concatenate([pred, np.zeros((len(pred), 1))], 1), a.budget)
+            cls = allocate(with_f16(pred), a.budget)
             proxy[arm] = float(dmg[val][np.arange(val.sum()), cls].mean())
             print(f"{arm:20s} held-out damage at {a.budget} bits {proxy[arm]:.3e} (epochs {ep})", flush=True)
         print(f"{'oracle':20s} held-out damage at {a.budget} bits {proxy['oracle']:.3e}", flush=True)
@@ -201,12 +200,7 @@ def main() -> int:
             c = c[:-1] if len(c) > a.kl_len - 1 else c
             half = len(c) // 2
             e.set_assignment(np.zeros(0, np.int32))
-            e.clear_trace()
-            ref = e.decode(c, 0, logits_from=half - 1).astype(np.float64)
-            ref -= ref.max(1, keepdims=True)
-            ref_lp = ref - np.log(np.exp(ref).sum(1, keepdims=True))
-            ref_p = np.exp(ref_lp)
-            del ref
+            ref_lp = chunk_log_probs(e, c, half)
             f, dm, pos, lay = chunk_rows(e, d.n_layer, d.n_head_kv, qbar, 0)
             n = len(c)
             decided = n - W
@@ -214,36 +208,21 @@ def main() -> int:
             sel = pos < decided
             preds = {"oracle": dm[sel]}
             z = {n_: np.asarray(v)[sel] for n_, v in f.items()}
-            # the shipped controller's own damage estimate (its logits are -(damage / lambda + bits))
-            xs = np.stack([z[n_] for n_ in spec.features], 1)
-            params = [np.array(spec.w1), np.array(spec.b1), np.array(spec.w2), np.array(spec.b2)]
-            lg = _forward(params, (xs - np.array(spec.feature_mean)) / np.array(spec.feature_std))[2]
-            preds["shipped"] = -(lg + EFF_BITS[None, :])
-            preds["shipped"][:, 3] = 0.0
+            preds["shipped"] = shipped_damage(spec, np.stack([z[n_] for n_ in spec.features], 1))
             for arm, (names, reg, mean, std) in models.items():
                 x = np.stack([z[n_] for n_ in names], 1)
-                p = _forward(reg, (x - mean) / std)[2]
-                preds[arm] = np.concatenate([p, np.zeros((len(p), 1))], 1)
+                preds[arm] = with_f16(_forward(reg, (x - mean) / std)[2])
             for arm, pr in preds.items():
-                cls = allocate(pr, per_row)
-                bits = np.full((n, d.n_layer), 16, np.int32)
-                bits[pos[sel], lay[sel]] = np.asarray(PRECISIONS)[cls]
-                e.set_assignment(bits.reshape(-1))
-                e.clear_trace()
-                lg2 = e.decode(c, 0, logits_from=half - 1).astype(np.float64)
-                lg2 -= lg2.max(1, keepdims=True)
-                lp = lg2 - np.log(np.exp(lg2).sum(1, keepdims=True))
-                kl[arm].append(float((ref_p * (ref_lp - lp)).sum(1).mean()))
-                bits_seen[arm].append(float(e.kv_stats().bits_per_elem))
+                k_, b_ = allocation_kl(e, c, half, ref_lp, pr, pos[sel], lay[sel], per_row, d.n_layer)
+                kl[arm].append(k_)
+                bits_seen[arm].append(b_)
             print(f"kl chunk {ci + 1}/{len(kl_chunks)} " + " ".join(f"{k_}={v[-1]:.4f}" for k_, v in kl.items())
                   + f" {time.time() - t0:.0f}s", flush=True)
         out["kl"] = {arm: {"mean": float(np.mean(v)), "chunks": v, "bits": bits_seen[arm]} for arm, v in kl.items()}
         out["seconds"] = time.time() - t0
-    tmp = Path(a.json).with_suffix(".tmp")
-    tmp.write_text(json.dumps(out, indent=1))
-    tmp.replace(a.json)
+    write_json(a.json, out)
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run(main))

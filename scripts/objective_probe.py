@@ -26,7 +26,6 @@ Usage: python scripts/objective_probe.py CALIB_TXT --cache KVQ_HOME/calib-oracle
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -38,8 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kvq_cli.models import embedded_path  # noqa: E402
 from kvq_cli.runtime.engine import Engine  # noqa: E402
 from kvq_cli.runtime.kv import KvqOptions  # noqa: E402
-from kvq_cli.train import (EFF_BITS, ORACLE, PRECISIONS, _forward, allocate, calibration_data,  # noqa: E402
-                           engine_layer_damage, fit_damage, train)
+from kvq_cli.train import (EFF_BITS, ORACLE, _forward, allocate, calibration_data, engine_layer_damage,  # noqa: E402
+                           fit_damage, train)
+from probe_common import allocation_kl, chunk_log_probs, run, shipped_damage, with_f16, write_json  # noqa: E402
 
 W = 32
 FLOOR = 1e-6   # log arm: floor of the damage relative to the mean 2-bit damage
@@ -74,9 +74,7 @@ def main() -> int:
     for arm in arms:
         if arm == "damage":
             spec, _ = train(data, budget=3.5, per_layer=True, val_chunks=n_held, objective="damage", features=names)
-            P = [np.array(spec.w1), np.array(spec.b1), np.array(spec.w2), np.array(spec.b2)]
-            m, s = np.array(spec.feature_mean), np.array(spec.feature_std)
-            predict[arm] = (lambda xx, P=P, m=m, s=s: -(_forward(P, (xx - m) / s)[2][:, :3] + EFF_BITS[None, :3]))
+            predict[arm] = (lambda xx, spec=spec: shipped_damage(spec, xx)[:, :3])
             continue
         if arm.endswith("+layer"):
             inner = predict[arm[:-len("+layer")]]
@@ -106,7 +104,7 @@ def main() -> int:
     for arm, f in predict.items():
         _LAYER_OF[0] = data.layer[val]
         p = f(x[val])
-        proxy[arm] = float(dv[rows, allocate(np.concatenate([p, np.zeros((len(p), 1))], 1), a.budget)].mean())
+        proxy[arm] = float(dv[rows, allocate(with_f16(p), a.budget)].mean())
     out["proxy_damage"] = proxy
     print("held-out damage at", a.budget, "bits:", {k: f"{v:.3e}" for k, v in proxy.items()}, flush=True)
     opts = KvqOptions(window=W, trace=True, per_layer=True, record_q=True)
@@ -122,12 +120,7 @@ def main() -> int:
             c = [bos] + toks[a.kl_offset + ci * per:a.kl_offset + (ci + 1) * per]
             half = len(c) // 2
             e.set_assignment(np.zeros(0, np.int32))
-            e.clear_trace()
-            ref = e.decode(c, 0, logits_from=half - 1).astype(np.float64)
-            ref -= ref.max(1, keepdims=True)
-            ref_lp = ref - np.log(np.exp(ref).sum(1, keepdims=True))
-            ref_p = np.exp(ref_lp)
-            del ref
+            ref_lp = chunk_log_probs(e, c, half)
             tr = e.trace()
             n = len(c)
             decided = n - W
@@ -143,29 +136,19 @@ def main() -> int:
             preds = {"oracle": true}
             for arm, f in predict.items():
                 _LAYER_OF[0] = lay
-                p = f(xs)
-                preds[arm] = np.concatenate([p, np.zeros((len(p), 1))], 1)
+                preds[arm] = with_f16(f(xs))
             per_row = (a.budget * n - EFF_BITS[-1] * W) / decided
             for arm, pr in preds.items():
-                cls = allocate(pr, per_row)
-                bits = np.full((n, d.n_layer), 16, np.int32)
-                bits[pos, lay] = np.asarray(PRECISIONS)[cls]
-                e.set_assignment(bits.reshape(-1))
-                e.clear_trace()
-                lg = e.decode(c, 0, logits_from=half - 1).astype(np.float64)
-                lg -= lg.max(1, keepdims=True)
-                lp = lg - np.log(np.exp(lg).sum(1, keepdims=True))
-                kl[arm].append(float((ref_p * (ref_lp - lp)).sum(1).mean()))
-                bits_seen[arm].append(float(e.kv_stats().bits_per_elem))
+                k_, b_ = allocation_kl(e, c, half, ref_lp, pr, pos, lay, per_row, d.n_layer)
+                kl[arm].append(k_)
+                bits_seen[arm].append(b_)
             print(f"kl chunk {ci + 1}/{a.kl_chunks} " + " ".join(f"{k_}={v[-1]:.4f}" for k_, v in kl.items())
                   + f" {time.time() - t0:.0f}s", flush=True)
     out["kl"] = {arm: {"mean": float(np.mean(v)), "chunks": v, "bits": bits_seen[arm]} for arm, v in kl.items()}
     out["seconds"] = time.time() - t0
-    tmp = Path(a.json).with_suffix(".tmp")
-    tmp.write_text(json.dumps(out, indent=1))
-    tmp.replace(a.json)
+    write_json(a.json, out)
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run(main))

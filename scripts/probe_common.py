@@ -1,0 +1,73 @@
+"""What the controller probes (feature_probe.py, objective_probe.py, damage_tail.py) share.
+
+KL of an installed allocation: the oracle engine decodes a chunk with every row at f16 (the
+reference), then once per arm with the arm's bits per (position, layer) installed by
+set_assignment; KL is over the second half of the chunk, as `kvq eval --task wikitext2` scores it.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from kvq_cli.controller import ControllerSpec
+from kvq_cli.evaluate import _log_softmax
+from kvq_cli.gguf_write import atomic_output
+from kvq_cli.train import EFF_BITS, PRECISIONS, _forward, allocate
+
+CONTROLLER = Path(__file__).resolve().parents[1] / "kvq_cli/controllers/smollm2-135m-instruct.json"
+
+
+def shipped_controller() -> ControllerSpec:
+    return ControllerSpec.from_json(json.loads(CONTROLLER.read_text()))
+
+
+def shipped_damage(spec: ControllerSpec, x: np.ndarray) -> np.ndarray:
+    """The controller's own damage estimate per precision [n, 4] (its logits are -(damage / lambda + bits); f16 0)."""
+    params = [np.array(spec.w1), np.array(spec.b1), np.array(spec.w2), np.array(spec.b2)]
+    pred = -(_forward(params, (x - np.array(spec.feature_mean)) / np.array(spec.feature_std))[2] + EFF_BITS[None, :])
+    pred[:, 3] = 0.0
+    return pred
+
+
+def with_f16(pred: np.ndarray) -> np.ndarray:
+    """Predicted damage at 2/4/8 bits [n, 3] with the f16 column (0) appended."""
+    return np.concatenate([pred, np.zeros((len(pred), 1))], 1)
+
+
+def chunk_log_probs(e, chunk: list[int], half: int) -> np.ndarray:
+    """Log-probabilities of positions half-1 .. end of `chunk` decoded from position 0 on `e`."""
+    e.clear_trace()
+    return _log_softmax(e.decode(chunk, 0, logits_from=half - 1).astype(np.float64))
+
+
+def allocation_kl(e, chunk: list[int], half: int, ref_lp: np.ndarray, damage: np.ndarray, pos: np.ndarray,
+                  layer: np.ndarray, per_row: float, n_layer: int) -> tuple[float, float]:
+    """(mean KL vs ref_lp, bits/element held) of `chunk` with its rows (pos, layer) allocated by `damage`
+    [n, 4] at per_row bits and every other row at f16."""
+    bits = np.full((len(chunk), n_layer), 16, np.int32)
+    bits[pos, layer] = np.asarray(PRECISIONS)[allocate(damage, per_row)]
+    e.set_assignment(bits.reshape(-1))
+    lp = chunk_log_probs(e, chunk, half)
+    return float((np.exp(ref_lp) * (ref_lp - lp)).sum(1).mean()), float(e.kv_stats().bits_per_elem)
+
+
+def write_json(path: str, out: dict) -> None:
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(out, indent=1))
+
+
+def run(main) -> int:
+    """main() with expected failures (kvq errors, unreadable files) as one line on stderr and exit 1."""
+    import sys
+
+    from kvq_cli.errors import KvqError
+
+    try:
+        return main()
+    except KvqError as e:
+        print(f"error: {e.one_line()}", file=sys.stderr)
+    except (OSError, KeyError, ValueError) as e:
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+    return 1
