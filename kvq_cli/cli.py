@@ -405,7 +405,7 @@ def train_cmd(
     calib: Annotated[str, typer.Option("--calib", help="Calibration text file (e.g. DATA/calib/boolq_passages.txt); never the evaluation sets.")] = ...,
     budget: Annotated[float, typer.Option("--budget", help="Bits per decided row at price 0, the controller's choice without --kv-bits (2.5 to 16; with --objective labels, the labels' average); at run time --kv-bits moves it to other budgets.")] = 3.5,
     out: Annotated[str, typer.Option("--out", "-o", help="Controller JSON to write (atomically).")] = ...,
-    objective: Annotated[str, typer.Option("--objective", help="damage: regress each row's damage per precision and decide by damage + price * bits; labels: classify the oracle's labels at --budget.")] = "damage",
+    objective: Annotated[str, typer.Option("--objective", help="damage: regress each row's damage per precision and decide by damage + price * bits; log_damage: the same regression in log space (the runtime's log_damage head); labels: classify the oracle's labels at --budget.")] = "damage",
     granularity: Annotated[str, typer.Option("--granularity", help="token: one decision per token for all layers; token_layer: one per token and layer.")] = "token_layer",
     regime: Annotated[str, typer.Option("--regime", help="decode: chunks of --chunk-len decoded in 32-token ubatches behind the f16 window --window (chat, long text); prompt: short prompts (16-128 tokens) prefilled at once and decided with W = 0, damage from the next 16 tokens (multiple choice, `kvq eval --kv-window 0`); both: one controller for the two.")] = "both",
     chunks: Annotated[int, typer.Option("--chunks", help="Calibration chunks of the decode regime (the last 2 are held out for early stopping).")] = 12,
@@ -450,7 +450,6 @@ def train_cmd(
         if o:
             check_output(o)
     resolved = resolve(model)
-    err = _stderr_console()
     with _progress() as progress:
         task = progress.add_task("oracle over calibration text", total=chunks)
         data, n_held = calibration_data(resolved.path, Path(calib).read_text(encoding="utf-8", errors="replace"),
@@ -489,7 +488,7 @@ def train_cmd(
     Console().print(t)
     imp = Table(title=f"feature importance ({report.importance_metric})")
     imp.add_column("feature")
-    imp.add_column("Δ damage" if objective == "damage" else "Δ CE", justify="right")
+    imp.add_column("Δ CE" if objective == "labels" else "Δ damage", justify="right")
     for name, v in sorted(report.importance.items(), key=lambda kv: -kv[1]):
         imp.add_row(name, f"{v:+.3f}")
     Console().print(imp)

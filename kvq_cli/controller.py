@@ -5,6 +5,11 @@ Forward pass (the C runtime computes the same):
     h      = relu(w1 @ z + b1)                          w1: [hidden, n_features]
     logits = w2 @ h + b2                                w2: [n_precisions, hidden]
     bits   = precisions[argmax(logits)]
+With head "log_damage" (`kvq train --objective log_damage`) the outputs are each precision's
+predicted log(damage / lambda), and
+    logits = -exp(w2 @ h + b2) - eff_bits               eff_bits: 2.5, 4.5, 8.5, 16 (block scales included)
+so the choice minimises predicted damage + lambda * bits, as with the damage regressor's linear
+head, while the fit in log space is not dominated by the few rows with the largest damage.
 The controller file (`kvq train --out`, `kvq embed`, `kvq convert --controller`) is JSON with
 the same fields, matrices as nested lists.
 
@@ -40,6 +45,8 @@ KNOWN_FEATURES = (
     "attn_recv",       # log(1 + attention received from later queries, relative to a uniform share)
 )
 PRECISION_BITS = (2, 4, 8, 16)
+EFF_BITS_OF = {2: 2.5, 4: 4.5, 8: 8.5, 16: 16.0}   # effective bits/element of each pool, block scales included
+HEADS = ("logits", "log_damage")   # how the MLP's outputs become logits (module docstring)
 GRANULARITIES = ("token", "token_layer")   # one decision per token (features averaged over layers), or per layer too
 
 
@@ -60,6 +67,7 @@ class ControllerSpec:
     version: int = CONTROLLER_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
     k_center: list[list[float]] | None = None   # [n_layer][n_embd_kv] or None
+    head: str = "logits"
 
     @property
     def hidden(self) -> int:
@@ -99,6 +107,8 @@ class ControllerSpec:
                 raise ControllerError(f"controller {name} has non-finite values")
         if self.granularity not in GRANULARITIES:
             raise ControllerError(f"controller granularity {self.granularity!r} must be one of {', '.join(GRANULARITIES)}")
+        if self.head not in HEADS:
+            raise ControllerError(f"controller head {self.head!r} must be one of {', '.join(HEADS)}")
         if not math.isfinite(self.budget_bits):
             raise ControllerError("controller budget_bits is not finite")
         if self.k_center is not None:
@@ -117,7 +127,10 @@ class ControllerSpec:
         z = (np.asarray(x, np.float32) - np.asarray(self.feature_mean, np.float32)) \
             / np.asarray(self.feature_std, np.float32)
         h = np.maximum(z @ np.asarray(self.w1, np.float32).T + np.asarray(self.b1, np.float32), 0)
-        return h @ np.asarray(self.w2, np.float32).T + np.asarray(self.b2, np.float32)
+        out = h @ np.asarray(self.w2, np.float32).T + np.asarray(self.b2, np.float32)
+        if self.head == "log_damage":
+            out = -np.exp(out) - np.asarray([EFF_BITS_OF[p] for p in self.precisions], np.float32)
+        return out
 
     def decide(self, x):
         """Chosen precision in bits per row of `x`."""
@@ -129,7 +142,7 @@ class ControllerSpec:
     def to_json(self) -> dict[str, Any]:
         return {"format": "kvq-controller", "version": self.version, "features": self.features,
                 "precisions": self.precisions, "budget_bits": self.budget_bits,
-                "granularity": self.granularity, "w1": self.w1,
+                "granularity": self.granularity, "head": self.head, "w1": self.w1,
                 "b1": self.b1, "w2": self.w2, "b2": self.b2, "feature_mean": self.feature_mean,
                 "feature_std": self.feature_std, **({"k_center": self.k_center} if self.k_center is not None else {}),
                 **({"extra": self.extra} if self.extra else {})}
@@ -145,7 +158,7 @@ class ControllerSpec:
                        feature_mean=[float(x) for x in d["feature_mean"]],
                        feature_std=[float(x) for x in d["feature_std"]],
                        budget_bits=float(d.get("budget_bits", 0.0)), version=int(d["version"]),
-                       granularity=str(d.get("granularity", "token")),
+                       granularity=str(d.get("granularity", "token")), head=str(d.get("head", "logits")),
                        extra=dict(d.get("extra", {})),
                        k_center=None if d.get("k_center") is None else [[float(x) for x in r] for r in d["k_center"]])
         except KeyError as e:
@@ -171,6 +184,7 @@ class ControllerSpec:
             (K.FEATURE_STD, [float(x) for x in self.feature_std], "f32[]"),
             (K.BUDGET_BITS, float(self.budget_bits), "f32"),
             (K.GRANULARITY, self.granularity, "str"),
+            (K.HEAD, self.head, "str"),
         ] + ([(K.K_CENTER, flat(self.k_center), "f32[]")] if self.k_center is not None else [])
 
     @classmethod
@@ -193,7 +207,7 @@ class ControllerSpec:
                        w2=[w2[i * nh:(i + 1) * nh] for i in range(npr)], b2=list(get(K.B2)),
                        feature_mean=list(get(K.FEATURE_MEAN)), feature_std=list(get(K.FEATURE_STD)),
                        budget_bits=float(get(K.BUDGET_BITS) or 0.0), version=int(version),
-                       granularity=str(get(K.GRANULARITY) or "token"))
+                       granularity=str(get(K.GRANULARITY) or "token"), head=str(get(K.HEAD) or "logits"))
             kc = get(K.K_CENTER)
             if kc is not None:
                 n_layer = get(Llm.BLOCK_COUNT.format(arch=get(Llm.ARCHITECTURE)))

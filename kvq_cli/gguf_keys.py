@@ -21,6 +21,7 @@ class Controller:
     FEATURE_STD = "kvq.controller.feature_std"    # array[f32], [n_features]
     BUDGET_BITS = "kvq.controller.budget_bits"    # f32, effective bits it was trained for
     GRANULARITY = "kvq.controller.granularity"    # string, "token" (one decision for all layers) or "token_layer"
+    HEAD = "kvq.controller.head"                  # string, optional: "logits" (default) or "log_damage" (ControllerSpec.logits)
     K_CENTER = "kvq.controller.k_center"          # array[f32], optional, [n_layer, n_embd_kv] row-major: mean post-RoPE
                                                   # K per layer on the calibration text, subtracted from K before storing
 

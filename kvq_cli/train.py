@@ -17,6 +17,9 @@
    per bit lambda that puts the training rows at --budget bits is folded into the output
    layer, logit_p = -(damage_p / lambda + bits_p), so the runtime's rule (argmax of logit -
    price * bits) picks argmin damage + lambda * bits at price 0, and a price moves lambda.
+   --objective log_damage fits log(damage + 1e-6) instead (a few rows carry most of the damage,
+   and in log space they no longer dominate the fit); the controller then carries head
+   "log_damage", out_p = log(damage_p / lambda), and the runtime takes logit_p = -exp(out_p) - bits_p.
    --objective labels instead classifies the oracle's optimal allocation at the budget (each
    row takes the precision minimising damage + lambda * bits) by cross-entropy plus a penalty
    on (expected bits - budget)^2. Decisions may be per (token, layer) or per token (features
@@ -442,7 +445,24 @@ def _static_damage(damage: np.ndarray, bits: float) -> float:
     return float((1 - t) * means[i] + t * means[i + 1])
 
 
-OBJECTIVES = ("damage", "labels")
+OBJECTIVES = ("damage", "log_damage", "labels")
+LOG_FLOOR = 1e-6   # log_damage: added to each row's damage (relative to the mean 2-bit damage) before the log
+LOG_ZERO = -80.0   # log_damage: the f16 output, a constant log damage (exp(-80) ~ 0)
+
+
+def log_damage_head(params, lam: float):
+    """The runtime's "log_damage" head for a regressor of log(damage + LOG_FLOOR): out_p = log(damage_p / lam),
+    f16 a constant near zero damage. The C decision, argmax of -exp(out) - bits - price * bits, is then
+    argmin of damage + lam * (1 + price) * bits, as with damage_logits."""
+    w1, b1, w2, b2 = params
+    w2c = np.concatenate([w2, np.zeros((1, w2.shape[1]))])
+    b2c = np.concatenate([b2 - math.log(lam), [LOG_ZERO]])
+    return [w1, b1, w2c, b2c]
+
+
+def _logits(params, z, head: str) -> np.ndarray:
+    out = _forward(params, z)[2]
+    return -np.exp(out) - EFF_BITS if head == "log_damage" else out
 
 
 def train(c: Collected, *, budget: float, per_layer: bool, hidden: int = 16, seed: int = 0, epochs: int = 60,
@@ -450,7 +470,9 @@ def train(c: Collected, *, budget: float, per_layer: bool, hidden: int = 16, see
           on_epoch: Callable[[int, int, float], None] | None = None) -> tuple[ControllerSpec, FitReport]:
     """The MLP and a report. objective "labels": cross-entropy to the oracle's labels at `budget` bits
     per decided row; "damage": regression of each row's damage per precision, with the price per
-    bit that puts the training rows at `budget` folded into the output layer."""
+    bit that puts the training rows at `budget` folded into the output layer; "log_damage": the same
+    regression on log damage (a few rows carry most of the damage; in log space they no longer dominate
+    the fit), for the runtime's "log_damage" head."""
     if objective not in OBJECTIVES:
         raise BadOption(f"--objective must be one of {', '.join(OBJECTIVES)}, got {objective}")
     data = c if per_layer else per_token(c)
@@ -470,6 +492,13 @@ def train(c: Collected, *, budget: float, per_layer: bool, hidden: int = 16, see
         pred = _forward(reg, (x[~val] - mean) / std)[2]
         lam = price_for(np.concatenate([pred, np.zeros((len(pred), 1))], 1), budget)
         params = damage_logits(reg, lam)
+    elif objective == "log_damage":
+        scale = float(data.damage[~val, 0].mean()) or 1.0
+        reg, mean, std, ep = fit_damage(x, np.log(data.damage[:, :3] / scale + LOG_FLOOR), val, hidden=hidden,
+                                        seed=seed, epochs=epochs, on_epoch=on_epoch)
+        pred = np.exp(_forward(reg, (x[~val] - mean) / std)[2])
+        lam = price_for(np.concatenate([pred, np.zeros((len(pred), 1))], 1), budget)
+        params = log_damage_head(reg, lam)
     else:
         params, mean, std, ep = fit(x, y, val, budget=budget, hidden=hidden, seed=seed, epochs=epochs,
                                     on_epoch=on_epoch)
@@ -478,9 +507,10 @@ def train(c: Collected, *, budget: float, per_layer: bool, hidden: int = 16, see
                           w2=w2.tolist(), b2=b2.tolist(), feature_mean=mean.tolist(), feature_std=std.tolist(),
                           budget_bits=float(budget), granularity="token_layer" if per_layer else "token",
                           extra={"seed": seed, "objective": objective},
-                          k_center=None if c.k_center is None else c.k_center.tolist()).validate()
+                          k_center=None if c.k_center is None else c.k_center.tolist(),
+                          head="log_damage" if objective == "log_damage" else "logits").validate()
     zv = (x[val] - mean) / std
-    logits = _forward(params, zv)[2]
+    logits = _logits(params, zv, spec.head)
     pred = logits.argmax(1)
     lp = logits - logits.max(1, keepdims=True)
     lp = lp - np.log(np.exp(lp).sum(1, keepdims=True))
@@ -492,8 +522,8 @@ def train(c: Collected, *, budget: float, per_layer: bool, hidden: int = 16, see
     for j, n in enumerate(names):
         zs = zv.copy()
         zs[:, j] = zs[rng.permutation(len(zs)), j]
-        lps = _forward(params, zs)[2]
-        if objective == "damage":   # relative rise of the decisions' damage (the logits are not probabilities)
+        lps = _logits(params, zs, spec.head)
+        if objective != "labels":   # relative rise of the decisions' damage (the logits are not probabilities)
             importance[n] = float(dv[rows, lps.argmax(1)].mean() / max(dv[rows, pred].mean(), 1e-30) - 1)
             continue
         lps = lps - lps.max(1, keepdims=True)
@@ -507,7 +537,7 @@ def train(c: Collected, *, budget: float, per_layer: bool, hidden: int = 16, see
         oracle_damage=float(dv[np.arange(len(pred)), y[val]].mean()),
         oracle_damage_same_bits=float(dv[rows, allocate(dv, pred_bits)].mean()),
         static_damage=_static_damage(dv, pred_bits), importance=importance,
-        importance_metric="held-out damage rise when shuffled, relative" if objective == "damage"
+        importance_metric="held-out damage rise when shuffled, relative" if objective != "labels"
         else "held-out cross-entropy rise when shuffled")
     return spec, report
 

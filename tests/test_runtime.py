@@ -250,6 +250,7 @@ def test_adaptive_without_controller_is_a_clear_error(runner, model_path):
     ({"kvq.controller.w1": [1.0, 2.0]}, "kvq.controller.w1 has 2 values, expected 3x4"),
     ({"kvq.controller.b2": [0.0, float("nan"), 0.0, 0.0]}, "non-finite"),
     ({"kvq.controller.version": 9}, "unsupported controller version 9"),
+    ({"kvq.controller.head": "softmax"}, "must be one of logits, log_damage"),
 ])
 def test_malformed_controller_metadata_is_a_clear_error(runner, model_path, tmp_path, change, needle):
     from kvq_cli.controller import load_controller

@@ -132,15 +132,17 @@ def test_merge_regimes_balances_damage_and_holds_out_both():
     np.testing.assert_array_equal(m.damage[:50], dec.damage)
 
 
-@pytest.mark.parametrize("per_layer,objective", [(True, "labels"), (False, "labels"), (True, "damage"), (False, "damage")])
+@pytest.mark.parametrize("per_layer,objective", [(True, "labels"), (False, "labels"), (True, "damage"), (False, "damage"),
+                                                 (True, "log_damage")])
 def test_trained_controller_round_trips_and_decides_like_c(collected, model_path, tmp_path, per_layer, objective, runner):
     kw = dict(budget=3.5, per_layer=per_layer, hidden=8, epochs=15, val_chunks=1, objective=objective)
     spec, report = train(collected, **kw)
     assert report.n_val > 0 and 0 < report.val_acc <= 1 and spec.extra["objective"] == objective
     assert abs(report.label_bits - 3.5) < 0.3 and 2.5 <= report.val_bits <= 16
     assert report.oracle_damage_same_bits <= report.val_damage
-    if objective == "damage":   # price 0 is the training budget (on the training rows; held out: near it)
+    if objective != "labels":   # price 0 is the training budget (on the training rows; held out: near it)
         assert abs(report.val_bits - 3.5) < 0.6
+    assert spec.head == ("log_damage" if objective == "log_damage" else "logits")
     if per_layer:  # (the per-token rows of 4 short chunks are too few to learn from)
         # the learned allocation beats spending the same bits uniformly on held-out rows
         assert report.val_damage < report.static_damage
@@ -155,7 +157,7 @@ def test_trained_controller_round_trips_and_decides_like_c(collected, model_path
     from kvq_cli.gguf_info import read_gguf
 
     back = controller_from_reader(read_gguf(gguf))
-    assert back.granularity == ("token_layer" if per_layer else "token")
+    assert back.granularity == ("token_layer" if per_layer else "token") and back.head == spec.head
     np.testing.assert_allclose(np.array(back.w1), np.array(spec.w1, np.float32), rtol=0, atol=0)
     with Engine(gguf, kv=parse_kv("adaptive"), n_ctx=512, n_ubatch=32, kvq=KvqOptions(trace=True)) as e:
         e.decode(e.tokenize(WIKI.read_text(encoding="utf-8")[:4000])[:300], 0)
