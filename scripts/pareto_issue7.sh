@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 7: train the shipped controller on calibration text, then wikitext-2 (test) perplexity
 # and KL vs stock f16 for every policy family at several budgets, side by side in one run.
-# Usage: bash scripts/pareto_issue7.sh DATA_DIR [STEP...]   (steps 1 2 3 by default, 4-6 on request;
+# Usage: bash scripts/pareto_issue7.sh DATA_DIR [STEP...]   (steps 1 2 3 by default, 4-7 on request;
 # steps 1-3 about 2.5 h on 2 cores, step 4 about 25 min per policy; the eval JSONs are rewritten
 # at checkpoints and a rerun resumes them)
 set -euo pipefail
@@ -79,4 +79,18 @@ if step 6; then
     --kv f16,q4,adaptive@4
   $kvq eval --task openbookqa --data "$data" --kv-window 0 --ref f16 --json results/obqa_ending_ubatch.json \
     --resume --ending-ubatch 1 --kv f16,q4,adaptive@4
+fi
+# 7. the log-damage objective (kvq train --objective log_damage, the runtime's log_damage head) vs
+# the shipped damage objective, trained on the same cached rows: wikitext-2 adaptive rows on step 2's
+# chunks (its own stock f16 reference), then online vs global allocation of both controllers on
+# held-out calibration chunks (scripts/online_probe.py, about 16 min).
+if step 7; then
+  $kvq train --calib "$calib" --budget 3.5 --granularity token_layer --cache "$cache" --objective log_damage \
+    --out results/controller_log_damage.json --embed "$KVQ_HOME/log.gguf" | tee results/train_log_damage.txt
+  $kvq eval "$KVQ_HOME/log.gguf" "${common[@]}" --json results/pareto_log_damage.json \
+    $(resume results/pareto_log_damage.json) --kv stock-f16,adaptive@3,adaptive@3.5,adaptive@4
+  $kvq embed "$(.venv/bin/python -c 'from kvq_cli.models import embedded_path; print(embedded_path())')" \
+    kvq_cli/controllers/smollm2-135m-instruct.json --out "$KVQ_HOME/shipped.gguf"
+  .venv/bin/python scripts/online_probe.py "$calib" --gguf shipped="$KVQ_HOME/shipped.gguf" \
+    --gguf log="$KVQ_HOME/log.gguf" --kl-chunks 3 --json results/online_probe.json
 fi
