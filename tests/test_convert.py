@@ -150,7 +150,7 @@ def test_embed_round_trip_and_stock_load(runner, converted_f16, tmp_path, model_
     r2 = runner.invoke(app, ["embed", str(out), str(ctrl_file), "--out", str(out2)])
     assert r2.exit_code == 0 and "replaced" in r2.stderr
     keys = [k for k in read_gguf(out2).fields if k.startswith("kvq.")]
-    assert len(keys) == len(set(keys)) == 12
+    assert len(keys) == len(set(keys)) == 13   # each controller key once, kvq.controller.head included
 
 
 def test_convert_with_controller(runner, hf_checkpoint, tmp_path):
