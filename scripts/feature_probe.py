@@ -44,7 +44,7 @@ from kvq_cli.runtime.engine import Engine  # noqa: E402
 from kvq_cli.runtime.kv import KvqOptions  # noqa: E402
 from kvq_cli.train import (EFF_BITS, MIN_FUTURE, ORACLE, _forward, allocate, engine_layer_damage,  # noqa: E402
                            fit_damage)
-from probe_common import (allocation_kl, chunk_log_probs, run, shipped_controller, shipped_damage,  # noqa: E402
+from probe_common import (add_kl_args, allocation_kl, chunk_log_probs, run, shipped_controller, shipped_damage,  # noqa: E402
                           with_f16, write_json)
 
 W = 32
@@ -128,11 +128,7 @@ def main() -> int:
     ap.add_argument("calib")
     ap.add_argument("--chunks", type=int, default=12)
     ap.add_argument("--chunk-len", type=int, default=1024)
-    ap.add_argument("--kl-chunks", type=int, default=4)
-    ap.add_argument("--kl-len", type=int, default=2048)
-    ap.add_argument("--kl-offset", type=int, default=100_000)
-    ap.add_argument("--budget", type=float, default=3.0)
-    ap.add_argument("--json", required=True)
+    add_kl_args(ap, kl_chunks=4)
     a = ap.parse_args()
     t0 = time.time()
     spec = shipped_controller()

@@ -39,7 +39,7 @@ from kvq_cli.runtime.engine import Engine  # noqa: E402
 from kvq_cli.runtime.kv import KvqOptions  # noqa: E402
 from kvq_cli.train import (EFF_BITS, ORACLE, _forward, allocate, calibration_data, engine_layer_damage,  # noqa: E402
                            fit_damage, train)
-from probe_common import allocation_kl, chunk_log_probs, run, shipped_damage, with_f16, write_json  # noqa: E402
+from probe_common import add_kl_args, allocation_kl, chunk_log_probs, run, shipped_damage, with_f16, write_json  # noqa: E402
 
 W = 32
 FLOOR = 1e-6   # log arm: floor of the damage relative to the mean 2-bit damage
@@ -50,12 +50,8 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("calib")
     ap.add_argument("--cache", required=True)
-    ap.add_argument("--kl-chunks", type=int, default=4)
-    ap.add_argument("--kl-len", type=int, default=2048)
-    ap.add_argument("--kl-offset", type=int, default=100_000)
-    ap.add_argument("--budget", type=float, default=3.0)
+    add_kl_args(ap, kl_chunks=4)
     ap.add_argument("--arms", default="damage,sqrt,log")
-    ap.add_argument("--json", required=True)
     a = ap.parse_args()
     t0 = time.time()
     model = embedded_path()

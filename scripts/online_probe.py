@@ -34,14 +34,9 @@ from kvq_cli.models import embedded_path  # noqa: E402
 from kvq_cli.runtime.engine import Engine  # noqa: E402
 from kvq_cli.runtime.kv import KvqOptions, parse_kv  # noqa: E402
 from kvq_cli.train import EFF_BITS, ORACLE, PRECISIONS, allocate, engine_layer_damage  # noqa: E402
-from probe_common import allocation_kl, chunk_log_probs, run, write_json  # noqa: E402
+from probe_common import add_kl_args, allocation_kl, chunk_log_probs, controller_damage, run, write_json  # noqa: E402
 
 W = 32
-
-
-def predicted_damage(spec, x: np.ndarray) -> np.ndarray:
-    """damage_p / lambda per precision [n, 4] of either head: its logits are -(damage_p / lambda) - bits_p."""
-    return -(spec.logits(x).astype(np.float64) + EFF_BITS[None, :])
 
 
 def kl_of(ref_lp: np.ndarray, lp: np.ndarray) -> float:
@@ -52,11 +47,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("calib")
     ap.add_argument("--gguf", action="append", required=True, help="NAME=PATH of a GGUF with a controller")
-    ap.add_argument("--kl-chunks", type=int, default=3)
-    ap.add_argument("--kl-len", type=int, default=2048)
-    ap.add_argument("--kl-offset", type=int, default=100_000)
-    ap.add_argument("--budget", type=float, default=3.0)
-    ap.add_argument("--json", required=True)
+    add_kl_args(ap, kl_chunks=3)
     a = ap.parse_args()
     t0 = time.time()
     arms = dict(g.split("=", 1) for g in a.gguf)
@@ -106,15 +97,15 @@ def main() -> int:
                 e.set_assignment(bits.reshape(-1))
                 got["replay"] = (kl_of(ref_lp, chunk_log_probs(e, c, half)), float(e.kv_stats().bits_per_elem))
                 xl = ltr.features[lsel][:, [ltr.names.index(f) for f in spec.features]]
-                got["global_live"] = allocation_kl(e, c, half, ref_lp, predicted_damage(spec, xl), ltr.pos[lsel],
+                got["global_live"] = allocation_kl(e, c, half, ref_lp, controller_damage(spec, xl), ltr.pos[lsel],
                                                    ltr.layer[lsel], per_row, n_layer)
                 xf = tr.features[sel][:, [tr.names.index(f) for f in spec.features]]
-                got["global_f16"] = allocation_kl(e, c, half, ref_lp, predicted_damage(spec, xf), pos, lay, per_row,
+                got["global_f16"] = allocation_kl(e, c, half, ref_lp, controller_damage(spec, xf), pos, lay, per_row,
                                                   n_layer)
                 # how often the online decisions are the global allocation's on the same features
                 glob = np.full((n, n_layer), 16, np.int32)
                 glob[ltr.pos[lsel], ltr.layer[lsel]] = np.asarray(PRECISIONS)[
-                    allocate(predicted_damage(spec, xl), per_row)]
+                    allocate(controller_damage(spec, xl), per_row)]
                 agree.setdefault(name, []).append(float((glob == bits)[:n - W].mean()))
                 for k2, (v, b) in got.items():
                     kl.setdefault(f"{name}.{k2}", []).append(v)

@@ -31,6 +31,13 @@ def shipped_damage(spec: ControllerSpec, x: np.ndarray) -> np.ndarray:
     return pred
 
 
+def controller_damage(spec: ControllerSpec, x: np.ndarray) -> np.ndarray:
+    """damage_p / lambda per precision [n, 4] of a controller of either head, from its f32 logits as the
+    runtime computes them (both heads' logits are -(damage_p / lambda) - bits_p). shipped_damage is the
+    f64 form for the logits head that the earlier probes' committed outputs used."""
+    return -(spec.logits(x).astype(np.float64) + EFF_BITS[None, :])
+
+
 def with_f16(pred: np.ndarray) -> np.ndarray:
     """Predicted damage at 2/4/8 bits [n, 3] with the f16 column (0) appended."""
     return np.concatenate([pred, np.zeros((len(pred), 1))], 1)
@@ -51,6 +58,16 @@ def allocation_kl(e, chunk: list[int], half: int, ref_lp: np.ndarray, damage: np
     e.set_assignment(bits.reshape(-1))
     lp = chunk_log_probs(e, chunk, half)
     return float((np.exp(ref_lp) * (ref_lp - lp)).sum(1).mean()), float(e.kv_stats().bits_per_elem)
+
+
+def add_kl_args(ap, kl_chunks: int) -> None:
+    """The held-out calibration chunks the KL probes score (--kl-chunks chunks of --kl-len tokens from
+    token --kl-offset), the budget and the output file."""
+    ap.add_argument("--kl-chunks", type=int, default=kl_chunks)
+    ap.add_argument("--kl-len", type=int, default=2048)
+    ap.add_argument("--kl-offset", type=int, default=100_000)
+    ap.add_argument("--budget", type=float, default=3.0)
+    ap.add_argument("--json", required=True)
 
 
 def write_json(path: str, out: dict) -> None:
