@@ -38,7 +38,7 @@ from typing import Callable
 
 import numpy as np
 
-from kvq_cli.controller import KNOWN_FEATURES, ControllerSpec
+from kvq_cli.controller import EFF_BITS_OF, KNOWN_FEATURES, ControllerSpec
 from kvq_cli.errors import BadOption
 from kvq_cli.runtime.engine import Engine
 from kvq_cli.runtime.kv import KvPolicy, KvqOptions
@@ -46,8 +46,9 @@ from kvq_cli.runtime.kv import KvPolicy, KvqOptions
 log = logging.getLogger(__name__)
 
 ORACLE = KvPolicy("oracle", kvq="assign")
-PRECISIONS = (2, 4, 8, 16)
-EFF_BITS = np.array([2.5, 4.5, 8.5, 16.0])   # bits/element of each pool, block scales included
+PRECISIONS = (2, 4, 8, 16)                   # the controller's classes
+EFF_BITS = np.array([EFF_BITS_OF[p] for p in PRECISIONS])   # bits/element of each, block scales included
+SIDE_BITS = {3: (4, 2)}                      # pools whose K and V sides differ: bits -> (K bits, V bits)
 MIN_FUTURE = 32                              # rows seen by fewer later queries carry no label
 # position_frac is position / the context size the runtime was created with: a controller
 # trained on 1k-token chunks would read it differently in an 8k chat (it helps ~8% on held-out
@@ -100,9 +101,13 @@ def k_center_of(model: str | Path, chunks: list[list[int]], n_threads: int | Non
     return (total / max(n, 1)).astype(np.float32)
 
 
-def roundtrip_deltas(engine: Engine, x: np.ndarray) -> list[np.ndarray]:
-    """x stored at 2, 4, 8 bits minus x (what each pool does to these rows)."""
-    return [engine.roundtrip(b, x) - x for b in PRECISIONS[:-1]]
+def roundtrip_deltas(engine: Engine, x: np.ndarray, side: int = 0,
+                     precisions: tuple[int, ...] = PRECISIONS) -> list[np.ndarray]:
+    """x stored by each pool of `precisions` but the last (f16) minus x: what the pools do to
+    these rows, K rows (side 0) or V rows (side 1); a k4v2 pool round-trips K at 4 bits, V at 2."""
+    bits = [SIDE_BITS.get(p, (p, p))[side] for p in precisions[:-1]]
+    done = {b: engine.roundtrip(b, x) - x for b in dict.fromkeys(bits)}
+    return [done[b] for b in bits]
 
 
 def layer_damage(q: np.ndarray, qpos: np.ndarray, k: np.ndarray, v: np.ndarray, kpos: np.ndarray,
@@ -150,12 +155,14 @@ def layer_damage(q: np.ndarray, qpos: np.ndarray, k: np.ndarray, v: np.ndarray, 
     return dmg, n_later
 
 
-def engine_layer_damage(e: Engine, il: int, window: int, **kw) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def engine_layer_damage(e: Engine, il: int, window: int, precisions: tuple[int, ...] = PRECISIONS,
+                        **kw) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """layer_damage of the rows held for layer il on an oracle engine (record_q), with the pools'
-    own round trips: (damage [n_keys, 3], later-query counts, key positions)."""
+    own round trips: (damage [n_keys, len(precisions) - 1], later-query counts, key positions)."""
     q, qpos = e.queries(il)
     k, v, kpos, _ = e.read_layer(il)
-    d, n_later = layer_damage(q, qpos, k, v, kpos, roundtrip_deltas(e, k), roundtrip_deltas(e, v), window, **kw)
+    d, n_later = layer_damage(q, qpos, k, v, kpos, roundtrip_deltas(e, k, 0, precisions),
+                              roundtrip_deltas(e, v, 1, precisions), window, **kw)
     return d, n_later, kpos
 
 
@@ -636,6 +643,12 @@ def collect_cached(model: str | Path, text: str, *, cache: Path | None, n_chunks
     return c
 
 
+def oracle_pools(engine: Engine) -> tuple[tuple[int, ...], np.ndarray]:
+    """The pools an oracle engine allocates over (its policy's, else the controller's) and their costs."""
+    prec = engine.kv.precisions or PRECISIONS
+    return prec, np.array([EFF_BITS_OF[p] for p in prec])
+
+
 def oracle_mc_assignment(engine: Engine, head: list[int], seqs: list[list[int]], budget: float) -> np.ndarray:
     """Multiple choice (W = 0): set the damage-optimal bits per (position, layer) of a context on an oracle engine.
 
@@ -648,23 +661,24 @@ def oracle_mc_assignment(engine: Engine, head: list[int], seqs: list[list[int]],
     `budget` bits/element, as for every other policy. Installs the assignment for the next
     decode of the same tokens; returns bits [len(head) + longest seq, n_layer].
     """
+    prec, costs = oracle_pools(engine)
     n0, n_layer = len(head), engine.dims.n_layer
-    bits = np.full((n0 + max(len(s) for s in seqs), n_layer), PRECISIONS[0], np.int32)
+    bits = np.full((n0 + max(len(s) for s in seqs), n_layer), prec[0], np.int32)
     engine.set_assignment(np.zeros(0, np.int32))   # nothing assigned: every row at f16
     if n0 > 0:
         engine.decode(head, 0)
-        dmg = np.zeros((n0, n_layer, len(PRECISIONS)))
+        dmg = np.zeros((n0, n_layer, len(prec)))
         for seq in seqs:
             engine.clear_trace()
             engine.decode(seq, n0)
             for il in range(n_layer):
-                d, _, kpos = engine_layer_damage(engine, il, 0, q_stride=1, q_from=n0)
+                d, _, kpos = engine_layer_damage(engine, il, 0, prec, q_stride=1, q_from=n0)
                 ctx = kpos < n0
-                dmg[kpos[ctx], il, :3] += d[ctx]
+                dmg[kpos[ctx], il, :-1] += d[ctx]
         engine.clear_trace()
         last = len(seqs[-1])
-        cls = allocate(dmg.reshape(-1, len(PRECISIONS)), (budget * (n0 + last) - EFF_BITS[0] * last) / n0)
-        bits[:n0] = np.asarray(PRECISIONS)[cls].reshape(n0, n_layer)
+        cls = allocate(dmg.reshape(-1, len(prec)), (budget * (n0 + last) - costs[0] * last) / n0, costs)
+        bits[:n0] = np.asarray(prec)[cls].reshape(n0, n_layer)
     engine.set_assignment(bits.reshape(-1))
     return bits
 
@@ -677,22 +691,23 @@ def oracle_assignment(engine: Engine, tokens: list[int], budget: float) -> np.nd
     (the final f16 window included) holds `budget` bits/element, and installs the assignment
     for the next decode of the same tokens. Returns bits [n_tokens, n_layer].
     """
+    prec, costs = oracle_pools(engine)
     window = engine.kvq_opts.window_for(engine.kv)
     n, n_layer = len(tokens), engine.dims.n_layer
     engine.set_assignment(np.zeros(0, np.int32))   # nothing assigned: every row at f16
     engine.clear_trace()
     engine.decode(tokens, 0)
-    dmg = np.zeros((n, n_layer, len(PRECISIONS)))
+    dmg = np.zeros((n, n_layer, len(prec)))
     for il in range(n_layer):
-        d, _, kpos = engine_layer_damage(engine, il, window)
-        dmg[kpos, il, :3] = d
+        d, _, kpos = engine_layer_damage(engine, il, window, prec)
+        dmg[kpos, il, :-1] = d
     engine.clear_trace()
     bits = np.full((n, n_layer), 16, np.int32)
     w = min(window, n)
     decided = n - w
     if decided > 0:
-        per_row = (budget * n - EFF_BITS[-1] * w) / decided
-        cls = allocate(dmg[:decided].reshape(-1, len(PRECISIONS)), per_row)
-        bits[:decided] = np.asarray(PRECISIONS)[cls].reshape(decided, n_layer)
+        per_row = (budget * n - costs[-1] * w) / decided
+        cls = allocate(dmg[:decided].reshape(-1, len(prec)), per_row, costs)
+        bits[:decided] = np.asarray(prec)[cls].reshape(decided, n_layer)
     engine.set_assignment(bits.reshape(-1))
     return bits

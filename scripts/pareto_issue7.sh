@@ -27,13 +27,15 @@ resume() { [ -f "$1" ] && echo --resume || true; }
 # Steps 2 and 4 first re-key the records of the policies that read neither the controller nor its
 # K centering (static, stock) to the GGUF copy of the current controller (seed_records.py), so
 # only the mixed-precision rows (adaptive, rule, oracle) run again after the controller changes
-# (WIKI_ADAPTIVE / WIKI_ORACLE: the budgets of step 2).
+# (WIKI_ADAPTIVE / WIKI_ORACLE / WIKI_ORACLE_K4V2: the budgets of step 2). k4v2 is the static
+# pool of K in q4_0 and V in kvq2 (3.5 bits); oracle+k4v2 the oracle with that pool among its choices.
 if step 2; then
   [ -f results/pareto_wikitext2.json ] && .venv/bin/python scripts/seed_records.py results/pareto_wikitext2.json results/pareto_wikitext2.json wikitext2
   adaptive=$(for b in ${WIKI_ADAPTIVE:-3 3.5 4 4.5 5 6}; do printf ',adaptive@%s' "$b"; done)
   oracle=$(for b in ${WIKI_ORACLE:-3 3.5 4}; do printf ',oracle@%s' "$b"; done)
+  oracle_k4v2=$(for b in ${WIKI_ORACLE_K4V2:-3 3.5}; do printf ',oracle+k4v2@%s' "$b"; done)
   $kvq eval "${common[@]}" --json results/pareto_wikitext2.json $(resume results/pareto_wikitext2.json) \
-    --kv stock-f16,stock-q8_0,stock-q4_0,f16,q8,q4,q2,rule@3,rule@3.5,rule@4,rule@5$adaptive$oracle
+    --kv stock-f16,stock-q8_0,stock-q4_0,f16,q8,q4,k4v2,q2,rule@3,rule@3.5,rule@4,rule@5$adaptive$oracle$oracle_k4v2
 fi
 # 3. per-token decisions (same chunks, same reference)
 if step 3; then

@@ -19,7 +19,7 @@ def family(r: dict, src: str | None) -> str:
     name = r["kv"].split("@")[0]
     if name.startswith("stock-"):
         return "stock llama.cpp"
-    if name in ("f16", "q8", "q4", "q2"):
+    if name in ("f16", "q8", "q4", "k4v2", "q2"):
         return "kvq static" + (", K centered" if r.get("k_center") else "")
     name += ", K centered" if r.get("k_center") else ""
     return f"{name} ({os.path.splitext(os.path.basename(src))[0]})" if src else name

@@ -28,8 +28,9 @@ CASES = {
     "q8": ("q8", KvqOptions(), None),
     "q4": ("q4", KvqOptions(), None),
     "q2": ("q2", KvqOptions(), None),
+    "k4v2": ("k4v2", KvqOptions(), None),                   # K and V tiles of different types
     "window": ("f16", KvqOptions(window=512), None),        # every row stays in the f16 window
-    "mixed": (ASSIGN, KvqOptions(window=16), 0),            # all four pools plus window rows
+    "mixed": (ASSIGN, KvqOptions(window=16), 0),            # all five pools plus window rows
 }
 
 
@@ -41,7 +42,7 @@ def _engine(model_path, case, *, n=160):
     kv, opts, seed = CASES[case]
     e = Engine(model_path, kv=parse_kv(kv) if isinstance(kv, str) else kv, n_ctx=512, kvq=opts, n_threads=1)
     if seed is not None:
-        bits = np.random.default_rng(seed).choice([16, 8, 4, 2], size=n).astype(np.int32)
+        bits = np.random.default_rng(seed).choice([16, 8, 4, 3, 2], size=n).astype(np.int32)
         assert kvq_lib().llama_kvq_set_assignment(e.llm.ctx, _ptr(bits, ctypes.c_int32), n) == 0
     e.llm.eval(e.tokenize(TEXT)[:n])
     return e
@@ -89,7 +90,7 @@ def test_fused_attention_matches_reference(model_path, case):
         if case == "window":
             assert rows["window"] == n * N_LAYER
         if case == "mixed":
-            assert all(rows[k] > 0 for k in ("window", "f16", "q8", "q4", "q2"))
+            assert all(rows[k] > 0 for k in ("window", "f16", "q8", "q4", "k4v2", "q2"))
         simd = _simd_kernel(e)
         rng = np.random.default_rng(7)
         for il in (0, 29):

@@ -18,7 +18,8 @@ from .test_errors import assert_one_line_error
 
 TEXT = (SHARED_DATA / "wikitext2" / "wiki.test.nonempty-lf.raw").read_text(encoding="utf-8")[:8000]
 N_LAYER, N_EMBD_KV = 30, 192
-ROW_BYTES = {"f16": 384, "q8": 204, "q4": 108, "q2": 60}  # one token-layer K (or V) row, 3 heads x 64
+# one token-layer K (or V) row, 3 heads x 64; k4v2: the mean of its q4_0 K row and kvq2 V row
+ROW_BYTES = {"f16": 384, "q8": 204, "q4": 108, "k4v2": 84, "q2": 60}
 ASSIGN = KvPolicy("assign", kvq="assign")
 
 
@@ -56,7 +57,7 @@ def test_static_f16_matches_stock_f16(converted_f16, f16_ref):
     assert kl(f16_ref, ours) < 1e-4
     assert (f16_ref.argmax(-1) == ours.argmax(-1)).mean() > 0.99
     assert np.abs(f16_ref - ours).max() < 0.3
-    assert st.rows == {"window": 0, "f16": 512 * N_LAYER, "q8": 0, "q4": 0, "q2": 0}
+    assert st.rows == {"window": 0, "f16": 512 * N_LAYER, "q8": 0, "q4": 0, "k4v2": 0, "q2": 0}
 
 
 def test_static_f16_on_the_q4_1_model_is_within_stock_noise(model_path):
@@ -85,7 +86,30 @@ def test_2bit_is_usable_where_stock_q2_0_is_not(converted_f16, f16_ref):
     assert kl(f16_ref, o) < 0.3 * kl(f16_ref, s)
 
 
-@pytest.mark.parametrize("kv", ["f16", "q8", "q4", "q2"])
+def test_k4v2_puts_the_bits_on_k(converted_f16, f16_ref):
+    # K at 4 bits with V at 2: 3.5 bits/element, damage between q4 and q2, and (layer 0, whose
+    # input no cache touches) a K read back exactly as q4 stores it, a V exactly as q2 does
+    o, st = run_logits(converted_f16, "k4v2")
+    assert st.bits_per_elem == 3.5 and st.rows["k4v2"] == 512 * N_LAYER
+    q4, _ = run_logits(converted_f16, "q4")
+    q2, _ = run_logits(converted_f16, "q2")
+    assert kl(f16_ref, q4) < kl(f16_ref, o) < 0.5 * kl(f16_ref, q2)
+    lib = kvq_lib()
+    kv = {}
+    for name in ("k4v2", "q4", "q2"):
+        with Engine(converted_f16, kv=parse_kv(name), n_ctx=256) as e:
+            e.llm.eval(e.tokenize(TEXT)[:64])
+            K, V = np.zeros((64, N_EMBD_KV), np.float32), np.zeros((64, N_EMBD_KV), np.float32)
+            assert lib.llama_kvq_read_layer(e.llm.ctx, 0, _ptr(K), _ptr(V), None, None, 64) == 64
+            kv[name] = K, V
+            if name == "k4v2":
+                with pytest.raises(BadOption, match="round-trip K at 4 and V at 2|pool 3 is K at 4 bits"):
+                    e.roundtrip(3, K)
+    np.testing.assert_array_equal(kv["k4v2"][0], kv["q4"][0])
+    np.testing.assert_array_equal(kv["k4v2"][1], kv["q2"][1])
+
+
+@pytest.mark.parametrize("kv", ["f16", "q8", "q4", "k4v2", "q2"])
 def test_bytes_held_are_analytic(model_path, kv):
     n = 300
     _, st = run_logits(model_path, kv, n_tokens=n, n_ctx=512)
@@ -99,7 +123,7 @@ def test_bytes_held_are_analytic(model_path, kv):
 def _assigned_engine(model_path, n=200, seed=0):
     lib = kvq_lib()
     e = Engine(model_path, kv=ASSIGN, n_ctx=512, kvq=KvqOptions(window=0))
-    bits = np.random.default_rng(seed).choice([16, 8, 4, 2], size=n).astype(np.int32)
+    bits = np.random.default_rng(seed).choice([16, 8, 4, 3, 2], size=n).astype(np.int32)
     assert lib.llama_kvq_set_assignment(e.llm.ctx, _ptr(bits, ctypes.c_int32), n) == 0
     e.llm.eval(e.tokenize(TEXT)[:n])
     return e, bits
@@ -109,10 +133,11 @@ def test_mixed_assignment_bytes_follow_the_mix(model_path):
     e, bits = _assigned_engine(model_path)
     with e:
         st = e.kv_stats()
-        counts = {b: int((bits == b).sum()) for b in (16, 8, 4, 2)}
+        counts = {b: int((bits == b).sum()) for b in (16, 8, 4, 3, 2)}
         assert st.rows == {"window": 0, "f16": counts[16] * N_LAYER, "q8": counts[8] * N_LAYER,
-                           "q4": counts[4] * N_LAYER, "q2": counts[2] * N_LAYER}
-        want = sum(counts[b] * N_LAYER * 2 * ROW_BYTES[k] for b, k in ((16, "f16"), (8, "q8"), (4, "q4"), (2, "q2")))
+                           "q4": counts[4] * N_LAYER, "k4v2": counts[3] * N_LAYER, "q2": counts[2] * N_LAYER}
+        want = sum(counts[b] * N_LAYER * 2 * ROW_BYTES[k]
+                   for b, k in ((16, "f16"), (8, "q8"), (4, "q4"), (3, "k4v2"), (2, "q2")))
         assert st.bytes_held == want
 
 
@@ -129,7 +154,7 @@ def test_mixed_assignment_attention_matches_numpy(model_path, il):
         got = lib.llama_kvq_read_layer(e.llm.ctx, il, _ptr(K), _ptr(V), _ptr(pos, ctypes.c_int32),
                                        _ptr(prec, ctypes.c_int32), n)
         assert got == n and sorted(pos) == list(range(n))
-        cls = {16: 1, 8: 2, 4: 3, 2: 4}
+        cls = {16: 1, 8: 2, 4: 3, 3: 4, 2: 5}
         assert all(prec[i] == cls[bits[pos[i]]] for i in range(n))
         rng = np.random.default_rng(1)
         q = (rng.normal(size=(5, 9, 64)) * 2).astype(np.float32)

@@ -235,6 +235,12 @@ def test_oracle_assignment_meets_the_budget(model_path):
         assert bits.shape == (512, 30) and (bits[-16:] == 16).all()
         e.decode(toks, 0)
         assert abs(e.kv_stats().bits_per_elem - 3.5) < 0.05
+    # with the k4v2 pool among its choices (oracle+k4v2): the budget holds, and the oracle uses it
+    with Engine(model_path, kv=parse_kv("oracle+k4v2@3"), n_ctx=512, n_ubatch=32, kvq=opts) as e:
+        bits3 = oracle_assignment(e, toks, 3.0)
+        assert (bits3 == 3).mean() > 0.05
+        e.decode(toks, 0)
+        assert abs(e.kv_stats().bits_per_elem - 3.0) < 0.05 and e.kv_stats().rows["k4v2"] > 0
 
 
 def test_train_cli_end_to_end_and_errors(runner, tmp_path, model_path):

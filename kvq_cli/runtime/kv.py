@@ -17,6 +17,7 @@ class KvPolicy:
     kvq: str | None = None        # None (stock) | "static" | "rule" | "adaptive" | "assign" (oracle)
     static_bits: int = 16         # kvq static precision
     budget_bits: float | None = None  # kvq: this policy's own --kv-bits ("rule@3")
+    precisions: tuple[int, ...] | None = None  # oracle: the pools it allocates over (None: 2/4/8/16)
 
     @property
     def is_stock(self) -> bool:
@@ -32,19 +33,24 @@ STOCK_POLICIES: dict[str, KvPolicy] = {
     "stock-q4_0": KvPolicy("stock-q4_0", "Q4_0", 18 * 8 / 32, True),
     "stock-q2_0": KvPolicy("stock-q2_0", "Q2_0", 18 * 8 / 64, True),
 }
-# kvq pools: f16, q8_0, q4_0 and kvq2 (64 x 2 bit + f16 scale + f16 min: 20 B / 64 = 2.5 bits).
+# kvq pools: f16, q8_0, q4_0, kvq2 (64 x 2 bit + f16 scale + f16 min: 20 B / 64 = 2.5 bits), and
+# k4v2 (bits 3): K in q4_0, V in kvq2, 3.5 bits/element (K errors move every score, V errors one
+# output term: at 2 bits the K side does ~5x the damage, results/pool_candidates.txt).
 KVQ_POLICIES: dict[str, KvPolicy] = {
     "f16": KvPolicy("f16", kvq="static", static_bits=16),
     "q8": KvPolicy("q8", kvq="static", static_bits=8),
     "q4": KvPolicy("q4", kvq="static", static_bits=4),
+    "k4v2": KvPolicy("k4v2", kvq="static", static_bits=3),
     "q2": KvPolicy("q2", kvq="static", static_bits=2),
     "rule": KvPolicy("rule", kvq="rule"),
     "adaptive": KvPolicy("adaptive", kvq="adaptive"),
     # evaluation only (kvq eval): the damage-optimal assignment measured on the scored text
     # itself with every later query known (kvq_cli/train.py), an upper bound
     "oracle": KvPolicy("oracle", kvq="assign"),
+    # the same with the k4v2 pool among its choices
+    "oracle+k4v2": KvPolicy("oracle+k4v2", kvq="assign", precisions=(2, 3, 4, 8, 16)),
 }
-EVAL_ONLY = ("oracle",)
+EVAL_ONLY = ("oracle", "oracle+k4v2")
 ALL_POLICIES = {**KVQ_POLICIES, **STOCK_POLICIES}
 KV_CHOICES = list(ALL_POLICIES)
 
