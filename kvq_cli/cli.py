@@ -418,6 +418,7 @@ def train_cmd(
     cache: Annotated[Optional[str], typer.Option("--cache", help="NPZ of collected features and damage: read if it exists, else written (reuse across budgets); with --regime both, NAME.decode.npz and NAME.prompt.npz next to it.")] = None,
     embed_out: Annotated[Optional[str], typer.Option("--embed", help="Also write a copy of the GGUF with the controller embedded here.")] = None,
     k_center: Annotated[bool, typer.Option("--k-center/--no-k-center", help="Center K by its mean per layer on the calibration text (saved with the controller; attention is unchanged, quantized rows lose less).")] = True,
+    pools: Annotated[str, typer.Option("--pools", help="The controller's output classes, in bits: 2,4,8,16, or 2,3,4,8,16 with the k4v2 pool (K at 4 bits, V at 2; 3.5 bits/element).")] = "2,4,8,16",
     threads: ThreadsOpt = None,
 ) -> None:
     """Learn a precision controller from the runtime's oracle on calibration text.
@@ -432,7 +433,7 @@ def train_cmd(
     from kvq_cli.errors import BadOption, OutputError
     from kvq_cli.gguf_write import atomic_output, check_output
     from kvq_cli.models import resolve
-    from kvq_cli.train import OBJECTIVES, REGIMES, calibration_data, train
+    from kvq_cli.train import OBJECTIVES, POOL_SETS, REGIMES, calibration_data, train
 
     if granularity not in GRANULARITIES:
         raise BadOption(f"--granularity must be one of {', '.join(GRANULARITIES)}, got {granularity}")
@@ -442,6 +443,8 @@ def train_cmd(
         raise BadOption(f"--objective must be one of {', '.join(OBJECTIVES)}, got {objective}")
     if regime not in REGIMES:
         raise BadOption(f"--regime must be one of {', '.join(REGIMES)}, got {regime}")
+    if pools.replace(" ", "") not in POOL_SETS:
+        raise BadOption(f"--pools must be one of {', '.join(POOL_SETS)}, got {pools}")
     if chunks < 3 or prompts < 20 or chunk_len < 4 * window + 64 or window < 1:
         raise BadOption("need --chunks >= 3, --prompts >= 20, --window >= 1 and --chunk-len >= 4 * window + 64")
     if not Path(calib).is_file():
@@ -456,7 +459,7 @@ def train_cmd(
                                         regime=regime, cache=Path(cache) if cache else None, n_chunks=chunks,
                                         n_prompts=prompts, chunk_len=chunk_len, window=window, n_threads=threads,
                                         on_chunk=lambda i, n: progress.update(task, completed=i, total=n),
-                                        k_center=k_center)
+                                        k_center=k_center, precisions=POOL_SETS[pools.replace(" ", "")])
         fit_task = progress.add_task("fit", total=epochs)
         spec, report = train(data, budget=budget, per_layer=granularity == "token_layer", hidden=hidden,
                              seed=seed, epochs=epochs, val_chunks=n_held, objective=objective,

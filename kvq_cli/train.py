@@ -49,6 +49,12 @@ ORACLE = KvPolicy("oracle", kvq="assign")
 PRECISIONS = (2, 4, 8, 16)                   # the controller's classes
 EFF_BITS = np.array([EFF_BITS_OF[p] for p in PRECISIONS])   # bits/element of each, block scales included
 SIDE_BITS = {3: (4, 2)}                      # pools whose K and V sides differ: bits -> (K bits, V bits)
+POOL_SETS = {"2,4,8,16": PRECISIONS, "2,3,4,8,16": (2, 3, 4, 8, 16)}   # `kvq train --pools`
+
+
+def costs_of(precisions: tuple[int, ...]) -> np.ndarray:
+    """Effective bits/element of each pool of `precisions`."""
+    return np.array([EFF_BITS_OF[p] for p in precisions])
 MIN_FUTURE = 32                              # rows seen by fewer later queries carry no label
 # position_frac is position / the context size the runtime was created with: a controller
 # trained on 1k-token chunks would read it differently in an 8k chat (it helps ~8% on held-out
@@ -63,13 +69,14 @@ class Collected:
     """Per decided row: features (runtime order), damage per precision, and where it came from."""
 
     features: np.ndarray      # [n, n_features]
-    damage: np.ndarray        # [n, 4]: relative attention-output damage at 2/4/8/16 bits
+    damage: np.ndarray        # [n, len(precisions)]: relative attention-output damage in each pool (f16 last, 0)
     layer: np.ndarray         # [n]
     pos: np.ndarray           # [n]
     chunk: np.ndarray         # [n]
     names: list[str]
     n_layer: int
     k_center: np.ndarray | None = None   # [n_layer, n_embd_kv]: the K centering the rows were stored with
+    precisions: tuple[int, ...] = PRECISIONS   # the pools of the damage columns
 
 
 def calibration_chunks(engine: Engine, text: str, chunk_len: int, n_chunks: int) -> list[list[int]]:
@@ -168,10 +175,10 @@ def engine_layer_damage(e: Engine, il: int, window: int, precisions: tuple[int, 
 
 def collect(model: str | Path, chunks: list[list[int]], *, window: int = 32, n_ubatch: int = 32,
             n_threads: int | None = None, on_chunk: Callable[[int, int], None] | None = None,
-            k_center: np.ndarray | None = None) -> Collected:
+            k_center: np.ndarray | None = None, precisions: tuple[int, ...] = PRECISIONS) -> Collected:
     """Run the oracle over each chunk and measure features and damage of every decided (token, layer) row
     (K stored centered by k_center when given, as the runtime will store it)."""
-    rows = _Rows()
+    rows = _Rows(precisions)
     n_ctx = max(len(c) for c in chunks)
     opts = KvqOptions(window=window, trace=True, per_layer=True, record_q=True)
     with Engine(model, kv=ORACLE, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ubatch, n_threads=n_threads, kvq=opts) as e:
@@ -188,9 +195,10 @@ def collect(model: str | Path, chunks: list[list[int]], *, window: int = 32, n_u
 class _Rows:
     """Decided (token, layer) rows of the oracle chunks seen so far: features from the trace, damage per precision."""
 
-    def __init__(self):
+    def __init__(self, precisions: tuple[int, ...] = PRECISIONS):
         self.parts: list[tuple] = []
         self.names: list[str] = []
+        self.precisions = precisions
 
     def add_chunk(self, e: Engine, ci: int, *, window: int, min_future: int, q_stride: int = 2, q_from: int = 0,
                   pos_below: int | None = None) -> None:
@@ -199,7 +207,7 @@ class _Rows:
         tr = e.trace()
         self.names = tr.names
         for il in range(e.dims.n_layer):
-            d, n_later, kpos = engine_layer_damage(e, il, window, q_stride=q_stride, q_from=q_from)
+            d, n_later, kpos = engine_layer_damage(e, il, window, self.precisions, q_stride=q_stride, q_from=q_from)
             sel = tr.layer == il
             if pos_below is not None:
                 sel &= tr.pos < pos_below
@@ -213,7 +221,7 @@ class _Rows:
 
     def collected(self, n_layer: int, k_center: np.ndarray | None = None) -> Collected:
         f, d, layer, pos, chunk = (np.concatenate(x) for x in zip(*self.parts))
-        return Collected(f, d, layer, pos, chunk, self.names, n_layer, k_center)
+        return Collected(f, d, layer, pos, chunk, self.names, n_layer, k_center, self.precisions)
 
 
 def prompt_chunks(engine: Engine, text: str, n_chunks: int, *, min_ctx: int = PROMPT_MIN, max_ctx: int = PROMPT_MAX,
@@ -235,12 +243,13 @@ def prompt_chunks(engine: Engine, text: str, n_chunks: int, *, min_ctx: int = PR
 
 
 def collect_prompts(model: str | Path, pairs: list[tuple[list[int], list[int]]], *, n_threads: int | None = None,
-                    on_chunk: Callable[[int, int], None] | None = None, k_center: np.ndarray | None = None) -> Collected:
+                    on_chunk: Callable[[int, int], None] | None = None, k_center: np.ndarray | None = None,
+                    precisions: tuple[int, ...] = PRECISIONS) -> Collected:
     """The prompt regime (multiple choice, `kvq eval --kv-window 0`): each prompt is prefilled in one
     ubatch and every row is decided right after it (W = 0), from the attention of the prompt's own
     queries; damage is measured with the queries of the continuation only, which are the ones
     that see the stored rows."""
-    rows = _Rows()
+    rows = _Rows(precisions)
     n_ctx = max(len(a) + len(b) for a, b in pairs)
     opts = KvqOptions(window=0, trace=True, per_layer=True, record_q=True)
     with Engine(model, kv=ORACLE, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=n_threads, kvq=opts) as e:
@@ -267,7 +276,7 @@ def per_token(c: Collected) -> Collected:
     f /= counts[:, None]
     return Collected(f[full].astype(np.float32), d[full], np.full(full.sum(), -1, np.int32),
                      (uniq % 1_000_000)[full].astype(np.int32), (uniq // 1_000_000)[full].astype(np.int32),
-                     c.names, c.n_layer, c.k_center)
+                     c.names, c.n_layer, c.k_center, c.precisions)
 
 
 def price_for(damage: np.ndarray, budget: float, costs: np.ndarray = EFF_BITS) -> float:
@@ -300,7 +309,7 @@ def _forward(params, z):
     return pre, h, h @ w2.T + b2
 
 
-def _loss_grad(params, z, y, budget, mu):
+def _loss_grad(params, z, y, budget, mu, costs=EFF_BITS):
     w1, b1, w2, b2 = params
     pre, h, logits = _forward(params, z)
     logits = logits - logits.max(1, keepdims=True)
@@ -308,14 +317,14 @@ def _loss_grad(params, z, y, budget, mu):
     p /= p.sum(1, keepdims=True)
     n = len(z)
     ce = -np.log(p[np.arange(n), y] + 1e-12).mean()
-    eb = (p * EFF_BITS).sum(1)
+    eb = (p * costs).sum(1)
     gap = eb.mean() - budget
     loss = ce + mu * gap * gap
     dlog = p.copy()
     dlog[np.arange(n), y] -= 1
     dlog /= n
     # d(gap^2)/dlogits = 2 gap * p * (bits - eb) / n
-    dlog += mu * 2 * gap * p * (EFF_BITS[None, :] - eb[:, None]) / n
+    dlog += mu * 2 * gap * p * (costs[None, :] - eb[:, None]) / n
     gw2 = dlog.T @ h
     gb2 = dlog.sum(0)
     dh = dlog @ w2
@@ -354,7 +363,7 @@ class FitReport:
 
 def fit(x: np.ndarray, y: np.ndarray, val: np.ndarray, *, budget: float, hidden: int = 16, seed: int = 0,
         epochs: int = 60, batch: int = 1024, lr: float = 3e-3, mu: float = 0.05, patience: int = 8,
-        on_epoch: Callable[[int, int, float], None] | None = None):
+        on_epoch: Callable[[int, int, float], None] | None = None, costs: np.ndarray = EFF_BITS):
     """Adam on cross-entropy + mu * (expected bits - budget)^2; returns (params, mean, std, epochs run)."""
     rng = np.random.default_rng(seed)
     tr = ~val
@@ -364,7 +373,7 @@ def fit(x: np.ndarray, y: np.ndarray, val: np.ndarray, *, budget: float, hidden:
     z = ((x - mean) / std).astype(np.float64)
     nf = x.shape[1]
     params = [rng.normal(0, math.sqrt(2 / nf), (hidden, nf)), np.zeros(hidden),
-              rng.normal(0, math.sqrt(1 / hidden), (len(PRECISIONS), hidden)), np.zeros(len(PRECISIONS))]
+              rng.normal(0, math.sqrt(1 / hidden), (len(costs), hidden)), np.zeros(len(costs))]
     m = [np.zeros_like(p) for p in params]
     v = [np.zeros_like(p) for p in params]
     zt, yt, zv, yv = z[tr], y[tr], z[val], y[val]
@@ -373,10 +382,10 @@ def fit(x: np.ndarray, y: np.ndarray, val: np.ndarray, *, budget: float, hidden:
         order = rng.permutation(len(zt))
         for s in range(0, len(order), batch):
             idx = order[s:s + batch]
-            _, _, grads = _loss_grad(params, zt[idx], yt[idx], budget, mu)
+            _, _, grads = _loss_grad(params, zt[idx], yt[idx], budget, mu, costs)
             step += 1
             _adam(params, grads, m, v, step, lr)
-        val_loss = _loss_grad(params, zv, yv, budget, mu)[0]
+        val_loss = _loss_grad(params, zv, yv, budget, mu, costs)[0]
         if on_epoch:
             on_epoch(ep, epochs, val_loss)
         if val_loss < best - 1e-5:
@@ -433,22 +442,22 @@ def fit_damage(x: np.ndarray, t: np.ndarray, val: np.ndarray, *, hidden: int = 1
     return best_params, mean, std, ep
 
 
-def damage_logits(params, lam: float):
+def damage_logits(params, lam: float, costs: np.ndarray = EFF_BITS):
     """The runtime's MLP head for a damage regressor: logit_p = -(damage_p / lam + bits_p), f16 damage 0.
 
     The C decision, argmax of logit - price * bits, is then argmin of damage + lam * (1 + price) * bits:
     price 0 is the training budget, and --kv-bits moves the price relative to lam."""
     w1, b1, w2, b2 = params
     w2c = np.concatenate([-w2 / lam, np.zeros((1, w2.shape[1]))])
-    b2c = np.concatenate([-b2 / lam, [0.0]]) - EFF_BITS
+    b2c = np.concatenate([-b2 / lam, [0.0]]) - costs
     return [w1, b1, w2c, b2c]
 
 
-def _static_damage(damage: np.ndarray, bits: float) -> float:
+def _static_damage(damage: np.ndarray, bits: float, costs: np.ndarray = EFF_BITS) -> float:
     """Mean damage of the best two-level static mix (a fraction of rows at each of two adjacent pools) at `bits`."""
     means = damage.mean(0)
-    i = int(np.clip(np.searchsorted(EFF_BITS, bits) - 1, 0, len(EFF_BITS) - 2))
-    t = (bits - EFF_BITS[i]) / (EFF_BITS[i + 1] - EFF_BITS[i])
+    i = int(np.clip(np.searchsorted(costs, bits) - 1, 0, len(costs) - 2))
+    t = (bits - costs[i]) / (costs[i + 1] - costs[i])
     return float((1 - t) * means[i] + t * means[i + 1])
 
 
@@ -467,9 +476,9 @@ def log_damage_head(params, lam: float):
     return [w1, b1, w2c, b2c]
 
 
-def _logits(params, z, head: str) -> np.ndarray:
+def _logits(params, z, head: str, costs: np.ndarray = EFF_BITS) -> np.ndarray:
     out = _forward(params, z)[2]
-    return -np.exp(out) - EFF_BITS if head == "log_damage" else out
+    return -np.exp(out) - costs if head == "log_damage" else out
 
 
 def train(c: Collected, *, budget: float, per_layer: bool, hidden: int = 16, seed: int = 0, epochs: int = 60,
@@ -487,37 +496,38 @@ def train(c: Collected, *, budget: float, per_layer: bool, hidden: int = 16, see
                          and (per_layer or n != "layer_frac")]
     cols = [data.names.index(n) for n in names]
     x = data.features[:, cols].astype(np.float64)
-    y = allocate(data.damage, budget)
+    costs = costs_of(data.precisions)
+    y = allocate(data.damage, budget, costs)
     chunks = np.unique(data.chunk)
     if len(chunks) <= val_chunks:
         raise BadOption(f"need more than {val_chunks} calibration chunks (got {len(chunks)}): raise --chunks")
     val = np.isin(data.chunk, chunks[-val_chunks:])
     if objective == "damage":
         scale = float(data.damage[~val, 0].mean()) or 1.0
-        reg, mean, std, ep = fit_damage(x, data.damage[:, :3] / scale, val, hidden=hidden, seed=seed, epochs=epochs,
+        reg, mean, std, ep = fit_damage(x, data.damage[:, :-1] / scale, val, hidden=hidden, seed=seed, epochs=epochs,
                                         on_epoch=on_epoch)
         pred = _forward(reg, (x[~val] - mean) / std)[2]
-        lam = price_for(np.concatenate([pred, np.zeros((len(pred), 1))], 1), budget)
-        params = damage_logits(reg, lam)
+        lam = price_for(np.concatenate([pred, np.zeros((len(pred), 1))], 1), budget, costs)
+        params = damage_logits(reg, lam, costs)
     elif objective == "log_damage":
         scale = float(data.damage[~val, 0].mean()) or 1.0
-        reg, mean, std, ep = fit_damage(x, np.log(data.damage[:, :3] / scale + LOG_FLOOR), val, hidden=hidden,
+        reg, mean, std, ep = fit_damage(x, np.log(data.damage[:, :-1] / scale + LOG_FLOOR), val, hidden=hidden,
                                         seed=seed, epochs=epochs, on_epoch=on_epoch)
         pred = np.exp(_forward(reg, (x[~val] - mean) / std)[2])
-        lam = price_for(np.concatenate([pred, np.zeros((len(pred), 1))], 1), budget)
+        lam = price_for(np.concatenate([pred, np.zeros((len(pred), 1))], 1), budget, costs)
         params = log_damage_head(reg, lam)
     else:
         params, mean, std, ep = fit(x, y, val, budget=budget, hidden=hidden, seed=seed, epochs=epochs,
-                                    on_epoch=on_epoch)
+                                    on_epoch=on_epoch, costs=costs)
     w1, b1, w2, b2 = params
-    spec = ControllerSpec(features=names, precisions=list(PRECISIONS), w1=w1.tolist(), b1=b1.tolist(),
+    spec = ControllerSpec(features=names, precisions=list(data.precisions), w1=w1.tolist(), b1=b1.tolist(),
                           w2=w2.tolist(), b2=b2.tolist(), feature_mean=mean.tolist(), feature_std=std.tolist(),
                           budget_bits=float(budget), granularity="token_layer" if per_layer else "token",
                           extra={"seed": seed, "objective": objective},
                           k_center=None if c.k_center is None else c.k_center.tolist(),
                           head="log_damage" if objective == "log_damage" else "logits").validate()
     zv = (x[val] - mean) / std
-    logits = _logits(params, zv, spec.head)
+    logits = _logits(params, zv, spec.head, costs)
     pred = logits.argmax(1)
     lp = logits - logits.max(1, keepdims=True)
     lp = lp - np.log(np.exp(lp).sum(1, keepdims=True))
@@ -529,21 +539,21 @@ def train(c: Collected, *, budget: float, per_layer: bool, hidden: int = 16, see
     for j, n in enumerate(names):
         zs = zv.copy()
         zs[:, j] = zs[rng.permutation(len(zs)), j]
-        lps = _logits(params, zs, spec.head)
+        lps = _logits(params, zs, spec.head, costs)
         if objective != "labels":   # relative rise of the decisions' damage (the logits are not probabilities)
             importance[n] = float(dv[rows, lps.argmax(1)].mean() / max(dv[rows, pred].mean(), 1e-30) - 1)
             continue
         lps = lps - lps.max(1, keepdims=True)
         lps = lps - np.log(np.exp(lps).sum(1, keepdims=True))
         importance[n] = float(-lps[rows, y[val]].mean() - ce)
-    pred_bits = float(EFF_BITS[pred].mean())
+    pred_bits = float(costs[pred].mean())
     report = FitReport(
         n_train=int((~val).sum()), n_val=int(val.sum()), epochs=ep, val_ce=ce,
-        val_acc=float((pred == y[val]).mean()), val_bits=pred_bits, label_bits=float(EFF_BITS[y[val]].mean()),
+        val_acc=float((pred == y[val]).mean()), val_bits=pred_bits, label_bits=float(costs[y[val]].mean()),
         val_damage=float(dv[np.arange(len(pred)), pred].mean()),
         oracle_damage=float(dv[np.arange(len(pred)), y[val]].mean()),
-        oracle_damage_same_bits=float(dv[rows, allocate(dv, pred_bits)].mean()),
-        static_damage=_static_damage(dv, pred_bits), importance=importance,
+        oracle_damage_same_bits=float(dv[rows, allocate(dv, pred_bits, costs)].mean()),
+        static_damage=_static_damage(dv, pred_bits, costs), importance=importance,
         importance_metric="held-out damage rise when shuffled, relative" if objective != "labels"
         else "held-out cross-entropy rise when shuffled")
     return spec, report
@@ -567,14 +577,14 @@ def merge_regimes(dec: Collected, pro: Collected, val_dec: int, val_pro: int) ->
     chunk = np.concatenate([[ids[("d", c)] for c in dec.chunk], [ids[("p", c)] for c in pro.chunk]]).astype(np.int32)
     merged = Collected(np.concatenate([dec.features, pro.features]), np.concatenate([dec.damage, pro.damage * scale]),
                        np.concatenate([dec.layer, pro.layer]), np.concatenate([dec.pos, pro.pos]), chunk,
-                       dec.names, dec.n_layer, dec.k_center)
+                       dec.names, dec.n_layer, dec.k_center, dec.precisions)
     return merged, val_dec + val_pro
 
 
 def calibration_data(model: str | Path, text: str, *, regime: str, cache: Path | None, n_chunks: int, n_prompts: int,
                      chunk_len: int, window: int, n_threads: int | None = None,
                      on_chunk: Callable[[int, int], None] | None = None,
-                     k_center: bool = True) -> tuple[Collected, int]:
+                     k_center: bool = True, precisions: tuple[int, ...] = PRECISIONS) -> tuple[Collected, int]:
     """The training rows of a regime (decode, prompt or both) and how many chunks are held out.
 
     With k_center, K is centered by its mean per layer over the decode chunks (k_center_of) in
@@ -593,7 +603,7 @@ def calibration_data(model: str | Path, text: str, *, regime: str, cache: Path |
         where = cache.with_name(f"{cache.stem}.{r}.npz") if cache is not None and regime == "both" else cache
         got[r] = collect_cached(model, text, cache=where, n_chunks=n_chunks if r == "decode" else n_prompts,
                                 chunk_len=chunk_len, window=window, regime=r, n_threads=n_threads, on_chunk=on_chunk,
-                                k_center=center)
+                                k_center=center, precisions=precisions)
     if regime == "both":
         return merge_regimes(got["decode"], got["prompt"], held["decode"], held["prompt"])
     return got[regime], held[regime]
@@ -601,7 +611,8 @@ def calibration_data(model: str | Path, text: str, *, regime: str, cache: Path |
 
 def collect_cached(model: str | Path, text: str, *, cache: Path | None, n_chunks: int, chunk_len: int,
                    window: int, regime: str = "decode", n_threads: int | None = None,
-                   on_chunk: Callable[[int, int], None] | None = None, k_center: np.ndarray | None = None) -> Collected:
+                   on_chunk: Callable[[int, int], None] | None = None, k_center: np.ndarray | None = None,
+                   precisions: tuple[int, ...] = PRECISIONS) -> Collected:
     """collect() (regime decode) or collect_prompts() (regime prompt) over the calibration text,
     read from / written to an NPZ cache when given."""
     if regime not in ("decode", "prompt"):
@@ -612,6 +623,8 @@ def collect_cached(model: str | Path, text: str, *, cache: Path | None, n_chunks
                 "prompts": f"{PROMPT_MIN}-{PROMPT_MAX}+{PROMPT_CONT}"}
     # a digest of the centering: rows collected with another one (or none) are not reused
     meta["k_center"] = "none" if k_center is None else hashlib.sha256(np.ascontiguousarray(k_center, np.float32).tobytes()).hexdigest()[:16]
+    if precisions != PRECISIONS:   # (caches of the default pools carry no key, as before it existed)
+        meta["pools"] = ",".join(map(str, precisions))
     if cache is not None and cache.is_file():
         try:
             z = np.load(cache, allow_pickle=False)
@@ -623,15 +636,16 @@ def collect_cached(model: str | Path, text: str, *, cache: Path | None, n_chunks
         if on_chunk:
             on_chunk(n_chunks, n_chunks)
         return Collected(z["features"], z["damage"], z["layer"], z["pos"], z["chunk"],
-                         [str(n) for n in z["names"]], int(z["n_layer"]), k_center)
+                         [str(n) for n in z["names"]], int(z["n_layer"]), k_center, precisions)
     if regime == "prompt":
         with Engine(model, kv=KvPolicy("f16", kvq="static"), n_ctx=PROMPT_MAX + PROMPT_CONT) as tok:
             pairs = prompt_chunks(tok, text, n_chunks)
-        c = collect_prompts(model, pairs, n_threads=n_threads, on_chunk=on_chunk, k_center=k_center)
+        c = collect_prompts(model, pairs, n_threads=n_threads, on_chunk=on_chunk, k_center=k_center, precisions=precisions)
     else:
         with Engine(model, kv=KvPolicy("f16", kvq="static"), n_ctx=chunk_len) as tok:
             chunks = calibration_chunks(tok, text, chunk_len, n_chunks)
-        c = collect(model, chunks, window=window, n_threads=n_threads, on_chunk=on_chunk, k_center=k_center)
+        c = collect(model, chunks, window=window, n_threads=n_threads, on_chunk=on_chunk, k_center=k_center,
+                    precisions=precisions)
     if cache is not None:
         from kvq_cli.gguf_write import atomic_output
 
@@ -646,7 +660,7 @@ def collect_cached(model: str | Path, text: str, *, cache: Path | None, n_chunks
 def oracle_pools(engine: Engine) -> tuple[tuple[int, ...], np.ndarray]:
     """The pools an oracle engine allocates over (its policy's, else the controller's) and their costs."""
     prec = engine.kv.precisions or PRECISIONS
-    return prec, np.array([EFF_BITS_OF[p] for p in prec])
+    return prec, costs_of(prec)
 
 
 def oracle_mc_assignment(engine: Engine, head: list[int], seqs: list[list[int]], budget: float) -> np.ndarray:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from kvq_cli.cli import app
-from kvq_cli.controller import ControllerSpec, controller_from_reader, load_controller
+from kvq_cli.controller import controller_from_reader, load_controller
 from kvq_cli.gguf_info import read_gguf
 
 from .conftest import GOLDEN, SHARED_DATA

@@ -73,6 +73,23 @@ def collected(model_path):
     return collect(model_path, chunks, window=8, n_ubatch=16)
 
 
+@pytest.fixture(scope="module")
+def collected_k4v2(model_path):
+    with Engine(model_path, kv=parse_kv("f16"), n_ctx=256) as e:
+        chunks = calibration_chunks(e, CALIB.read_text(encoding="utf-8"), 256, 4)
+    return collect(model_path, chunks, window=8, n_ubatch=16, precisions=(2, 3, 4, 8, 16))
+
+
+def test_k4v2_damage_sits_between_2_and_4_bits(collected, collected_k4v2):
+    # the same rows with a fifth class: the other columns unchanged; k4v2 (K at 4 bits, V at 2) well
+    # below 2-bit damage (K errors dominate) and above 4-bit
+    c, d = collected, collected_k4v2.damage
+    assert collected_k4v2.precisions == (2, 3, 4, 8, 16) and d.shape == (len(c.damage), 5)
+    np.testing.assert_allclose(d[:, [0, 2, 3, 4]], c.damage, rtol=1e-6, atol=1e-12)
+    assert d[:, 0].mean() > 2 * d[:, 1].mean() and d[:, 1].mean() > 2 * d[:, 2].mean()
+    assert (d[:, 1] < d[:, 0]).mean() > 0.9
+
+
 def test_oracle_collects_features_and_damage(collected):
     c = collected
     assert c.features.shape[1] == len(c.names) and "attn_recv" in c.names
@@ -132,11 +149,15 @@ def test_merge_regimes_balances_damage_and_holds_out_both():
     np.testing.assert_array_equal(m.damage[:50], dec.damage)
 
 
-@pytest.mark.parametrize("per_layer,objective", [(True, "labels"), (False, "labels"), (True, "damage"), (False, "damage"),
-                                                 (True, "log_damage")])
-def test_trained_controller_round_trips_and_decides_like_c(collected, model_path, tmp_path, per_layer, objective, runner):
+@pytest.mark.parametrize("per_layer,objective,k4v2", [(True, "labels", False), (False, "labels", False),
+                                                       (True, "damage", False), (False, "damage", False),
+                                                       (True, "log_damage", False), (True, "damage", True)])
+def test_trained_controller_round_trips_and_decides_like_c(request, model_path, tmp_path, per_layer, objective, k4v2,
+                                                           runner):
+    collected = request.getfixturevalue("collected_k4v2" if k4v2 else "collected")
     kw = dict(budget=3.5, per_layer=per_layer, hidden=8, epochs=15, val_chunks=1, objective=objective)
     spec, report = train(collected, **kw)
+    assert spec.precisions == ([2, 3, 4, 8, 16] if k4v2 else [2, 4, 8, 16])
     assert report.n_val > 0 and 0 < report.val_acc <= 1 and spec.extra["objective"] == objective
     assert abs(report.label_bits - 3.5) < 0.3 and 2.5 <= report.val_bits <= 16
     assert report.oracle_damage_same_bits <= report.val_damage
@@ -166,6 +187,8 @@ def test_trained_controller_round_trips_and_decides_like_c(collected, model_path
         x = tr.features[:, [tr.names.index(f) for f in spec.features]]
         np.testing.assert_array_equal(tr.bits, back.decide(x))   # C == NumPy on the same trace
         assert len(set(tr.bits)) >= 2
+        if k4v2:
+            assert (tr.bits == 3).any() and e.kv_stats().rows["k4v2"] > 0
 
 
 def _shipped_controller_gguf(model_path):
@@ -260,6 +283,8 @@ def test_train_cli_end_to_end_and_errors(runner, tmp_path, model_path):
     assert d.granularity == "token" and d.k_center == spec.k_center   # deterministic
     r = runner.invoke(app, args[:-4] + ["--out", str(tmp_path / "n.json"), "--cache", str(cache), "--no-k-center"])
     assert_one_line_error(r, "was collected with")   # rows stored uncentered are other rows
+    r = runner.invoke(app, args[:-4] + ["--out", str(tmp_path / "n.json"), "--cache", str(cache), "--pools", "2,3,4,8,16"])
+    assert_one_line_error(r, "was collected with")   # no k4v2 damage in it
     r = runner.invoke(app, args[:-4] + ["--out", str(tmp_path / "n.json"), "--no-k-center"])
     assert r.exit_code == 0, r.output
     assert load_controller(tmp_path / "n.json").k_center is None
@@ -282,7 +307,8 @@ def test_train_cli_end_to_end_and_errors(runner, tmp_path, model_path):
     assert (tmp_path / "both.decode.npz").is_file() and (tmp_path / "both.prompt.npz").is_file()
     b = load_controller(tmp_path / "b.json")
     assert b.extra["regime"] == "both" and b.extra["prompts"] == 20 and b.extra["objective"] == "damage"
-    for bad, needle in ((["--regime", "chat"], "--regime must be one of"), (["--objective", "mse"], "--objective must be one of")):
+    for bad, needle in ((["--regime", "chat"], "--regime must be one of"), (["--objective", "mse"], "--objective must be one of"),
+                        (["--pools", "2,3,4"], "--pools must be one of")):
         r = runner.invoke(app, ["train", "--calib", str(CALIB), *bad, "--out", str(tmp_path / "x.json")])
         assert_one_line_error(r, needle)
     r = runner.invoke(app, ["chat", "--kv", "oracle@3", "-p", "hi"])
