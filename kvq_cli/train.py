@@ -4,7 +4,8 @@
    runtime with every row kept at f16 (oracle policy), the decode-time window W and small
    ubatches, recording per (token, layer) the features the runtime computes when a token
    leaves the window (trace), every query row, and the K/V rows.
-2. Damage. For each (token, layer) and each precision p in {2, 4, 8} the rows are stored and
+2. Damage. For each (token, layer) and each precision p in {2, 4, 8} (--pools 2,3,4,8,16: also
+   3, the k4v2 pool, whose K takes the 4-bit change and V the 2-bit one) the rows are stored and
    decoded exactly as the pool would (llama_kvq_roundtrip), and the first-order change of
    the attention output that the *later* queries (those past the f16 window) would see is
    measured. Per query q and head, with a the attention weight of the token, s = q.dK * scale:
@@ -50,11 +51,6 @@ PRECISIONS = (2, 4, 8, 16)                   # the controller's classes
 EFF_BITS = np.array([EFF_BITS_OF[p] for p in PRECISIONS])   # bits/element of each, block scales included
 SIDE_BITS = {3: (4, 2)}                      # pools whose K and V sides differ: bits -> (K bits, V bits)
 POOL_SETS = {"2,4,8,16": PRECISIONS, "2,3,4,8,16": (2, 3, 4, 8, 16)}   # `kvq train --pools`
-
-
-def costs_of(precisions: tuple[int, ...]) -> np.ndarray:
-    """Effective bits/element of each pool of `precisions`."""
-    return np.array([EFF_BITS_OF[p] for p in precisions])
 MIN_FUTURE = 32                              # rows seen by fewer later queries carry no label
 # position_frac is position / the context size the runtime was created with: a controller
 # trained on 1k-token chunks would read it differently in an 8k chat (it helps ~8% on held-out
@@ -62,6 +58,11 @@ MIN_FUTURE = 32                              # rows seen by fewer later queries 
 NOT_TRANSFERABLE = ("position_frac",)
 # the prompt regime: prompts like multiple-choice contexts, scored by the next PROMPT_CONT tokens
 PROMPT_MIN, PROMPT_MAX, PROMPT_CONT = 16, 128, 16
+
+
+def costs_of(precisions: tuple[int, ...]) -> np.ndarray:
+    """Effective bits/element of each pool of `precisions`."""
+    return np.array([EFF_BITS_OF[p] for p in precisions])
 
 
 @dataclass
