@@ -1,0 +1,84 @@
+"""Does the f16 window W that adaptive@B decides behind change its KL at the same bits?
+
+Calibration text only (tuning data). The window is paid for in the budget (W rows at f16 at full
+context), so a smaller W leaves more bits for the decided rows, while a larger one lets the
+controller's features see more queries. For each held-out calibration chunk (the chunks of
+objective_probe.py / online_probe.py), KL of the second half vs the all-f16 decode (oracle engine,
+every row f16, the controller's K centering) of the runtime's online adaptive@B decode with each W
+(32-token ubatches, as `kvq eval --task wikitext2` runs it), and the bits it held.
+
+Usage: python scripts/window_probe.py CALIB_TXT [--windows 8,16,32,64] [--budgets 3] --json OUT
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kvq_cli.controller import controller_from_reader  # noqa: E402
+from kvq_cli.gguf_info import read_gguf  # noqa: E402
+from kvq_cli.models import gguf_for, resolve  # noqa: E402
+from kvq_cli.runtime.engine import Engine  # noqa: E402
+from kvq_cli.runtime.kv import KvqOptions, parse_kv  # noqa: E402
+from kvq_cli.train import ORACLE  # noqa: E402
+from probe_common import add_kl_args, chunk_log_probs, run, write_json  # noqa: E402
+
+
+def kl_of(ref_lp: np.ndarray, lp: np.ndarray) -> float:
+    return float((np.exp(ref_lp) * (ref_lp - lp)).sum(1).mean())
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("calib")
+    ap.add_argument("--windows", default="8,16,32,64")
+    ap.add_argument("--budgets", default=None, help="comma list (default: --budget)")
+    ap.add_argument("--model", default=None, help="GGUF with a controller (default: the embedded model + the shipped controller)")
+    add_kl_args(ap, kl_chunks=4)
+    a = ap.parse_args()
+    t0 = time.time()
+    windows = [int(w) for w in a.windows.split(",")]
+    budgets = [float(b) for b in (a.budgets or str(a.budget)).split(",")]
+    policies = [parse_kv(f"adaptive@{b:g}") for b in budgets]
+    path = Path(a.model) if a.model else gguf_for(resolve(None), policies)
+    spec = controller_from_reader(read_gguf(path))
+    if spec is None:
+        raise ValueError(f"{path} carries no controller")
+    text = Path(a.calib).read_text(encoding="utf-8", errors="replace")
+    kl: dict[str, list[float]] = {}
+    bits_seen: dict[str, list[float]] = {}
+    with Engine(path, kv=ORACLE, n_ctx=a.kl_len, n_batch=a.kl_len, n_ubatch=32,
+                kvq=KvqOptions(window=32)) as e:
+        e.set_k_center(np.asarray(spec.k_center, np.float32))
+        toks = e.tokenize(text)
+        bos = e.llm.token_bos()
+        per = a.kl_len - 2
+        chunks = [[bos] + toks[a.kl_offset + ci * per:a.kl_offset + (ci + 1) * per] for ci in range(a.kl_chunks)]
+        refs = []
+        for c in chunks:
+            e.set_assignment(np.zeros(0, np.int32))
+            refs.append(chunk_log_probs(e, c, len(c) // 2))
+    for b, pol in zip(budgets, policies):
+        for w in windows:
+            name = f"adaptive@{b:g}/W={w}"
+            with Engine(path, kv=pol, n_ctx=a.kl_len, n_batch=a.kl_len, n_ubatch=32, kvq=KvqOptions(window=w)) as live:
+                for c, ref_lp in zip(chunks, refs):
+                    lp = chunk_log_probs(live, c, len(c) // 2)
+                    kl.setdefault(name, []).append(kl_of(ref_lp, lp))
+                    bits_seen.setdefault(name, []).append(float(live.kv_stats().bits_per_elem))
+            print(f"{name}: KL {np.mean(kl[name]):.4f} bits {np.mean(bits_seen[name]):.3f} "
+                  f"({time.time() - t0:.0f}s)", flush=True)
+    out = {"command": " ".join(["python", "scripts/window_probe.py"] + sys.argv[1:]), "model": path.name,
+           "kl": {k: {"mean": float(np.mean(v)), "chunks": v, "bits": bits_seen[k]} for k, v in kl.items()},
+           "seconds": time.time() - t0}
+    write_json(a.json, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run(main))
