@@ -34,13 +34,9 @@ from kvq_cli.models import embedded_path  # noqa: E402
 from kvq_cli.runtime.engine import Engine  # noqa: E402
 from kvq_cli.runtime.kv import KvqOptions, parse_kv  # noqa: E402
 from kvq_cli.train import EFF_BITS, ORACLE, PRECISIONS, allocate, engine_layer_damage  # noqa: E402
-from probe_common import add_kl_args, allocation_kl, chunk_log_probs, controller_damage, run, write_json  # noqa: E402
+from probe_common import add_kl_args, allocation_kl, chunk_log_probs, controller_damage, kl_of, run, write_json  # noqa: E402
 
 W = 32
-
-
-def kl_of(ref_lp: np.ndarray, lp: np.ndarray) -> float:
-    return float((np.exp(ref_lp) * (ref_lp - lp)).sum(1).mean())
 
 
 def main() -> int:

@@ -49,6 +49,11 @@ def chunk_log_probs(e, chunk: list[int], half: int) -> np.ndarray:
     return _log_softmax(e.decode(chunk, 0, logits_from=half - 1).astype(np.float64))
 
 
+def kl_of(ref_lp: np.ndarray, lp: np.ndarray) -> float:
+    """Mean KL(ref || lp) over positions of two [n, vocab] log-probability arrays."""
+    return float((np.exp(ref_lp) * (ref_lp - lp)).sum(1).mean())
+
+
 def allocation_kl(e, chunk: list[int], half: int, ref_lp: np.ndarray, damage: np.ndarray, pos: np.ndarray,
                   layer: np.ndarray, per_row: float, n_layer: int) -> tuple[float, float]:
     """(mean KL vs ref_lp, bits/element held) of `chunk` with its rows (pos, layer) allocated by `damage`
@@ -57,7 +62,7 @@ def allocation_kl(e, chunk: list[int], half: int, ref_lp: np.ndarray, damage: np
     bits[pos, layer] = np.asarray(PRECISIONS)[allocate(damage, per_row)]
     e.set_assignment(bits.reshape(-1))
     lp = chunk_log_probs(e, chunk, half)
-    return float((np.exp(ref_lp) * (ref_lp - lp)).sum(1).mean()), float(e.kv_stats().bits_per_elem)
+    return kl_of(ref_lp, lp), float(e.kv_stats().bits_per_elem)
 
 
 def add_kl_args(ap, kl_chunks: int) -> None:

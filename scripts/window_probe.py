@@ -26,11 +26,7 @@ from kvq_cli.models import gguf_for, resolve  # noqa: E402
 from kvq_cli.runtime.engine import Engine  # noqa: E402
 from kvq_cli.runtime.kv import KvqOptions, parse_kv  # noqa: E402
 from kvq_cli.train import ORACLE  # noqa: E402
-from probe_common import add_kl_args, chunk_log_probs, run, write_json  # noqa: E402
-
-
-def kl_of(ref_lp: np.ndarray, lp: np.ndarray) -> float:
-    return float((np.exp(ref_lp) * (ref_lp - lp)).sum(1).mean())
+from probe_common import add_kl_args, chunk_log_probs, kl_of, run, write_json  # noqa: E402
 
 
 def main() -> int:
