@@ -7,7 +7,10 @@ objective_probe.py / online_probe.py), KL of the second half vs the all-f16 deco
 every row f16, the controller's K centering) of the runtime's online adaptive@B decode with each W
 (32-token ubatches, as `kvq eval --task wikitext2` runs it), and the bits it held.
 
-Usage: python scripts/window_probe.py CALIB_TXT [--windows 8,16,32,64] [--budgets 3] --json OUT
+With --qar-mu (a comma list) each window is run with each weight of query-aware rounding
+(KvqOptions.qar_mu; 0 is plain rounding), the arms named adaptive@B/W=w/qar=mu.
+
+Usage: python scripts/window_probe.py CALIB_TXT [--windows 8,16,32,64] [--budgets 3] [--qar-mu 0,0.25] --json OUT
 """
 from __future__ import annotations
 
@@ -34,11 +37,13 @@ def main() -> int:
     ap.add_argument("calib")
     ap.add_argument("--windows", default="8,16,32,64")
     ap.add_argument("--budgets", default=None, help="comma list (default: --budget)")
+    ap.add_argument("--qar-mu", default=None, help="comma list of query-aware rounding weights (default: the runtime's)")
     ap.add_argument("--model", default=None, help="GGUF with a controller (default: the embedded model + the shipped controller)")
     add_kl_args(ap, kl_chunks=4)
     a = ap.parse_args()
     t0 = time.time()
     windows = [int(w) for w in a.windows.split(",")]
+    mus = [float(m) for m in a.qar_mu.split(",")] if a.qar_mu else [None]
     budgets = [float(b) for b in (a.budgets or str(a.budget)).split(",")]
     policies = [parse_kv(f"adaptive@{b:g}") for b in budgets]
     path = Path(a.model) if a.model else gguf_for(resolve(None), policies)
@@ -60,9 +65,10 @@ def main() -> int:
             e.set_assignment(np.zeros(0, np.int32))
             refs.append(chunk_log_probs(e, c, len(c) // 2))
     for b, pol in zip(budgets, policies):
-        for w in windows:
-            name = f"adaptive@{b:g}/W={w}"
-            with Engine(path, kv=pol, n_ctx=a.kl_len, n_batch=a.kl_len, n_ubatch=32, kvq=KvqOptions(window=w)) as live:
+        for w, mu in ((w, mu) for w in windows for mu in mus):
+            name = f"adaptive@{b:g}/W={w}" + (f"/qar={mu:g}" if mu is not None else "")
+            with Engine(path, kv=pol, n_ctx=a.kl_len, n_batch=a.kl_len, n_ubatch=32,
+                        kvq=KvqOptions(window=w, qar_mu=mu)) as live:
                 for c, ref_lp in zip(chunks, refs):
                     lp = chunk_log_probs(live, c, len(c) // 2)
                     kl.setdefault(name, []).append(kl_of(ref_lp, lp))

@@ -38,6 +38,7 @@ class KvqParams(ctypes.Structure):
         ("record_q", c_int32),
         ("price_step", c_float),
         ("k_center", c_int32),
+        ("qar_mu", c_float),
     ]
 
 

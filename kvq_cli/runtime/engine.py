@@ -153,6 +153,8 @@ class Engine:
         if opts.price_step is not None:
             p.price_step = float(opts.price_step)
         p.k_center = int(opts.k_center_for(kv))
+        if opts.qar_mu is not None:
+            p.qar_mu = float(opts.qar_mu)
         if kv.kvq == "static":
             p.policy, p.static_bits = L.POLICY_STATIC, kv.static_bits
         elif kv.kvq == "rule":

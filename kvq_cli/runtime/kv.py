@@ -115,6 +115,10 @@ class KvqOptions:
     # K centering with the model's kvq.controller.k_center (None: on for mixed-precision policies,
     # off for static ones, whose rows then match the stock caches of their type)
     k_center: bool | None = None
+    # query-aware rounding of K rows leaving the window into the 2/4-bit pools (> 0: the weight of
+    # plain squared error against the error along the attending queries; 0: plain rounding;
+    # None: the runtime default)
+    qar_mu: float | None = None
 
     def k_center_for(self, policy: KvPolicy) -> bool:
         return self.k_center if self.k_center is not None else policy.kvq != "static"
