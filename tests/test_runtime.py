@@ -308,14 +308,20 @@ def _layer_k(e, n):
     return np.stack(out)
 
 
-def _assigned_logits(model, toks, bits, center=None, **kw):
+def _assigned_logits(model, toks, bits, center=None, window=0, **kw):
+    """(logits, K of every layer read back); with record_q=True also each layer's queries in position order."""
     # 16-token ubatches: rows are stored at their precision after each ubatch (inside it they are f16)
-    with Engine(model, kv=ASSIGN, n_ctx=512, n_batch=16, n_ubatch=16, logits_all=True, kvq=KvqOptions(window=0, **kw)) as e:
+    with Engine(model, kv=ASSIGN, n_ctx=512, n_batch=16, n_ubatch=16, logits_all=True,
+                kvq=KvqOptions(window=window, **kw)) as e:
         if center is not None:
             e.set_k_center(center)
         e.set_assignment(bits)
         e.llm.eval(toks)
-        return np.array(e.llm.scores[:len(toks)], dtype=np.float64), _layer_k(e, len(toks))
+        out = (np.array(e.llm.scores[:len(toks)], dtype=np.float64), _layer_k(e, len(toks)))
+        if kw.get("record_q"):
+            qs = [e.queries(il) for il in range(N_LAYER)]
+            out += ([q[np.argsort(qpos)] for q, qpos in qs],)
+        return out
 
 
 def test_k_center_keeps_attention_and_lowers_quantized_damage(converted_f16):
@@ -385,19 +391,6 @@ def test_k_center_travels_in_the_gguf(runner, model_path, tmp_path):
     assert_one_line_error(r, "apply to kvq policies")
 
 
-def _qar_run(model, toks, qar_mu, window=16):
-    """All-2-bit assignment with a window, queries recorded: (logits, K [layer][pos] read back, queries per layer)."""
-    opts = KvqOptions(window=window, record_q=True, qar_mu=qar_mu)
-    with Engine(model, kv=ASSIGN, n_ctx=512, n_batch=16, n_ubatch=16, logits_all=True, kvq=opts) as e:
-        e.set_assignment(np.full(len(toks), 2, np.int32))
-        e.llm.eval(toks)
-        qs = []
-        for il in range(N_LAYER):
-            q, qpos = e.queries(il)
-            qs.append(q[np.argsort(qpos)])
-        return np.array(e.llm.scores[:len(toks)], dtype=np.float64), _layer_k(e, len(toks)), qs
-
-
 def test_query_aware_rounding_protects_the_attending_direction(model_path):
     """Query-aware rounding (qar_mu > 0, the default) codes a K row leaving the window so that its
     error along the queries that attended to it is small. Against plain rounding (qar_mu 0) on the
@@ -407,36 +400,32 @@ def test_query_aware_rounding_protects_the_attending_direction(model_path):
     with Engine(model_path, kv=parse_kv("f16"), n_ctx=512) as e:
         toks = e.tokenize(TEXT)[:n]
     ref, K = _assigned_logits(model_path, toks, np.full(n, 16, np.int32))
-    plain, Kp, qs = _qar_run(model_path, toks, 0.0, window)
-    qar, Kq, _ = _qar_run(model_path, toks, 0.25, window)
+    two = np.full(n, 2, np.int32)
+    plain, Kp, qs = _assigned_logits(model_path, toks, two, window=window, record_q=True, qar_mu=0.0)
+    qar, Kq, _ = _assigned_logits(model_path, toks, two, window=window, record_q=True, qar_mu=0.25)
     assert np.abs(Kp - K).max() > 0 and np.abs(Kq - Kp).max() > 0   # both are quantized, and differ
     err = {"plain": 0.0, "qar": 0.0}
     mse = {"plain": 0.0, "qar": 0.0}
     pos = np.arange(n)
+    later = pos[:, None] > pos[None, :] + window       # queries that saw the row stored
+    dks = {name: (Kx - K).reshape(N_LAYER, n, 3, 64) for name, Kx in (("plain", Kp), ("qar", Kq))}
+    for name, dk in dks.items():
+        mse[name] = float((dk ** 2).sum())
     for il in range(N_LAYER):
         q = qs[il]                                     # [n, 9, 64], position order
-        for name, Kx in (("plain", Kp), ("qar", Kq)):
-            dk = (Kx[il] - K[il]).reshape(n, 3, 64)
-            mse[name] += float((dk ** 2).sum())
-            for h in range(9):
-                g = h // 3
-                s = q[:, h] @ K[il][:, g * 64:(g + 1) * 64].T / 8.0
-                s = np.where(pos[:, None] >= pos[None, :], s, -np.inf)
-                a = np.exp(s - s.max(1, keepdims=True))
-                a /= a.sum(1, keepdims=True)
-                later = pos[:, None] > pos[None, :] + window   # queries that saw the row stored
-                ds = q[:, h] @ dk[:, g].T / 8.0
-                err[name] += float((np.where(later, a * a, 0.0) * ds * ds).sum())
+        for h in range(9):
+            g = h // 3
+            s = q[:, h] @ K[il][:, g * 64:(g + 1) * 64].T / 8.0
+            s = np.where(pos[:, None] >= pos[None, :], s, -np.inf)
+            a = np.exp(s - s.max(1, keepdims=True))
+            a /= a.sum(1, keepdims=True)
+            w = np.where(later, a * a, 0.0)
+            for name, dk in dks.items():
+                ds = q[:, h] @ dk[il, :, g].T / 8.0
+                err[name] += float((w * ds * ds).sum())
     assert err["qar"] < 0.7 * err["plain"], err
     assert mse["qar"] < 1.3 * mse["plain"], mse
-
-    def kl(lp):
-        p = np.exp(ref - ref.max(1, keepdims=True))
-        p /= p.sum(1, keepdims=True)
-        lr = np.log(p)
-        lq = lp - lp.max(1, keepdims=True)
-        lq -= np.log(np.exp(lq).sum(1, keepdims=True))
-        return float((p * (lr - lq)).sum(1)[window * 2:].mean())
-
-    print("qar test:", err, mse, kl(plain), kl(qar))
-    assert kl(qar) < kl(plain)
+    scored = slice(2 * window, None)   # positions with stored rows behind them
+    kl_plain, kl_qar = kl(ref[scored], plain[scored]), kl(ref[scored], qar[scored])
+    print("qar test:", err, mse, kl_plain, kl_qar)
+    assert kl_qar < kl_plain
