@@ -419,6 +419,7 @@ def train_cmd(
     embed_out: Annotated[Optional[str], typer.Option("--embed", help="Also write a copy of the GGUF with the controller embedded here.")] = None,
     k_center: Annotated[bool, typer.Option("--k-center/--no-k-center", help="Center K by its mean per layer on the calibration text (saved with the controller; attention is unchanged, quantized rows lose less).")] = True,
     pools: Annotated[str, typer.Option("--pools", help="The controller's output classes, in bits: 2,4,8,16, or 2,3,4,8,16 with the k4v2 pool (K at 4 bits, V at 2; 3.5 bits/element).")] = "2,4,8,16",
+    damage_rounding: Annotated[str, typer.Option("--damage-rounding", help="How the damage targets round K at 2 and 4 bits: plain, or qar (query-aware, from the queries that attend to each row in the window, as the runtime stores it). The shipped controller uses plain: qar decoded wikitext-2 worse (README).")] = "plain",
     threads: ThreadsOpt = None,
 ) -> None:
     """Learn a precision controller from the runtime's oracle on calibration text.
@@ -445,6 +446,8 @@ def train_cmd(
         raise BadOption(f"--regime must be one of {', '.join(REGIMES)}, got {regime}")
     if pools.replace(" ", "") not in POOL_SETS:
         raise BadOption(f"--pools must be one of {', '.join(POOL_SETS)}, got {pools}")
+    if damage_rounding not in ("plain", "qar"):
+        raise BadOption(f"--damage-rounding must be plain or qar, got {damage_rounding}")
     if chunks < 3 or prompts < 20 or chunk_len < 4 * window + 64 or window < 1:
         raise BadOption("need --chunks >= 3, --prompts >= 20, --window >= 1 and --chunk-len >= 4 * window + 64")
     if not Path(calib).is_file():
@@ -459,13 +462,15 @@ def train_cmd(
                                         regime=regime, cache=Path(cache) if cache else None, n_chunks=chunks,
                                         n_prompts=prompts, chunk_len=chunk_len, window=window, n_threads=threads,
                                         on_chunk=lambda i, n: progress.update(task, completed=i, total=n),
-                                        k_center=k_center, precisions=POOL_SETS[pools.replace(" ", "")])
+                                        k_center=k_center, precisions=POOL_SETS[pools.replace(" ", "")],
+                                        qar=damage_rounding == "qar")
         fit_task = progress.add_task("fit", total=epochs)
         spec, report = train(data, budget=budget, per_layer=granularity == "token_layer", hidden=hidden,
                              seed=seed, epochs=epochs, val_chunks=n_held, objective=objective,
                              on_epoch=lambda e, n, loss: progress.update(
                                  fit_task, completed=e, description=f"fit (held-out loss {loss:.3f})"))
     spec.extra.update({"calib": Path(calib).name, "regime": regime,
+                       **({"damage_rounding": damage_rounding} if damage_rounding != "plain" else {}),
                        **({} if regime == "prompt" else {"chunks": chunks, "chunk_len": chunk_len, "window": window}),
                        **({} if regime == "decode" else {"prompts": prompts}),
                        "model": resolved.path.name, "report": {k: v for k, v in vars(report).items()}})

@@ -110,12 +110,40 @@ def k_center_of(model: str | Path, chunks: list[list[int]], n_threads: int | Non
 
 
 def roundtrip_deltas(engine: Engine, x: np.ndarray, side: int = 0,
-                     precisions: tuple[int, ...] = PRECISIONS) -> list[np.ndarray]:
+                     precisions: tuple[int, ...] = PRECISIONS, u: np.ndarray | None = None) -> list[np.ndarray]:
     """x stored by each pool of `precisions` but the last (f16) minus x: what the pools do to
-    these rows, K rows (side 0) or V rows (side 1); a k4v2 pool round-trips K at 4 bits, V at 2."""
+    these rows, K rows (side 0) or V rows (side 1); a k4v2 pool round-trips K at 4 bits, V at 2.
+    With u (window_directions), K rows are rounded query-aware, as the runtime stores them."""
     bits = [SIDE_BITS.get(p, (p, p))[side] for p in precisions[:-1]]
-    done = {b: engine.roundtrip(b, x) - x for b in dict.fromkeys(bits)}
+    done = {b: engine.roundtrip(b, x, u if side == 0 else None) - x for b in dict.fromkeys(bits)}
     return [done[b] for b in bits]
+
+
+def window_directions(q: np.ndarray, qpos: np.ndarray, k: np.ndarray, kpos: np.ndarray, window: int,
+                      q_from: int = 0) -> np.ndarray:
+    """Per K row and KV head, sum of p^2 q over the queries that attend to the row while it is still
+    in the f16 window (after it, not among layer_damage's later queries): the direction the runtime's
+    query-aware rounding protects when the row leaves (kvq_qacc_add, weights below 1e-12 skipped)."""
+    n_q, n_head, hd = q.shape
+    n_head_kv = k.shape[1] // hd
+    group = n_head // n_head_kv
+    scale = 1.0 / math.sqrt(hd)
+    causal = qpos[:, None] >= kpos[None, :]
+    later = (qpos[:, None] > kpos[None, :] + window) & (qpos[:, None] >= q_from)
+    seen = (qpos[:, None] > kpos[None, :]) & ~later
+    u = np.zeros(k.shape, np.float64)
+    for g in range(n_head_kv):
+        cols = slice(g * hd, (g + 1) * hd)
+        for j in range(group):
+            qh = q[:, g * group + j].astype(np.float64)
+            s = np.where(causal, qh @ k[:, cols].T.astype(np.float64) * scale, -np.inf)
+            s -= s.max(1, keepdims=True)
+            a = np.exp(s)
+            a /= a.sum(1, keepdims=True)
+            w = np.where(seen, a * a, 0.0)
+            w[w <= 1e-12] = 0.0
+            u[:, cols] += w.T @ qh
+    return u.astype(np.float32)
 
 
 def layer_damage(q: np.ndarray, qpos: np.ndarray, k: np.ndarray, v: np.ndarray, kpos: np.ndarray,
@@ -164,22 +192,27 @@ def layer_damage(q: np.ndarray, qpos: np.ndarray, k: np.ndarray, v: np.ndarray, 
 
 
 def engine_layer_damage(e: Engine, il: int, window: int, precisions: tuple[int, ...] = PRECISIONS,
-                        **kw) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                        qar: bool = False, **kw) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """layer_damage of the rows held for layer il on an oracle engine (record_q), with the pools'
-    own round trips: (damage [n_keys, len(precisions) - 1], later-query counts, key positions)."""
+    own round trips, plain or (`qar`, with the engine's qar_mu > 0) K rounded query-aware from the
+    window's queries as the runtime stores it: (damage [n_keys, len(precisions) - 1], later-query
+    counts, key positions)."""
     q, qpos = e.queries(il)
     k, v, kpos, _ = e.read_layer(il)
-    d, n_later = layer_damage(q, qpos, k, v, kpos, roundtrip_deltas(e, k, 0, precisions),
+    u = window_directions(q, qpos, k, kpos, window, kw.get("q_from", 0)) if qar else None
+    d, n_later = layer_damage(q, qpos, k, v, kpos, roundtrip_deltas(e, k, 0, precisions, u),
                               roundtrip_deltas(e, v, 1, precisions), window, **kw)
     return d, n_later, kpos
 
 
 def collect(model: str | Path, chunks: list[list[int]], *, window: int = 32, n_ubatch: int = 32,
             n_threads: int | None = None, on_chunk: Callable[[int, int], None] | None = None,
-            k_center: np.ndarray | None = None, precisions: tuple[int, ...] = PRECISIONS) -> Collected:
+            k_center: np.ndarray | None = None, precisions: tuple[int, ...] = PRECISIONS,
+            qar: bool = False) -> Collected:
     """Run the oracle over each chunk and measure features and damage of every decided (token, layer) row
-    (K stored centered by k_center when given, as the runtime will store it)."""
-    rows = _Rows(precisions)
+    (K stored centered by k_center when given, as the runtime will store it; K damage with
+    query-aware rounding with `qar`, else plain)."""
+    rows = _Rows(precisions, qar)
     n_ctx = max(len(c) for c in chunks)
     opts = KvqOptions(window=window, trace=True, per_layer=True, record_q=True)
     with Engine(model, kv=ORACLE, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ubatch, n_threads=n_threads, kvq=opts) as e:
@@ -196,10 +229,11 @@ def collect(model: str | Path, chunks: list[list[int]], *, window: int = 32, n_u
 class _Rows:
     """Decided (token, layer) rows of the oracle chunks seen so far: features from the trace, damage per precision."""
 
-    def __init__(self, precisions: tuple[int, ...] = PRECISIONS):
+    def __init__(self, precisions: tuple[int, ...] = PRECISIONS, qar: bool = False):
         self.parts: list[tuple] = []
         self.names: list[str] = []
         self.precisions = precisions
+        self.qar = qar
 
     def add_chunk(self, e: Engine, ci: int, *, window: int, min_future: int, q_stride: int = 2, q_from: int = 0,
                   pos_below: int | None = None) -> None:
@@ -208,7 +242,8 @@ class _Rows:
         tr = e.trace()
         self.names = tr.names
         for il in range(e.dims.n_layer):
-            d, n_later, kpos = engine_layer_damage(e, il, window, self.precisions, q_stride=q_stride, q_from=q_from)
+            d, n_later, kpos = engine_layer_damage(e, il, window, self.precisions, self.qar, q_stride=q_stride,
+                                                   q_from=q_from)
             sel = tr.layer == il
             if pos_below is not None:
                 sel &= tr.pos < pos_below
@@ -245,12 +280,12 @@ def prompt_chunks(engine: Engine, text: str, n_chunks: int, *, min_ctx: int = PR
 
 def collect_prompts(model: str | Path, pairs: list[tuple[list[int], list[int]]], *, n_threads: int | None = None,
                     on_chunk: Callable[[int, int], None] | None = None, k_center: np.ndarray | None = None,
-                    precisions: tuple[int, ...] = PRECISIONS) -> Collected:
+                    precisions: tuple[int, ...] = PRECISIONS, qar: bool = False) -> Collected:
     """The prompt regime (multiple choice, `kvq eval --kv-window 0`): each prompt is prefilled in one
     ubatch and every row is decided right after it (W = 0), from the attention of the prompt's own
     queries; damage is measured with the queries of the continuation only, which are the ones
-    that see the stored rows."""
-    rows = _Rows(precisions)
+    that see the stored rows (K query-aware from the prompt's own later queries with `qar`)."""
+    rows = _Rows(precisions, qar)
     n_ctx = max(len(a) + len(b) for a, b in pairs)
     opts = KvqOptions(window=0, trace=True, per_layer=True, record_q=True)
     with Engine(model, kv=ORACLE, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=n_threads, kvq=opts) as e:
@@ -585,7 +620,8 @@ def merge_regimes(dec: Collected, pro: Collected, val_dec: int, val_pro: int) ->
 def calibration_data(model: str | Path, text: str, *, regime: str, cache: Path | None, n_chunks: int, n_prompts: int,
                      chunk_len: int, window: int, n_threads: int | None = None,
                      on_chunk: Callable[[int, int], None] | None = None,
-                     k_center: bool = True, precisions: tuple[int, ...] = PRECISIONS) -> tuple[Collected, int]:
+                     k_center: bool = True, precisions: tuple[int, ...] = PRECISIONS,
+                     qar: bool = False) -> tuple[Collected, int]:
     """The training rows of a regime (decode, prompt or both) and how many chunks are held out.
 
     With k_center, K is centered by its mean per layer over the decode chunks (k_center_of) in
@@ -604,7 +640,7 @@ def calibration_data(model: str | Path, text: str, *, regime: str, cache: Path |
         where = cache.with_name(f"{cache.stem}.{r}.npz") if cache is not None and regime == "both" else cache
         got[r] = collect_cached(model, text, cache=where, n_chunks=n_chunks if r == "decode" else n_prompts,
                                 chunk_len=chunk_len, window=window, regime=r, n_threads=n_threads, on_chunk=on_chunk,
-                                k_center=center, precisions=precisions)
+                                k_center=center, precisions=precisions, qar=qar)
     if regime == "both":
         return merge_regimes(got["decode"], got["prompt"], held["decode"], held["prompt"])
     return got[regime], held[regime]
@@ -613,7 +649,7 @@ def calibration_data(model: str | Path, text: str, *, regime: str, cache: Path |
 def collect_cached(model: str | Path, text: str, *, cache: Path | None, n_chunks: int, chunk_len: int,
                    window: int, regime: str = "decode", n_threads: int | None = None,
                    on_chunk: Callable[[int, int], None] | None = None, k_center: np.ndarray | None = None,
-                   precisions: tuple[int, ...] = PRECISIONS) -> Collected:
+                   precisions: tuple[int, ...] = PRECISIONS, qar: bool = False) -> Collected:
     """collect() (regime decode) or collect_prompts() (regime prompt) over the calibration text,
     read from / written to an NPZ cache when given."""
     if regime not in ("decode", "prompt"):
@@ -626,6 +662,10 @@ def collect_cached(model: str | Path, text: str, *, cache: Path | None, n_chunks
     meta["k_center"] = "none" if k_center is None else hashlib.sha256(np.ascontiguousarray(k_center, np.float32).tobytes()).hexdigest()[:16]
     if precisions != PRECISIONS:   # (caches of the default pools carry no key, as before it existed)
         meta["pools"] = ",".join(map(str, precisions))
+    if qar:   # K damage with the runtime's query-aware rounding (plain caches carry no key)
+        from kvq_cli.runtime._lib import kvq_lib
+
+        meta["qar_mu"] = round(float(kvq_lib().llama_kvq_default_params().qar_mu), 6)
     if cache is not None and cache.is_file():
         try:
             z = np.load(cache, allow_pickle=False)
@@ -641,12 +681,13 @@ def collect_cached(model: str | Path, text: str, *, cache: Path | None, n_chunks
     if regime == "prompt":
         with Engine(model, kv=KvPolicy("f16", kvq="static"), n_ctx=PROMPT_MAX + PROMPT_CONT) as tok:
             pairs = prompt_chunks(tok, text, n_chunks)
-        c = collect_prompts(model, pairs, n_threads=n_threads, on_chunk=on_chunk, k_center=k_center, precisions=precisions)
+        c = collect_prompts(model, pairs, n_threads=n_threads, on_chunk=on_chunk, k_center=k_center, precisions=precisions,
+                            qar=qar)
     else:
         with Engine(model, kv=KvPolicy("f16", kvq="static"), n_ctx=chunk_len) as tok:
             chunks = calibration_chunks(tok, text, chunk_len, n_chunks)
         c = collect(model, chunks, window=window, n_threads=n_threads, on_chunk=on_chunk, k_center=k_center,
-                    precisions=precisions)
+                    precisions=precisions, qar=qar)
     if cache is not None:
         from kvq_cli.gguf_write import atomic_output
 

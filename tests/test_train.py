@@ -11,7 +11,7 @@ from kvq_cli.controller import load_controller
 from kvq_cli.runtime.engine import Engine
 from kvq_cli.runtime.kv import KvqOptions, parse_kv
 from kvq_cli.train import (EFF_BITS, ORACLE, allocate, calibration_chunks, collect, collect_prompts, layer_damage,
-                           oracle_assignment, prompt_chunks, train)
+                           oracle_assignment, prompt_chunks, roundtrip_deltas, train, window_directions)
 
 from .conftest import SHARED_DATA
 from .test_errors import assert_one_line_error
@@ -107,7 +107,7 @@ def test_prompt_regime_decides_after_the_prefill_and_scores_with_the_continuatio
     with Engine(model_path, kv=parse_kv("f16"), n_ctx=256) as e:
         pairs = prompt_chunks(e, CALIB.read_text(encoding="utf-8"), 5, min_ctx=20, max_ctx=40, cont_len=8)
     assert len(pairs) == 5 and all(20 <= len(a) <= 40 and len(b) == 8 for a, b in pairs)
-    c = collect_prompts(model_path, pairs)
+    c = collect_prompts(model_path, pairs, qar=True)   # (--damage-rounding qar; plain is the fixture's)
     # every prompt row of every layer is decided (W = 0), none of the continuation's
     for ci, (ctx, _) in enumerate(pairs):
         got = c.chunk == ci
@@ -120,13 +120,57 @@ def test_prompt_regime_decides_after_the_prefill_and_scores_with_the_continuatio
         e.decode(ctx + cont, 0)
         q, qpos = e.queries(3)
         k, v, kpos, _ = e.read_layer(3)
-        from kvq_cli.train import roundtrip_deltas
-
-        d, n_later = layer_damage(q, qpos, k, v, kpos, roundtrip_deltas(e, k), roundtrip_deltas(e, v), 0,
+        # K rounded query-aware from the prompt's own queries (those before the continuation)
+        u = window_directions(q, qpos, k, kpos, 0, q_from=len(ctx))
+        assert (np.abs(u[:len(ctx) - 1]).sum(1) > 0).all() and not u[len(ctx) - 1:].any()
+        d, n_later = layer_damage(q, qpos, k, v, kpos, roundtrip_deltas(e, k, u=u), roundtrip_deltas(e, v, 1), 0,
                                   q_stride=1, q_from=len(ctx))
     assert (n_later[:len(ctx)] == len(cont)).all()
     mine = (c.chunk == 0) & (c.layer == 3)
     np.testing.assert_allclose(c.damage[mine, :3], d[c.pos[mine]], rtol=1e-3)
+
+
+def test_training_round_trip_stores_k_as_the_runtime_does(model_path):
+    """The damage the controller learns is the damage the runtime makes: with W = 0 and the prompt
+    in one ubatch, every row leaves the window right after it, and the K rows the runtime stores at
+    2 and 4 bits (query-aware rounding from the prompt's later queries) are the training round trip
+    (Engine.roundtrip with window_directions) of the f16 rows, not their plain round trip."""
+    n, n_layer = 48, 30
+    with Engine(model_path, kv=parse_kv("f16"), n_ctx=256) as e:
+        toks = e.tokenize(CALIB.read_text(encoding="utf-8"))[:n]
+
+    def stored(bits, **kw):
+        with Engine(model_path, kv=ORACLE, n_ctx=64, n_batch=64, n_ubatch=64,
+                    kvq=KvqOptions(window=0, per_layer=True, record_q=True, k_center=False, **kw)) as e:
+            e.set_assignment(np.full(n * n_layer, bits, np.int32) if bits != 16 else np.zeros(0, np.int32))
+            e.decode(toks, 0)
+            return [(e.queries(il), e.read_layer(il)) for il in (2, 17)]
+
+    f16 = stored(16)
+    with Engine(model_path, kv=ORACLE, n_ctx=64, kvq=KvqOptions(window=0, k_center=False)) as e:
+        for bits in (2, 4):
+            for ((q, qpos), (k, _, kpos, _)), (_, (kq, _, kpos_q, _)) in zip(f16, stored(bits)):
+                order = np.argsort(kpos_q)
+                kq = kq[order].reshape(n, 3, 64)
+                u = window_directions(q, qpos, k, kpos, 0, q_from=n)
+                mine = e.roundtrip(bits, k, u).reshape(n, 3, 64)
+                plain = e.roundtrip(bits, k).reshape(n, 3, 64)
+                same = np.isclose(mine, kq, rtol=0, atol=1e-6).all(-1)
+                # float vs double sums of p^2 q may flip a near-tie of the coordinate search in a rare head
+                assert same.mean() > 0.99, (bits, same.mean())   # all of them here
+                assert np.isclose(plain, kq, rtol=0, atol=1e-6).all(-1).mean() < 0.5
+                np.testing.assert_array_equal(mine[-1], plain[-1])   # no later query: plain rounding
+        # the error along the queries' direction is what the rounding trades for a little plain error
+        (q, qpos), (k, _, kpos, _) = f16[1]
+        u = window_directions(q, qpos, k, kpos, 0, q_from=n)
+        un = u.reshape(n, 3, 64)[:-1]
+        un = un / np.linalg.norm(un, axis=-1, keepdims=True)
+        dq, dp = (roundtrip_deltas(e, k, 0, u=u)[0].reshape(n, 3, 64)[:-1],
+                  roundtrip_deltas(e, k)[0].reshape(n, 3, 64)[:-1])
+        assert ((un * dq).sum(-1) ** 2).mean() < 0.5 * ((un * dp).sum(-1) ** 2).mean()
+        assert (dq ** 2).sum() < 1.3 * (dp ** 2).sum()
+    with Engine(model_path, kv=ORACLE, n_ctx=64, kvq=KvqOptions(window=0, qar_mu=0.0)) as e:
+        np.testing.assert_array_equal(e.roundtrip(2, k, u), e.roundtrip(2, k))   # qar_mu 0: plain
 
 
 def test_merge_regimes_balances_damage_and_holds_out_both():
@@ -285,6 +329,8 @@ def test_train_cli_end_to_end_and_errors(runner, tmp_path, model_path):
     assert_one_line_error(r, "was collected with")   # rows stored uncentered are other rows
     r = runner.invoke(app, args[:-4] + ["--out", str(tmp_path / "n.json"), "--cache", str(cache), "--pools", "2,3,4,8,16"])
     assert_one_line_error(r, "was collected with")   # no k4v2 damage in it
+    r = runner.invoke(app, args[:-4] + ["--out", str(tmp_path / "n.json"), "--cache", str(cache), "--damage-rounding", "qar"])
+    assert_one_line_error(r, "was collected with")   # plain K damage in it
     r = runner.invoke(app, args[:-4] + ["--out", str(tmp_path / "n.json"), "--no-k-center"])
     assert r.exit_code == 0, r.output
     assert load_controller(tmp_path / "n.json").k_center is None
@@ -308,7 +354,8 @@ def test_train_cli_end_to_end_and_errors(runner, tmp_path, model_path):
     b = load_controller(tmp_path / "b.json")
     assert b.extra["regime"] == "both" and b.extra["prompts"] == 20 and b.extra["objective"] == "damage"
     for bad, needle in ((["--regime", "chat"], "--regime must be one of"), (["--objective", "mse"], "--objective must be one of"),
-                        (["--pools", "2,3,4"], "--pools must be one of")):
+                        (["--pools", "2,3,4"], "--pools must be one of"),
+                        (["--damage-rounding", "round"], "--damage-rounding must be plain or qar")):
         r = runner.invoke(app, ["train", "--calib", str(CALIB), *bad, "--out", str(tmp_path / "x.json")])
         assert_one_line_error(r, needle)
     r = runner.invoke(app, ["chat", "--kv", "oracle@3", "-p", "hi"])

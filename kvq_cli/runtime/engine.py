@@ -333,13 +333,22 @@ class Engine:
         lib.llama_kvq_read_layer(ctx, il, _ptr(k), _ptr(v), _ptr(pos), _ptr(prec), n)
         return k, v, pos, prec
 
-    def roundtrip(self, bits: int, x):
-        """Rows x [n, n_embd_kv] stored at `bits` as a pool stores them, decoded back."""
+    def roundtrip(self, bits: int, x, u=None):
+        """Rows x [n, n_embd_kv] stored at `bits` as a pool stores them, decoded back. With u (same shape:
+        per row the window queries' direction, sum of p^2 q per KV head), K rows rounded query-aware as
+        they leave the window (KvqOptions.qar_mu > 0, 2 and 4 bits; otherwise plain)."""
         import numpy as np
 
         x = np.ascontiguousarray(x, np.float32)
         y = np.empty_like(x)
-        self._check(self._kvq().llama_kvq_roundtrip(self.llm.ctx, int(bits), _ptr(x), _ptr(y), len(x)), "roundtrip")
+        if u is None:
+            self._check(self._kvq().llama_kvq_roundtrip(self.llm.ctx, int(bits), _ptr(x), _ptr(y), len(x)), "roundtrip")
+            return y
+        u = np.ascontiguousarray(u, np.float32)
+        if u.shape != x.shape:
+            raise ValueError(f"u has shape {u.shape}, x {x.shape}")
+        self._check(self._kvq().llama_kvq_roundtrip_qar(self.llm.ctx, int(bits), _ptr(x), _ptr(u), _ptr(y), len(x)),
+                    "roundtrip")
         return y
 
     def set_assignment(self, bits) -> None:
