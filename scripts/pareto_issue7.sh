@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 7: train the shipped controller on calibration text, then wikitext-2 (test) perplexity
 # and KL vs stock f16 for every policy family at several budgets, side by side in one run.
-# Usage: bash scripts/pareto_issue7.sh DATA_DIR [STEP...]   (steps 1 2 3 by default, 4-8 on request;
+# Usage: bash scripts/pareto_issue7.sh DATA_DIR [STEP...]   (steps 1 2 3 by default, 4-9 on request;
 # steps 1-3 about 2.5 h on 2 cores, step 4 about 25 min per policy; the eval JSONs are rewritten
 # at checkpoints and a rerun resumes them)
 set -euo pipefail
@@ -104,4 +104,14 @@ if step 8; then
     --pools 2,3,4,8,16 --out results/controller_k4v2.json --embed "$KVQ_HOME/k4v2.gguf" | tee results/train_k4v2.txt
   $kvq eval "$KVQ_HOME/k4v2.gguf" "${common[@]}" --json results/pareto_k4v2.json \
     $(resume results/pareto_k4v2.json) --kv stock-f16,adaptive@3,adaptive@3.5,adaptive@4
+fi
+# 9. damage targets with the runtime's query-aware K rounding (kvq train --damage-rounding qar; its own
+# cache of calibration rows), measured as step 7 does: wikitext-2 adaptive rows on step 2's chunks
+# with their own stock f16 reference.
+if step 9; then
+  $kvq train --calib "$calib" --budget 3.5 --granularity token_layer --cache "$KVQ_HOME/calib-oracle-qar.npz" \
+    --damage-rounding qar --out results/controller_qar_damage.json --embed "$KVQ_HOME/qar.gguf" \
+    | tee results/train_qar_damage.txt
+  $kvq eval "$KVQ_HOME/qar.gguf" "${common[@]}" --json results/pareto_qar_damage.json \
+    $(resume results/pareto_qar_damage.json) --kv stock-f16,adaptive@3,adaptive@3.5,adaptive@4
 fi
