@@ -6,7 +6,8 @@
    leaves the window (trace), every query row, and the K/V rows.
 2. Damage. For each (token, layer) and each precision p in {2, 4, 8} (--pools 2,3,4,8,16: also
    3, the k4v2 pool, whose K takes the 4-bit change and V the 2-bit one) the rows are stored and
-   decoded exactly as the pool would (llama_kvq_roundtrip), and the first-order change of
+   decoded exactly as the pool would (llama_kvq_roundtrip; with --damage-rounding qar, K as the
+   runtime's query-aware rounding stores it, llama_kvq_roundtrip_qar), and the first-order change of
    the attention output that the *later* queries (those past the f16 window) would see is
    measured. Per query q and head, with a the attention weight of the token, s = q.dK * scale:
        do_q = a * (dV + s * (V - o_q))            (softmax derivative)
