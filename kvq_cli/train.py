@@ -120,6 +120,15 @@ def roundtrip_deltas(engine: Engine, x: np.ndarray, side: int = 0,
     return [done[b] for b in bits]
 
 
+def _attention(qh: np.ndarray, kg: np.ndarray, causal: np.ndarray, scale: float) -> np.ndarray:
+    """Causal softmax attention weights [n_q, n_keys] of one head's queries over its K rows."""
+    s = np.where(causal, qh @ kg.T * scale, -np.inf)
+    s -= s.max(1, keepdims=True)
+    a = np.exp(s)
+    a /= a.sum(1, keepdims=True)
+    return a
+
+
 def window_directions(q: np.ndarray, qpos: np.ndarray, k: np.ndarray, kpos: np.ndarray, window: int,
                       q_from: int = 0) -> np.ndarray:
     """Per K row and KV head, sum of p^2 q over the queries that attend to the row while it is still
@@ -137,10 +146,7 @@ def window_directions(q: np.ndarray, qpos: np.ndarray, k: np.ndarray, kpos: np.n
         cols = slice(g * hd, (g + 1) * hd)
         for j in range(group):
             qh = q[:, g * group + j].astype(np.float64)
-            s = np.where(causal, qh @ k[:, cols].T.astype(np.float64) * scale, -np.inf)
-            s -= s.max(1, keepdims=True)
-            a = np.exp(s)
-            a /= a.sum(1, keepdims=True)
+            a = _attention(qh, k[:, cols].astype(np.float64), causal, scale)
             w = np.where(seen, a * a, 0.0)
             w[w <= 1e-12] = 0.0
             u[:, cols] += w.T @ qh
@@ -172,10 +178,7 @@ def layer_damage(q: np.ndarray, qpos: np.ndarray, k: np.ndarray, v: np.ndarray, 
         vv = (vg * vg).sum(1)
         for j in range(group):
             qh = q[:, g * group + j]
-            s = np.where(causal, qh @ kg.T * scale, -np.inf)
-            s -= s.max(1, keepdims=True)
-            a = np.exp(s)
-            a /= a.sum(1, keepdims=True)
+            a = _attention(qh, kg, causal, scale)
             o = a @ vg
             oo = (o * o).sum(1)
             out_sq += oo.mean()
