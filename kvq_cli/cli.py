@@ -403,7 +403,7 @@ def _ci(x, ci, pct: bool = True) -> str:
 def train_cmd(
     model: ModelArg = None,
     calib: Annotated[str, typer.Option("--calib", help="Calibration text file (e.g. DATA/calib/boolq_passages.txt); never the evaluation sets.")] = ...,
-    budget: Annotated[float, typer.Option("--budget", help="Bits per decided row at price 0, the controller's choice without --kv-bits (2.5 to 16; with --objective labels, the labels' average); at run time --kv-bits moves it to other budgets.")] = 3.5,
+    budget: Annotated[float, typer.Option("--budget", help="Bits per decided row at price 0, the controller's choice without --kv-bits (2.25 to 16; with --objective labels, the labels' average); at run time --kv-bits moves it to other budgets.")] = 3.5,
     out: Annotated[str, typer.Option("--out", "-o", help="Controller JSON to write (atomically).")] = ...,
     objective: Annotated[str, typer.Option("--objective", help="damage: regress each row's damage per precision and decide by damage + price * bits; log_damage: the same regression in log space (the runtime's log_damage head); labels: classify the oracle's labels at --budget.")] = "damage",
     granularity: Annotated[str, typer.Option("--granularity", help="token: one decision per token for all layers; token_layer: one per token and layer.")] = "token_layer",
@@ -418,7 +418,7 @@ def train_cmd(
     cache: Annotated[Optional[str], typer.Option("--cache", help="NPZ of collected features and damage: read if it exists, else written (reuse across budgets); with --regime both, NAME.decode.npz and NAME.prompt.npz next to it.")] = None,
     embed_out: Annotated[Optional[str], typer.Option("--embed", help="Also write a copy of the GGUF with the controller embedded here.")] = None,
     k_center: Annotated[bool, typer.Option("--k-center/--no-k-center", help="Center K by its mean per layer on the calibration text (saved with the controller; attention is unchanged, quantized rows lose less).")] = True,
-    pools: Annotated[str, typer.Option("--pools", help="The controller's output classes, in bits: 2,4,8,16, or 2,3,4,8,16 with the k4v2 pool (K at 4 bits, V at 2; 3.5 bits/element).")] = "2,4,8,16",
+    pools: Annotated[str, typer.Option("--pools", help="The controller's output classes, in bits: 2,4,8,16, or 2,3,4,8,16 with the k4v2 pool (K at 4 bits, V at 2; 3.375 bits/element).")] = "2,4,8,16",
     damage_rounding: Annotated[str, typer.Option("--damage-rounding", help="How the damage targets round K at 2 and 4 bits: plain, or qar (query-aware, from the queries that attend to each row in the window, as the runtime stores it). The shipped controller uses plain: qar decoded wikitext-2 worse (README).")] = "plain",
     threads: ThreadsOpt = None,
 ) -> None:
@@ -438,8 +438,8 @@ def train_cmd(
 
     if granularity not in GRANULARITIES:
         raise BadOption(f"--granularity must be one of {', '.join(GRANULARITIES)}, got {granularity}")
-    if not (2.5 <= budget <= 16):
-        raise BadOption(f"--budget must be between 2.5 and 16 bits, got {budget:g}")
+    if not (2.25 <= budget <= 16):
+        raise BadOption(f"--budget must be between 2.25 and 16 bits, got {budget:g}")
     if objective not in OBJECTIVES:
         raise BadOption(f"--objective must be one of {', '.join(OBJECTIVES)}, got {objective}")
     if regime not in REGIMES:

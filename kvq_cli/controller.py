@@ -7,7 +7,7 @@ Forward pass (the C runtime computes the same):
     bits   = precisions[argmax(logits)]
 With head "log_damage" (`kvq train --objective log_damage`) the outputs are each precision's
 predicted log(damage / lambda), and
-    logits = -exp(w2 @ h + b2) - eff_bits               eff_bits: 2.5, 4.5, 8.5, 16 (block scales included)
+    logits = -exp(w2 @ h + b2) - eff_bits               eff_bits: 2.25, 4.5, 8.5, 16 (block scales included)
 so the choice minimises predicted damage + lambda * bits, as with the damage regressor's linear
 head, while the fit in log space is not dominated by the few rows with the largest damage.
 The controller file (`kvq train --out`, `kvq embed`, `kvq convert --controller`) is JSON with
@@ -45,7 +45,7 @@ KNOWN_FEATURES = (
     "attn_recv",       # log(1 + attention received from later queries, relative to a uniform share)
 )
 PRECISION_BITS = (2, 3, 4, 8, 16)   # the runtime's pools; 3 is K at 4 bits with V at 2 ("k4v2")
-EFF_BITS_OF = {2: 2.5, 3: 3.5, 4: 4.5, 8: 8.5, 16: 16.0}   # effective bits/element of each pool, block scales included
+EFF_BITS_OF = {2: 2.25, 3: 3.375, 4: 4.5, 8: 8.5, 16: 16.0}   # effective bits/element of each pool, block scales included
 HEADS = ("logits", "log_damage")   # how the MLP's outputs become logits (module docstring)
 GRANULARITIES = ("token", "token_layer")   # one decision per token (features averaged over layers), or per layer too
 

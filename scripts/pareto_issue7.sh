@@ -28,7 +28,7 @@ resume() { [ -f "$1" ] && echo --resume || true; }
 # K centering (static, stock) to the GGUF copy of the current controller (seed_records.py), so
 # only the mixed-precision rows (adaptive, rule, oracle) run again after the controller changes
 # (WIKI_ADAPTIVE / WIKI_ORACLE / WIKI_ORACLE_K4V2: the budgets of step 2). k4v2 is the static
-# pool of K in q4_0 and V in kvq2 (3.5 bits); oracle+k4v2 the oracle with that pool among its choices.
+# pool of K in q4_0 and V in kvq2 (3.375 bits); oracle+k4v2 the oracle with that pool among its choices.
 if step 2; then
   [ -f results/pareto_wikitext2.json ] && .venv/bin/python scripts/seed_records.py results/pareto_wikitext2.json results/pareto_wikitext2.json wikitext2
   adaptive=$(for b in ${WIKI_ADAPTIVE:-3 3.5 4 4.5 5 6}; do printf ',adaptive@%s' "$b"; done)

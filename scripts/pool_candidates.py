@@ -6,15 +6,16 @@ Decodes calibration chunks with the oracle engine (every row f16, W = 32, 32-tok
 `kvq train --regime decode` does), and measures each (token, layer) row's first-order damage
 (kvq_cli.train.layer_damage) for candidate pools that store K and V at different precisions:
 
-- K2V2, K4V4, K8V8: the runtime's pools (llama_kvq_roundtrip), 2.5 / 4.5 / 8.5 bits/element.
-- K4V2, K2V4: K of one runtime pool with V of another (3.5 bits): no new quantizer needed.
+- K2V2, K4V4, K8V8: the runtime's pools (llama_kvq_roundtrip), 2.25 / 4.5 / 8.5 bits/element
+  (kvq2 was 2.5 bits until 2026-12-04: results/pool_candidates*.txt were measured with that layout).
+- K4V2, K2V4: K of one runtime pool with V of another (3.375 bits): no new quantizer needed.
 - K2V16, K16V2: one side at 2 bits, the other exact: how the damage splits between K and V.
 - K3V3, K3V2: a *simulated* 3-bit type (NumPy here, not in the runtime): the runtime's Hadamard
   rotation per 64 values, then per 64-value block an f16 minimum and step and 3-bit codes
   (3.5 bits/element), clipping range searched for the lowest squared error.
 - S2, S3, S4 (`--lean`): *simulated* lower-overhead types: the same rotation, then per 64-value
   block one f16 scale d and symmetric codes (c + 1/2 - 2^(b-1)) d (no minimum: the rows are
-  centered), 2.25 / 3.25 / 4.25 bits/element instead of kvq2's 2.5 and q4_0's 4.5; d searched
+  centered), 2.25 / 3.25 / 4.25 bits/element instead of the 2.5-bit kvq2 of then and q4_0's 4.5; d searched
   for the lowest squared error. Sets of lean pools ask whether the bits saved on block scales
   buy more than the extra rounding error costs.
 

@@ -177,7 +177,7 @@ def test_eval_end_to_end_every_task(runner, tmp_path):
                          for k in ("f16", "q4", "q2")}
     for (task, kv), x in recs.items():
         assert x["complete"] and x["ref"] == "f16"
-        assert x["bits_per_elem"] == pytest.approx({"f16": 16.0, "q4": 4.5, "q2": 2.5}[kv])
+        assert x["bits_per_elem"] == pytest.approx({"f16": 16.0, "q4": 4.5, "q2": 2.25}[kv])
         if task == "wikitext2":
             assert x["n"] == 512 and np.isfinite(x["ppl"]) and x["ppl_ci95"][0] <= x["ppl"] <= x["ppl_ci95"][1]
             continue

@@ -203,7 +203,7 @@ def test_trained_controller_round_trips_and_decides_like_c(request, model_path, 
     spec, report = train(collected, **kw)
     assert spec.precisions == ([2, 3, 4, 8, 16] if k4v2 else [2, 4, 8, 16])
     assert report.n_val > 0 and 0 < report.val_acc <= 1 and spec.extra["objective"] == objective
-    assert abs(report.label_bits - 3.5) < 0.3 and 2.5 <= report.val_bits <= 16
+    assert abs(report.label_bits - 3.5) < 0.3 and 2.25 <= report.val_bits <= 16
     assert report.oracle_damage_same_bits <= report.val_damage
     if objective != "labels":   # price 0 is the training budget (on the training rows; held out: near it)
         assert abs(report.val_bits - 3.5) < 0.6

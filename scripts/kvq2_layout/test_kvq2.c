@@ -45,8 +45,8 @@ int main(void) {
     // ---- 1. traits ----
     printf("== traits\n");
     CHECK(strcmp(ggml_type_name(T), "kvq2") == 0, "ggml_type_name = %s", ggml_type_name(T));
-    CHECK(ggml_blck_size(T) == 64 && ggml_type_size(T) == 20, "blck_size %lld type_size %zu", (long long)ggml_blck_size(T), ggml_type_size(T));
-    CHECK(ggml_row_size(T, 64) == 20 && ggml_row_size(T, 4096) == 1280, "row_size(64)=%zu row_size(4096)=%zu  -> %.3f bpw", ggml_row_size(T,64), ggml_row_size(T,4096), 8.0*ggml_row_size(T,4096)/4096);
+    CHECK(ggml_blck_size(T) == 64 && ggml_type_size(T) == 18, "blck_size %lld type_size %zu", (long long)ggml_blck_size(T), ggml_type_size(T));
+    CHECK(ggml_row_size(T, 64) == 18 && ggml_row_size(T, 4096) == 1152, "row_size(64)=%zu row_size(4096)=%zu  -> %.3f bpw", ggml_row_size(T,64), ggml_row_size(T,4096), 8.0*ggml_row_size(T,4096)/4096);
     CHECK(ggml_is_quantized(T) && !ggml_quantize_requires_imatrix(T), "is_quantized, no imatrix");
     const struct ggml_type_traits_cpu *tc = ggml_get_type_traits_cpu(T);
     CHECK(tc->from_float && tc->vec_dot && tc->vec_dot_type == GGML_TYPE_Q8_0 && tc->nrows == 1, "cpu traits: vec_dot_type=%s", ggml_type_name(tc->vec_dot_type));
@@ -57,7 +57,7 @@ int main(void) {
     float *x = malloc(sizeof(float)*NR*N);
     const char *dn[3] = {"gauss","laplace","t4"};
     const enum ggml_type types[3] = {GGML_TYPE_KVQ2, GGML_TYPE_Q2_0, GGML_TYPE_Q4_0};
-    const double expect_h[3] = {0.1015, 0.0994, 0.0970}; // from the candidate simulation (sim2/sim4)
+    const double expect_h[3] = {0.1129, 0.1101, 0.1079}; // layout C of the candidate simulation (sim.c)
     printf("%-6s", "type");
     for (int h=0;h<2;h++) for (int d=0;d<3;d++) printf(" %10s%s", dn[d], h?"+H":"  ");
     printf("\n");
@@ -89,11 +89,17 @@ int main(void) {
         CHECK(memcmp(a, b, bytes) == 0, "type_traits from_float_ref == ref");
         free(a); free(b); free(c);
         // edge cases
-        float e[3*64]; uint8_t qb[60]; float r[3*64];
+        float e[3*64]; uint8_t qb[54]; float r[3*64];
         for (int i=0;i<64;i++){ e[i]=0; e[64+i]=1.25f; e[128+i] = (i==7) ? 1000.f : 0.01f*(i%5); }
         quantize_row_kvq2_ref(e, qb, 3*64); dequantize_row_kvq2(qb, r, 3*64);
-        int okz=1, okc=1; for (int i=0;i<64;i++){ okz &= r[i]==0.f; okc &= r[64+i]==1.25f; }
-        CHECK(okz && okc && fabsf(r[128+7]-1000.f) < 1.0f, "edge cases: zero block, constant block, outlier (%.2f)", r[128+7]);
+        // symmetric codes cannot keep a lone 1000x outlier exact (the Hadamard rotation spreads such
+        // spikes before rows reach the type); the least-squares step puts it at 1.5 d = 125
+        int okz=1, okc=1, okmax=1; double eo=0, xo=0;
+        for (int i=0;i<64;i++){ okz &= r[i]==0.f; okc &= fabsf(r[64+i]-1.25f) < 1e-3f; okmax &= r[128+i] <= r[128+7];
+                                eo += (r[128+i]-e[128+i])*(r[128+i]-e[128+i]); xo += e[128+i]*e[128+i]; }
+        if (!(okz && okc && okmax)) printf("  zero %d const %d (%.4f) max %d\n", okz, okc, r[64], okmax);
+        CHECK(okz && okc && okmax && fabsf(r[128+7]-125.f) < 1.0f && eo < 0.9*xo,
+              "edge cases: zero block exact, constant block to f16 rounding of its step; outlier block at its least-squares step (%.2f, err %.2f of |x|^2)", r[128+7], eo/xo);
     }
 
     // ---- 4. vec_dot: generic and SIMD vs float dot of dequantized values ----
