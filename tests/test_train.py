@@ -62,8 +62,8 @@ def test_allocate_meets_the_budget_and_prefers_cheap_damage():
         cls = allocate(damage, budget)
         assert EFF_BITS[cls].mean() == pytest.approx(budget, abs=0.05)
     cls = allocate(damage, 3.5)
-    # the rows kept above 2 bits are the most damaged ones
-    assert d2[cls > 0].min() >= np.median(d2)
+    # the rows kept above 2 bits are the most damaged ones (more than half of them at 3.5 bits)
+    assert (cls > 0).mean() > 0.5 and d2[cls > 0].min() >= d2[cls == 0].max()
 
 
 @pytest.fixture(scope="module")
