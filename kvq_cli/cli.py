@@ -415,6 +415,7 @@ def train_cmd(
     hidden: Annotated[int, typer.Option("--hidden", help="Hidden units of the MLP.")] = 16,
     epochs: Annotated[int, typer.Option("--epochs", help="Maximum epochs (early stopping on the held-out chunks).")] = 60,
     seed: Annotated[int, typer.Option("--seed", help="Seed of initialisation and batching (same seed, same controller).")] = 0,
+    ensemble: Annotated[int, typer.Option("--ensemble", help="Fit N regressors (seeds SEED..SEED+N-1) and ship their mean as one MLP of N x --hidden units (damage objectives).")] = 1,
     cache: Annotated[Optional[str], typer.Option("--cache", help="NPZ of collected features and damage: read if it exists, else written (reuse across budgets); with --regime both, NAME.decode.npz and NAME.prompt.npz next to it.")] = None,
     embed_out: Annotated[Optional[str], typer.Option("--embed", help="Also write a copy of the GGUF with the controller embedded here.")] = None,
     k_center: Annotated[bool, typer.Option("--k-center/--no-k-center", help="Center K by its mean per layer on the calibration text (saved with the controller; attention is unchanged, quantized rows lose less).")] = True,
@@ -434,7 +435,7 @@ def train_cmd(
     from kvq_cli.errors import BadOption, OutputError
     from kvq_cli.gguf_write import atomic_output, check_output
     from kvq_cli.models import resolve
-    from kvq_cli.train import OBJECTIVES, POOL_SETS, REGIMES, calibration_data, train
+    from kvq_cli.train import OBJECTIVES, POOL_SETS, REGIMES, calibration_data, check_ensemble, train
 
     if granularity not in GRANULARITIES:
         raise BadOption(f"--granularity must be one of {', '.join(GRANULARITIES)}, got {granularity}")
@@ -446,6 +447,7 @@ def train_cmd(
         raise BadOption(f"--regime must be one of {', '.join(REGIMES)}, got {regime}")
     if pools.replace(" ", "") not in POOL_SETS:
         raise BadOption(f"--pools must be one of {', '.join(POOL_SETS)}, got {pools}")
+    check_ensemble(ensemble, objective)
     if damage_rounding not in ("plain", "qar"):
         raise BadOption(f"--damage-rounding must be plain or qar, got {damage_rounding}")
     if chunks < 3 or prompts < 20 or chunk_len < 4 * window + 64 or window < 1:
@@ -466,7 +468,7 @@ def train_cmd(
                                         qar=damage_rounding == "qar")
         fit_task = progress.add_task("fit", total=epochs)
         spec, report = train(data, budget=budget, per_layer=granularity == "token_layer", hidden=hidden,
-                             seed=seed, epochs=epochs, val_chunks=n_held, objective=objective,
+                             seed=seed, epochs=epochs, val_chunks=n_held, objective=objective, ensemble=ensemble,
                              on_epoch=lambda e, n, loss: progress.update(
                                  fit_task, completed=e, description=f"fit (held-out loss {loss:.3f})"))
     spec.extra.update({"calib": Path(calib).name, "regime": regime,

@@ -482,6 +482,20 @@ def fit_damage(x: np.ndarray, t: np.ndarray, val: np.ndarray, *, hidden: int = 1
     return best_params, mean, std, ep
 
 
+def fit_damage_ensemble(x: np.ndarray, t: np.ndarray, val: np.ndarray, *, members: int = 1, seed: int = 0,
+                        **kw):
+    """`members` damage regressors (fit_damage with seeds seed, seed + 1, ...) folded into one wider MLP
+    whose output is their mean: the hidden layers side by side, the output weights divided by
+    `members`. Exactly the ensemble average, so the runtime runs it as it runs any controller.
+    Returns (params, mean, std, epochs of the longest member)."""
+    fits = [fit_damage(x, t, val, seed=seed + i, **kw) for i in range(members)]
+    mean, std = fits[0][1], fits[0][2]   # the same for every member: they depend on x and val only
+    ps = [f[0] for f in fits]
+    params = [np.concatenate([p[0] for p in ps]), np.concatenate([p[1] for p in ps]),
+              np.concatenate([p[2] for p in ps], 1) / members, np.mean([p[3] for p in ps], 0)]
+    return params, mean, std, max(f[3] for f in fits)
+
+
 def damage_logits(params, lam: float, costs: np.ndarray = EFF_BITS):
     """The runtime's MLP head for a damage regressor: logit_p = -(damage_p / lam + bits_p), f16 damage 0.
 
@@ -521,16 +535,24 @@ def _logits(params, z, head: str, costs: np.ndarray = EFF_BITS) -> np.ndarray:
     return -np.exp(out) - costs if head == "log_damage" else out
 
 
+def check_ensemble(ensemble: int, objective: str) -> None:
+    """An ensemble averages regressors: N >= 1, and 1 for the labels objective (a classifier)."""
+    if ensemble < 1 or (ensemble > 1 and objective == "labels"):
+        raise BadOption(f"--ensemble must be >= 1, and 1 with --objective labels, got {ensemble}")
+
+
 def train(c: Collected, *, budget: float, per_layer: bool, hidden: int = 16, seed: int = 0, epochs: int = 60,
-          val_chunks: int = 2, features: list[str] | None = None, objective: str = "labels",
+          val_chunks: int = 2, features: list[str] | None = None, objective: str = "labels", ensemble: int = 1,
           on_epoch: Callable[[int, int, float], None] | None = None) -> tuple[ControllerSpec, FitReport]:
     """The MLP and a report. objective "labels": cross-entropy to the oracle's labels at `budget` bits
     per decided row; "damage": regression of each row's damage per precision, with the price per
     bit that puts the training rows at `budget` folded into the output layer; "log_damage": the same
     regression on log damage (a few rows carry most of the damage; in log space they no longer dominate
-    the fit), for the runtime's "log_damage" head."""
+    the fit), for the runtime's "log_damage" head. With `ensemble` > 1 the regression objectives fit that
+    many MLPs (seeds seed, seed + 1, ...) and ship their mean as one MLP of ensemble * hidden units."""
     if objective not in OBJECTIVES:
         raise BadOption(f"--objective must be one of {', '.join(OBJECTIVES)}, got {objective}")
+    check_ensemble(ensemble, objective)
     data = c if per_layer else per_token(c)
     names = features or [n for n in data.names if n in KNOWN_FEATURES and n not in NOT_TRANSFERABLE
                          and (per_layer or n != "layer_frac")]
@@ -544,15 +566,16 @@ def train(c: Collected, *, budget: float, per_layer: bool, hidden: int = 16, see
     val = np.isin(data.chunk, chunks[-val_chunks:])
     if objective == "damage":
         scale = float(data.damage[~val, 0].mean()) or 1.0
-        reg, mean, std, ep = fit_damage(x, data.damage[:, :-1] / scale, val, hidden=hidden, seed=seed, epochs=epochs,
-                                        on_epoch=on_epoch)
+        reg, mean, std, ep = fit_damage_ensemble(x, data.damage[:, :-1] / scale, val, members=ensemble, hidden=hidden,
+                                                 seed=seed, epochs=epochs, on_epoch=on_epoch)
         pred = _forward(reg, (x[~val] - mean) / std)[2]
         lam = price_for(np.concatenate([pred, np.zeros((len(pred), 1))], 1), budget, costs)
         params = damage_logits(reg, lam, costs)
     elif objective == "log_damage":
         scale = float(data.damage[~val, 0].mean()) or 1.0
-        reg, mean, std, ep = fit_damage(x, np.log(data.damage[:, :-1] / scale + LOG_FLOOR), val, hidden=hidden,
-                                        seed=seed, epochs=epochs, on_epoch=on_epoch)
+        reg, mean, std, ep = fit_damage_ensemble(x, np.log(data.damage[:, :-1] / scale + LOG_FLOOR), val,
+                                                 members=ensemble, hidden=hidden, seed=seed, epochs=epochs,
+                                                 on_epoch=on_epoch)
         pred = np.exp(_forward(reg, (x[~val] - mean) / std)[2])
         lam = price_for(np.concatenate([pred, np.zeros((len(pred), 1))], 1), budget, costs)
         params = log_damage_head(reg, lam)
@@ -563,7 +586,7 @@ def train(c: Collected, *, budget: float, per_layer: bool, hidden: int = 16, see
     spec = ControllerSpec(features=names, precisions=list(data.precisions), w1=w1.tolist(), b1=b1.tolist(),
                           w2=w2.tolist(), b2=b2.tolist(), feature_mean=mean.tolist(), feature_std=std.tolist(),
                           budget_bits=float(budget), granularity="token_layer" if per_layer else "token",
-                          extra={"seed": seed, "objective": objective},
+                          extra={"seed": seed, "objective": objective, **({"ensemble": ensemble} if ensemble > 1 else {})},
                           k_center=None if c.k_center is None else c.k_center.tolist(),
                           head="log_damage" if objective == "log_damage" else "logits").validate()
     zv = (x[val] - mean) / std

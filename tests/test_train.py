@@ -193,14 +193,39 @@ def test_merge_regimes_balances_damage_and_holds_out_both():
     np.testing.assert_array_equal(m.damage[:50], dec.damage)
 
 
+def test_ensemble_is_the_mean_of_its_members_in_one_mlp():
+    from kvq_cli.train import _forward, fit_damage, fit_damage_ensemble
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(600, 5))
+    t = np.stack([np.maximum(x[:, 0] * x[:, 1], 0), np.abs(x[:, 2])], 1)
+    val = np.arange(600) >= 500
+    kw = dict(hidden=6, epochs=4)
+    params, mean, std, _ = fit_damage_ensemble(x, t, val, members=3, seed=7, **kw)
+    assert params[0].shape == (18, 5) and params[2].shape == (2, 18)
+    z = (x - mean) / std
+    members = [fit_damage(x, t, val, seed=7 + i, **kw) for i in range(3)]
+    assert all(np.array_equal(m[1], mean) and np.array_equal(m[2], std) for m in members)
+    want = np.mean([_forward(m[0], z)[2] for m in members], 0)
+    np.testing.assert_allclose(_forward(params, z)[2], want, rtol=1e-12, atol=1e-12)
+    assert not np.allclose(_forward(members[0][0], z)[2], want)   # the members differ
+    one, *_ = fit_damage_ensemble(x, t, val, members=1, seed=7, **kw)
+    assert all(np.array_equal(a, b) for a, b in zip(one, members[0][0]))
+
+
 @pytest.mark.parametrize("per_layer,objective,k4v2", [(True, "labels", False), (False, "labels", False),
                                                        (True, "damage", False), (False, "damage", False),
-                                                       (True, "log_damage", False), (True, "damage", True)])
+                                                       (True, "log_damage", False), (True, "damage", True),
+                                                       (True, "ensemble", False)])
 def test_trained_controller_round_trips_and_decides_like_c(request, model_path, tmp_path, per_layer, objective, k4v2,
                                                            runner):
     collected = request.getfixturevalue("collected_k4v2" if k4v2 else "collected")
-    kw = dict(budget=3.5, per_layer=per_layer, hidden=8, epochs=15, val_chunks=1, objective=objective)
+    members = 3 if objective == "ensemble" else 1   # three damage regressors shipped as one MLP of 24 units
+    objective = "damage" if objective == "ensemble" else objective
+    kw = dict(budget=3.5, per_layer=per_layer, hidden=8, epochs=15, val_chunks=1, objective=objective,
+              ensemble=members)
     spec, report = train(collected, **kw)
+    assert len(spec.w1) == 8 * members and spec.extra.get("ensemble", 1) == members
     assert spec.precisions == ([2, 3, 4, 8, 16] if k4v2 else [2, 4, 8, 16])
     assert report.n_val > 0 and 0 < report.val_acc <= 1 and spec.extra["objective"] == objective
     assert abs(report.label_bits - 3.5) < 0.3 and 2.25 <= report.val_bits <= 16
@@ -360,3 +385,6 @@ def test_train_cli_end_to_end_and_errors(runner, tmp_path, model_path):
         assert_one_line_error(r, needle)
     r = runner.invoke(app, ["chat", "--kv", "oracle@3", "-p", "hi"])
     assert_one_line_error(r, "is for `kvq eval` only")
+    for bad in (["--ensemble", "0"], ["--ensemble", "2", "--objective", "labels"]):
+        r = runner.invoke(app, ["train", "--calib", str(CALIB), *bad, "--out", str(tmp_path / "x.json")])
+        assert_one_line_error(r, "--ensemble must be >= 1")
