@@ -490,10 +490,14 @@ def fit_damage_ensemble(x: np.ndarray, t: np.ndarray, val: np.ndarray, *, member
     Returns (params, mean, std, epochs of the longest member)."""
     fits = [fit_damage(x, t, val, seed=seed + i, **kw) for i in range(members)]
     mean, std = fits[0][1], fits[0][2]   # the same for every member: they depend on x and val only
-    ps = [f[0] for f in fits]
-    params = [np.concatenate([p[0] for p in ps]), np.concatenate([p[1] for p in ps]),
-              np.concatenate([p[2] for p in ps], 1) / members, np.mean([p[3] for p in ps], 0)]
-    return params, mean, std, max(f[3] for f in fits)
+    return average_mlps([f[0] for f in fits]), mean, std, max(f[3] for f in fits)
+
+
+def average_mlps(ps: list) -> list:
+    """One MLP [w1, b1, w2, b2] whose output is the mean of the given MLPs' outputs (same inputs, same
+    normalisation): their hidden layers side by side, the output layers averaged."""
+    return [np.concatenate([p[0] for p in ps]), np.concatenate([p[1] for p in ps]),
+            np.concatenate([p[2] for p in ps], 1) / len(ps), np.mean([p[3] for p in ps], 0)]
 
 
 def damage_logits(params, lam: float, costs: np.ndarray = EFF_BITS):

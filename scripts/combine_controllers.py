@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kvq_cli.controller import ControllerSpec, load_controller  # noqa: E402
 from kvq_cli.errors import BadOption  # noqa: E402
 from kvq_cli.gguf_write import atomic_output  # noqa: E402
+from kvq_cli.train import average_mlps  # noqa: E402
 from probe_common import run  # noqa: E402
 
 
@@ -33,17 +34,15 @@ def combine(specs: list[ControllerSpec]) -> ControllerSpec:
         if (s.k_center is None) != (first.k_center is None) or (
                 s.k_center is not None and not np.array_equal(np.array(s.k_center), np.array(first.k_center))):
             raise BadOption("controllers differ in their K centering")
-    w1s, b1s = [], []
+    folded = []
     for s in specs:
         w1 = np.array(s.w1) / np.array(s.feature_std)
-        w1s.append(w1)
-        b1s.append(np.array(s.b1) - w1 @ np.array(s.feature_mean))
-    n, nf = len(specs), len(first.features)
+        folded.append([w1, np.array(s.b1) - w1 @ np.array(s.feature_mean), np.array(s.w2), np.array(s.b2)])
+    w1, b1, w2, b2 = average_mlps(folded)
+    nf = len(first.features)
     last = specs[-1]
     return ControllerSpec(features=list(first.features), precisions=list(first.precisions),
-                          w1=np.concatenate(w1s).tolist(), b1=np.concatenate(b1s).tolist(),
-                          w2=(np.concatenate([np.array(s.w2) for s in specs], 1) / n).tolist(),
-                          b2=np.mean([np.array(s.b2) for s in specs], 0).tolist(),
+                          w1=w1.tolist(), b1=b1.tolist(), w2=w2.tolist(), b2=b2.tolist(),
                           feature_mean=[0.0] * nf, feature_std=[1.0] * nf, budget_bits=last.budget_bits,
                           granularity=first.granularity, extra={"combined": len(specs)},
                           k_center=last.k_center, head=first.head).validate()
