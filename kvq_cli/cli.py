@@ -26,7 +26,8 @@ ModelArg = Annotated[Optional[str], typer.Argument(
 KvOpt = Annotated[str, typer.Option("--kv", help="KV cache policy: f16, q8, q4, q2 (kvq pools, static), rule, adaptive (the GGUF's controller, or the one kvq ships for the model), or stock llama.cpp caches stock-f16, stock-f16-fa (flash attention on), stock-q8_0, stock-q4_0, stock-q2_0. kvq policies take @BITS (adaptive@3.5).")]
 KvBitsOpt = Annotated[Optional[float], typer.Option("--kv-bits", help="kvq memory budget in bits per KV element at full context (a full pool demotes, never overflows); adaptive also steers its choices to land on it.")]
 KvCenterOpt = Annotated[str, typer.Option("--kv-center", help="kvq: subtract the controller's mean K per layer before storing K (attention is unchanged; quantized rows lose less): auto (rule/adaptive/oracle), on (every kvq policy) or off.")]
-KvWindowOpt = Annotated[Optional[int], typer.Option("--kv-window", help="kvq: recent tokens kept in f16 before a precision decision (default 0 for static, 32 for rule/adaptive).")]
+KvWindowOpt = Annotated[Optional[int], typer.Option("--kv-window", help="kvq: recent tokens kept at --kv-window-bits before a precision decision (default 0 for static; rule/adaptive: ctx/16 within 32-128, 32 with --kv-window-bits 16; oracle 32).")]
+KvWindowBitsOpt = Annotated[Optional[int], typer.Option("--kv-window-bits", help="kvq: precision of the window rows, paid for in the budget: 16 (f16) or 8 (q8_0, 8.5 bits/element). Default 8 for rule/adaptive, 16 otherwise.")]
 CtxOpt = Annotated[int, typer.Option("--ctx", help="Context size in tokens (0 = the model's training context).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Sampling seed (same seed, same output).")]
 ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="CPU threads (default: all cores).")]
@@ -264,20 +265,26 @@ def inspect_cmd(
     out.print(meta)
 
 
-def kvq_options(policies, kv_bits: float | None, kv_window: int | None, kv_center: str = "auto"):
-    """Validate --kv-bits/--kv-window/--kv-center against the policies; the KvqOptions for the engine."""
+def kvq_options(policies, kv_bits: float | None, kv_window: int | None, kv_center: str = "auto",
+                kv_window_bits: int | None = None):
+    """Validate --kv-bits/--kv-window/--kv-window-bits/--kv-center against the policies; the KvqOptions."""
     from kvq_cli.errors import BadOption
     from kvq_cli.runtime.kv import KvqOptions, check_budget
 
     if kv_center not in ("auto", "on", "off"):
         raise BadOption(f"--kv-center must be auto, on or off, got {kv_center}")
-    if (kv_bits is not None or kv_window is not None or kv_center != "auto") and all(p.is_stock for p in policies):
-        raise BadOption(f"--kv-bits/--kv-window/--kv-center apply to kvq policies, not {', '.join(p.name for p in policies)}")
+    if ((kv_bits is not None or kv_window is not None or kv_window_bits is not None or kv_center != "auto")
+            and all(p.is_stock for p in policies)):
+        raise BadOption("--kv-bits/--kv-window/--kv-window-bits/--kv-center apply to kvq policies, not "
+                        + ", ".join(p.name for p in policies))
     if kv_bits is not None:
         check_budget(kv_bits)
     if kv_window is not None and kv_window < 0:
         raise BadOption(f"--kv-window must be >= 0, got {kv_window}")
-    return KvqOptions(window=kv_window, budget_bits=kv_bits, k_center={"auto": None, "on": True, "off": False}[kv_center])
+    if kv_window_bits is not None and kv_window_bits not in (8, 16):
+        raise BadOption(f"--kv-window-bits must be 16 or 8, got {kv_window_bits}")
+    return KvqOptions(window=kv_window, budget_bits=kv_bits, k_center={"auto": None, "on": True, "off": False}[kv_center],
+                      window_bits=kv_window_bits)
 
 
 @app.command("bench")
@@ -290,6 +297,7 @@ def bench_cmd(
     repeats: Annotated[int, typer.Option("--repeats", help="Interleaved repeats per policy; records keep the median.")] = 3,
     kv_bits: KvBitsOpt = None,
     kv_window: KvWindowOpt = None,
+    kv_window_bits: KvWindowBitsOpt = None,
     kv_center: KvCenterOpt = "auto",
     text: Annotated[Optional[str], typer.Option("--text", help="Text file to prefill (default: wikitext-2 from --data, else Python's stdlib docstrings).")] = None,
     data: Annotated[Optional[str], typer.Option("--data", help="Evaluation data dir (uses wikitext2/wiki.test.nonempty-lf.raw).")] = None,
@@ -319,7 +327,7 @@ def bench_cmd(
     if not ctxs or min(ctxs) < 2:
         raise BadOption("--ctx needs context lengths >= 2")
     baselines = [v.strip().lower() for v in vs.split(",") if v.strip()] if vs else None
-    opts = kvq_options(policies, kv_bits, kv_window, kv_center)
+    opts = kvq_options(policies, kv_bits, kv_window, kv_center, kv_window_bits)
     for out in (json_path, plot_path):
         if out:
             check_output(out)
@@ -516,6 +524,7 @@ def eval_cmd(
     kv: Annotated[str, typer.Option("--kv", help="Comma-separated policies scored side by side on the same items.")] = "stock-f16,f16,q8,q4,q2",
     kv_bits: KvBitsOpt = None,
     kv_window: KvWindowOpt = None,
+    kv_window_bits: KvWindowBitsOpt = None,
     kv_center: KvCenterOpt = "auto",
     data: Annotated[Optional[str], typer.Option("--data", envvar="KVQ_DATA", help="Evaluation data dir (hellaswag/, arc/, openbookqa/, wikitext2/; see its SOURCES.md). Env: KVQ_DATA.")] = None,
     split: Annotated[str, typer.Option("--split", help="test, or dev (ARC and OpenBookQA) for tuning.")] = "test",
@@ -562,7 +571,7 @@ def eval_cmd(
         raise BadOption("--resume needs --json PATH (the file to continue)")
     if ending_ubatch is not None and ending_ubatch < 1:
         raise BadOption(f"--ending-ubatch must be >= 1, got {ending_ubatch}")
-    opts = kvq_options(policies, kv_bits, kv_window, kv_center)
+    opts = kvq_options(policies, kv_bits, kv_window, kv_center, kv_window_bits)
     previous = None
     err = _stderr_console()
     if resume and Path(json_path).exists():
@@ -667,6 +676,7 @@ def chat_cmd(
     kv: KvOpt = "stock-f16",
     kv_bits: KvBitsOpt = None,
     kv_window: KvWindowOpt = None,
+    kv_window_bits: KvWindowBitsOpt = None,
     kv_center: KvCenterOpt = "auto",
     ctx: CtxOpt = 2048,
     seed: SeedOpt = 0,
@@ -688,7 +698,7 @@ def chat_cmd(
 
     policy = parse_kv(kv)
     require_online([policy])
-    opts = kvq_options([policy], kv_bits, kv_window, kv_center)
+    opts = kvq_options([policy], kv_bits, kv_window, kv_center, kv_window_bits)
     if ctx < 0:
         raise BadOption(f"--ctx must be >= 0, got {ctx}")
     if max_tokens <= 0:

@@ -163,6 +163,14 @@ def mean_kl(ref_lps: Sequence[np.ndarray], lps: Sequence[np.ndarray]) -> float:
     return total / sum(len(r) for r in ref_lps)
 
 
+def window_bits_key(opts: KvqOptions, policy: KvPolicy) -> int | None:
+    """An eval record's kv_window_bits: 8 when the policy's window rows are q8_0, else None (f16
+    rows, no window, or a stock cache), so records from before the option keep their keys."""
+    if policy.is_stock or opts.window_for(policy) == 0:
+        return None
+    return 8 if opts.window_bits_for(policy) == 8 else None
+
+
 def refuse_oracle_with_ending_ubatch(policies: Sequence[KvPolicy], ending_ubatch: int | None) -> None:
     """The oracle measures each item with every ending in one ubatch, and scores it the same way."""
     if ending_ubatch is not None and any(p.kvq == "assign" for p in policies):
@@ -293,6 +301,7 @@ class EvalRecord:
     kv_window: int | None
     ending_ubatch: int | None = None   # multiple choice: ending tokens per ubatch (None: the whole ending)
     k_center: bool | None = None       # True: K stored centered (--kv-center); None: as is
+    kv_window_bits: int | None = None  # 8: window rows in q8_0; None: f16 rows (or no window)
     n: int = 0                   # items scored (multiple choice) or tokens scored (wikitext2)
     complete: bool = False
     bits_per_elem: float | None = None
@@ -319,7 +328,7 @@ class EvalRecord:
     @property
     def key(self) -> tuple:
         return (self.task, self.kv, self.split, self.model, self.ctx, self.kv_bits, self.kv_window, self.ending_ubatch,
-                self.k_center)
+                self.k_center, self.kv_window_bits)
 
     @classmethod
     def from_json(cls, d: dict) -> "EvalRecord":
@@ -383,7 +392,8 @@ class EvalRun:
                 ctx = cfg.ppl_ctx if task == "wikitext2" else cfg.n_ctx
                 r = EvalRecord(task=task, kv=p.name, split=cfg.split, model=cfg.model.name, ctx=ctx,
                                kv_bits=cfg.kvq.budget_for(p),
-                               kv_window=None if p.is_stock else cfg.kvq.window_for(p), ref=cfg.ref,
+                               kv_window=None if p.is_stock else cfg.kvq.window_for(p, ctx), ref=cfg.ref,
+                               kv_window_bits=window_bits_key(cfg.kvq, p),
                                ending_ubatch=None if task == "wikitext2" else cfg.ending_ubatch,
                                k_center=True if centered and not p.is_stock and cfg.kvq.k_center_for(p) else None)
                 self.records.append(old.get(r.key, r))

@@ -779,7 +779,7 @@ def oracle_assignment(engine: Engine, tokens: list[int], budget: float) -> np.nd
     for the next decode of the same tokens. Returns bits [n_tokens, n_layer].
     """
     prec, costs = oracle_pools(engine)
-    window = engine.kvq_opts.window_for(engine.kv)
+    window = engine.window
     n, n_layer = len(tokens), engine.dims.n_layer
     engine.set_assignment(np.zeros(0, np.int32))   # nothing assigned: every row at f16
     engine.clear_trace()

@@ -1,16 +1,19 @@
-"""Does the f16 window W that adaptive@B decides behind change its KL at the same bits?
+"""Does the window W that adaptive@B decides behind change its KL at the same bits?
 
-Calibration text only (tuning data). The window is paid for in the budget (W rows at f16 at full
-context), so a smaller W leaves more bits for the decided rows, while a larger one lets the
+Calibration text only (tuning data). The window is paid for in the budget (W rows at its precision
+at full context), so a smaller W leaves more bits for the decided rows, while a larger one lets the
 controller's features see more queries. For each held-out calibration chunk (the chunks of
 objective_probe.py / online_probe.py), KL of the second half vs the all-f16 decode (oracle engine,
 every row f16, the controller's K centering) of the runtime's online adaptive@B decode with each W
 (32-token ubatches, as `kvq eval --task wikitext2` runs it), and the bits it held.
 
 With --qar-mu (a comma list) each window is run with each weight of query-aware rounding
-(KvqOptions.qar_mu; 0 is plain rounding), the arms named adaptive@B/W=w/qar=mu.
+(KvqOptions.qar_mu; 0 is plain rounding), the arms named adaptive@B/W=w/qar=mu. With --window-bits
+(a comma list of 16 and 8) each with the window rows at that precision (KvqOptions.window_bits; 8 is
+q8_0), the arms named adaptive@B/W=w[/qar=mu]/wb=b. The reference stays the f16 oracle engine.
 
-Usage: python scripts/window_probe.py CALIB_TXT [--windows 8,16,32,64] [--budgets 3] [--qar-mu 0,0.25] --json OUT
+Usage: python scripts/window_probe.py CALIB_TXT [--windows 8,16,32,64] [--budgets 3] [--qar-mu 0,0.25]
+       [--window-bits 16,8] --json OUT
 """
 from __future__ import annotations
 
@@ -38,12 +41,14 @@ def main() -> int:
     ap.add_argument("--windows", default="8,16,32,64")
     ap.add_argument("--budgets", default=None, help="comma list (default: --budget)")
     ap.add_argument("--qar-mu", default=None, help="comma list of query-aware rounding weights (default: the runtime's)")
+    ap.add_argument("--window-bits", default=None, help="comma list of window precisions, 16 and/or 8 (default: the policy's)")
     ap.add_argument("--model", default=None, help="GGUF with a controller (default: the embedded model + the shipped controller)")
     add_kl_args(ap, kl_chunks=4)
     a = ap.parse_args()
     t0 = time.time()
     windows = [int(w) for w in a.windows.split(",")]
     mus = [float(m) for m in a.qar_mu.split(",")] if a.qar_mu else [None]
+    wbits = [int(b) for b in a.window_bits.split(",")] if a.window_bits else [None]
     budgets = [float(b) for b in (a.budgets or str(a.budget)).split(",")]
     policies = [parse_kv(f"adaptive@{b:g}") for b in budgets]
     path = Path(a.model) if a.model else gguf_for(resolve(None), policies)
@@ -65,10 +70,11 @@ def main() -> int:
             e.set_assignment(np.zeros(0, np.int32))
             refs.append(chunk_log_probs(e, c, len(c) // 2))
     for b, pol in zip(budgets, policies):
-        for w, mu in ((w, mu) for w in windows for mu in mus):
-            name = f"adaptive@{b:g}/W={w}" + (f"/qar={mu:g}" if mu is not None else "")
+        for w, mu, wb in ((w, mu, wb) for w in windows for mu in mus for wb in wbits):
+            name = (f"adaptive@{b:g}/W={w}" + (f"/qar={mu:g}" if mu is not None else "")
+                    + (f"/wb={wb}" if wb is not None else ""))
             with Engine(path, kv=pol, n_ctx=a.kl_len, n_batch=a.kl_len, n_ubatch=32,
-                        kvq=KvqOptions(window=w, qar_mu=mu)) as live:
+                        kvq=KvqOptions(window=w, qar_mu=mu, window_bits=wb)) as live:
                 for c, ref_lp in zip(chunks, refs):
                     lp = chunk_log_probs(live, c, len(c) // 2)
                     kl.setdefault(name, []).append(kl_of(ref_lp, lp))

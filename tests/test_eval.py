@@ -231,6 +231,27 @@ def test_ending_ubatch_is_part_of_the_resume_key(model_path):
     assert EvalRun(EvalConfig(**base), previous=saved).records[0].n == 2
 
 
+def test_window_bits_are_part_of_the_resume_key(model_path):
+    """A rule/adaptive record with the q8_0 window (the default since it was added) is not resumed
+    from one with the f16 window, whose key (kv_window_bits None) is that of records made before."""
+    from kvq_cli.evaluate import window_bits_key
+    from kvq_cli.runtime.kv import KvqOptions
+
+    rule, q4, stock = parse_kv("rule@3"), parse_kv("q4"), parse_kv("stock-f16")
+    assert window_bits_key(KvqOptions(), rule) == 8
+    assert window_bits_key(KvqOptions(window_bits=16), rule) is None
+    assert window_bits_key(KvqOptions(window=0), rule) is None         # no window, nothing to key
+    assert window_bits_key(KvqOptions(), q4) is None and window_bits_key(KvqOptions(), stock) is None
+    assert window_bits_key(KvqOptions(window=16, window_bits=8), q4) == 8
+    base = dict(model=model_path, policies=(rule,), tasks=("wikitext2",), data=SHARED_DATA, ref=None)
+    old = EvalRun(EvalConfig(**base, kvq=KvqOptions(window_bits=16))).records[0]
+    assert old.kv_window_bits is None and old.kv_window == 32
+    saved = json.loads(json.dumps([old.__dict__]))
+    saved[0]["n"] = 7
+    assert EvalRun(EvalConfig(**base), previous=saved).records[0].n == 0
+    assert EvalRun(EvalConfig(**base, kvq=KvqOptions(window_bits=16)), previous=saved).records[0].n == 7
+
+
 def test_oracle_on_multiple_choice(model_path):
     """oracle@B on multiple choice: each item's context rows get the damage-optimal bits for that
     item's endings; the cache as the last ending leaves it holds B bits (the ending rows, used

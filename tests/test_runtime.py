@@ -120,6 +120,35 @@ def test_bytes_held_are_analytic(model_path, kv):
         assert st.bytes_held / (n * N_LAYER * 2 * ROW_BYTES["f16"]) == pytest.approx(0.28125)
 
 
+def test_window_rows_in_q8_0(model_path, converted_f16, f16_ref):
+    """KvqOptions.window_bits 8 (--kv-window-bits 8, the rule/adaptive default): window rows are held
+    and paid for as q8_0 (204-byte rows), attention over them stays as close to f16 as a static q8
+    cache, and rows leaving the window are coded from their q8_0 values."""
+    n, w = 512, 16
+    o16, st16 = run_logits(converted_f16, "f16", kvq=KvqOptions(window=n, window_bits=16))
+    o8, st8 = run_logits(converted_f16, "f16", kvq=KvqOptions(window=n, window_bits=8))
+    q8, _ = run_logits(converted_f16, "q8")
+    assert st16.rows["window"] == st8.rows["window"] == n * N_LAYER
+    assert st16.bytes_held == n * N_LAYER * 2 * ROW_BYTES["f16"]
+    assert st8.bytes_held == n * N_LAYER * 2 * ROW_BYTES["q8"]
+    assert kl(f16_ref, o16) < 1e-4
+    assert 0 < kl(f16_ref, o8) < 2 * kl(f16_ref, q8) + 1e-4
+    # static q4 behind a window of 16, 32-token ubatches (rows leave the window after each): the
+    # exited rows cost q4, the window rows q8_0
+    ub = dict(n_batch=32, n_ubatch=32)
+    a, sa = run_logits(converted_f16, "q4", kvq=KvqOptions(window=w, window_bits=8), **ub)
+    b, sb = run_logits(converted_f16, "q4", kvq=KvqOptions(window=w, window_bits=16), **ub)
+    assert sa.rows["window"] == w * N_LAYER and sa.rows["q4"] == (n - w) * N_LAYER
+    assert sa.bytes_held == N_LAYER * 2 * ((n - w) * ROW_BYTES["q4"] + w * ROW_BYTES["q8"])
+    assert sb.bytes_held - sa.bytes_held == w * N_LAYER * 2 * (ROW_BYTES["f16"] - ROW_BYTES["q8"])
+    print("q8_0 window: q4 behind it", kl(f16_ref, a), "behind f16", kl(f16_ref, b))
+    assert kl(f16_ref, a) < 1.3 * kl(f16_ref, b)   # the q8_0 rounding adds little to q4's
+    # who gets which window by default; a bad value is one clear error
+    assert [KvqOptions().window_bits_for(parse_kv(k)) for k in ("rule", "adaptive", "q4", "oracle")] == [8, 8, 16, 16]
+    with pytest.raises(BadOption, match="window bits must be 16 or 8"):
+        Engine(model_path, kv=parse_kv("rule"), n_ctx=64, kvq=KvqOptions(window_bits=4))
+
+
 def _assigned_engine(model_path, n=200, seed=0):
     lib = kvq_lib()
     e = Engine(model_path, kv=ASSIGN, n_ctx=512, kvq=KvqOptions(window=0))
@@ -296,6 +325,13 @@ def test_malformed_controller_metadata_is_a_clear_error(runner, model_path, tmp_
 def test_budget_too_small_is_a_clear_error(runner):
     r = runner.invoke(app, ["chat", "--kv", "rule", "--kv-bits", "2.1", "--kv-window", "64", "--ctx", "256", "-p", "hi"])
     assert_one_line_error(r, "budget too small")
+
+
+@pytest.mark.parametrize("args,needle", [(["--kv", "rule", "--kv-window-bits", "4"], "--kv-window-bits must be 16 or 8"),
+                                         (["--kv", "stock-f16", "--kv-window-bits", "8"], "apply to kvq policies")])
+def test_bad_window_bits_are_a_clear_error(runner, args, needle):
+    r = runner.invoke(app, ["chat", *args, "--ctx", "256", "-p", "hi"])
+    assert_one_line_error(r, needle)
 
 
 def _layer_k(e, n):

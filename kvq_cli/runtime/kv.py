@@ -119,6 +119,9 @@ class KvqOptions:
     # plain squared error against the error along the attending queries; 0: plain rounding;
     # None: the runtime default)
     qar_mu: float | None = None
+    # precision of the window rows: 16 (f16) or 8 (q8_0, 8.5 bits); None: 8 where the window feeds
+    # decisions (rule, adaptive: the bits saved go to the decided rows), else 16
+    window_bits: int | None = None
 
     def k_center_for(self, policy: KvPolicy) -> bool:
         return self.k_center if self.k_center is not None else policy.kvq != "static"
@@ -129,8 +132,20 @@ class KvqOptions:
             return None
         return policy.budget_bits if policy.budget_bits is not None else self.budget_bits
 
-    def window_for(self, policy: KvPolicy) -> int:
-        """Default W: 0 for static policies (stock semantics), 32 where decisions use attention."""
+    def window_for(self, policy: KvPolicy, n_ctx: int | None = None) -> int:
+        """Default W: 0 for static policies (stock semantics); where decisions use attention 32, or
+        for rule/adaptive with their q8_0 window n_ctx / 16 within [32, 128] (the window costs
+        about 0.5 bit/element at full context; W = 128 at 2,048 tokens, results/window_bits_probe*.json)."""
         if self.window is not None:
             return self.window
-        return 0 if policy.kvq == "static" else 32
+        if policy.kvq == "static":
+            return 0
+        if n_ctx and self.window_bits_for(policy) == 8:
+            return min(128, max(32, n_ctx // 16))
+        return 32
+
+    def window_bits_for(self, policy: KvPolicy) -> int:
+        """Bits of the window rows: q8_0 (8) for rule/adaptive, f16 (16) for static and oracle caches."""
+        if self.window_bits is not None:
+            return self.window_bits
+        return 8 if policy.kvq in ("rule", "adaptive") else 16
