@@ -793,7 +793,8 @@ def oracle_assignment(engine: Engine, tokens: list[int], budget: float) -> np.nd
     w = min(window, n)
     decided = n - w
     if decided > 0:
-        per_row = (budget * n - costs[-1] * w) / decided
+        w_cost = costs[-1] if engine.window_bits == 16 else EFF_BITS_OF[8]   # f16 or q8_0 window rows
+        per_row = (budget * n - w_cost * w) / decided
         cls = allocate(dmg[:decided].reshape(-1, len(prec)), per_row, costs)
         bits[:decided] = np.asarray(prec)[cls].reshape(decided, n_layer)
     engine.set_assignment(bits.reshape(-1))

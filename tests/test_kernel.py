@@ -30,6 +30,7 @@ CASES = {
     "q2": ("q2", KvqOptions(), None),
     "k4v2": ("k4v2", KvqOptions(), None),                   # K and V tiles of different types
     "window": ("f16", KvqOptions(window=512), None),        # every row stays in the f16 window
+    "window_q8": ("f16", KvqOptions(window=512, window_bits=8), None),   # ... in a q8_0 window (rotated)
     "mixed": (ASSIGN, KvqOptions(window=16), 0),            # all five pools plus window rows
 }
 
@@ -87,7 +88,7 @@ def test_fused_attention_matches_reference(model_path, case):
     n = 160
     with _engine(model_path, case, n=n) as e:
         rows = e.kv_stats().rows
-        if case == "window":
+        if case in ("window", "window_q8"):
             assert rows["window"] == n * N_LAYER
         if case == "mixed":
             assert all(rows[k] > 0 for k in ("window", "f16", "q8", "q4", "k4v2", "q2"))

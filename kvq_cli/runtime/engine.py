@@ -101,7 +101,7 @@ class Engine:
         self.kv = kv
         self.n_ctx = n_ctx
         self.kvq_opts = kvq or KvqOptions()
-        self.window = 0   # kvq: the window W in force (set when kvq is enabled)
+        self.window, self.window_bits = 0, 16   # kvq: the window W and its rows' bits (set when kvq is enabled)
         llama_cpp = _import_llama_cpp()
         # every core for decode and batches (llama-cpp-python would decode on cpu_count // 2)
         n_threads = n_threads or os.cpu_count() or 1
@@ -141,7 +141,7 @@ class Engine:
         kv, opts = self.kv, self.kvq_opts
         p = lib.llama_kvq_default_params()
         p.window = self.window = opts.window_for(kv, self.n_ctx)
-        p.window_bits = opts.window_bits_for(kv)
+        p.window_bits = self.window_bits = opts.window_bits_for(kv)
         budget = opts.budget_for(kv)
         # an oracle's assignment meets its budget by itself; a cap would demote the rows of its
         # all-f16 measuring pass
