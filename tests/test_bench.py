@@ -61,7 +61,7 @@ def test_bench_ratios_roofline_plot_reuse_prefill(runner, tmp_path, model_path):
 
 @pytest.mark.parametrize("args,needle", [
     (["--kv", "f16,q4", "--vs", "stock-f16"], "--vs stock-f16 is not among the --kv policies"),
-    (["--kv", "stock-f16", "--kv-bits", "3"], "--kv-bits/--kv-window/--kv-center apply to kvq policies"),
+    (["--kv", "stock-f16", "--kv-bits", "3"], "--kv-bits/--kv-window/--kv-window-bits/--kv-center apply to kvq policies"),
     (["--kv", "rule@1"], "between 2 and 16"),
     (["--plot", "/nonexistent/dir/p.png"], "does not exist"),
     (["--kv", "f16,q3"], "unknown --kv value 'q3'"),
