@@ -775,7 +775,7 @@ def oracle_assignment(engine: Engine, tokens: list[int], budget: float) -> np.nd
 
     The engine (policy oracle, per_layer, record_q) decodes the tokens once with every row at
     f16, measures each row's damage with all its later queries, allocates so the whole cache
-    (the final f16 window included) holds `budget` bits/element, and installs the assignment
+    (the final window included, at its f16 or q8_0 cost) holds `budget` bits/element, and installs the assignment
     for the next decode of the same tokens. Returns bits [n_tokens, n_layer].
     """
     prec, costs = oracle_pools(engine)
@@ -793,8 +793,7 @@ def oracle_assignment(engine: Engine, tokens: list[int], budget: float) -> np.nd
     w = min(window, n)
     decided = n - w
     if decided > 0:
-        w_cost = costs[-1] if engine.window_bits == 16 else EFF_BITS_OF[8]   # f16 or q8_0 window rows
-        per_row = (budget * n - w_cost * w) / decided
+        per_row = (budget * n - EFF_BITS_OF[engine.window_bits] * w) / decided   # window rows at f16 or q8_0
         cls = allocate(dmg[:decided].reshape(-1, len(prec)), per_row, costs)
         bits[:decided] = np.asarray(prec)[cls].reshape(decided, n_layer)
     engine.set_assignment(bits.reshape(-1))

@@ -1,6 +1,7 @@
 """kvq train: the oracle's damage, the label allocation, the MLP, and the controller in C."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -333,6 +334,14 @@ def test_oracle_assignment_meets_the_budget(model_path):
         assert (bits3 == 3).mean() > 0.05
         e.decode(toks, 0)
         assert abs(e.kv_stats().bits_per_elem - 3.0) < 0.05 and e.kv_stats().rows["k4v2"] > 0
+    # with the window rows in q8_0 the allocation prices them at 8.5 bits (at 16 it would land
+    # 16 * 7.5 / 512 = 0.23 bits low)
+    opts8 = dataclasses.replace(opts, window_bits=8)
+    with Engine(model_path, kv=ORACLE, n_ctx=512, n_ubatch=32, kvq=opts8) as e:
+        assert e.window_bits == 8
+        oracle_assignment(e, toks, 3.5)
+        e.decode(toks, 0)
+        assert abs(e.kv_stats().bits_per_elem - 3.5) < 0.05
 
 
 def test_train_cli_end_to_end_and_errors(runner, tmp_path, model_path):
