@@ -56,7 +56,7 @@ fi
 # seed_records.py (their scoring is deterministic, so they are not run again); the adaptive
 # budgets and the rule rows (MC_POLICIES) run side by side in one call (--resume: only the ones
 # not yet complete run; oracle@3, the damage-optimal assignment of each item measured on its own
-# endings, is the non-causal bound at the bar's budget, about 2.3x an adaptive run). --no-mc-kl:
+# endings, is the non-causal bound at the bar's budget, about twice an adaptive run). --no-mc-kl:
 # the seeded static rows have no KL (so there would be nothing to compare it with), and re-scoring f16 for it would cost
 # another policy's time; the side-by-side KL of the tuning is on the dev splits (results/README.md).
 if step 4; then
