@@ -12,6 +12,9 @@ With --qar-mu (a comma list) each window is run with each weight of query-aware 
 (a comma list of 16 and 8) each with the window rows at that precision (KvqOptions.window_bits; 8 is
 q8_0), the arms named adaptive@B/W=w[/qar=mu]/wb=b. The reference stays the f16 oracle engine.
 
+Each arm also records the token-layer rows per class (window, f16, q8, q4, k4v2, q2) at the end of
+each chunk and their share over all chunks (`rows`, `pool_share`).
+
 Usage: python scripts/window_probe.py CALIB_TXT [--windows 8,16,32,64] [--budgets 3] [--qar-mu 0,0.25]
        [--window-bits 16,8] --json OUT
 """
@@ -33,6 +36,13 @@ from kvq_cli.runtime.engine import Engine  # noqa: E402
 from kvq_cli.runtime.kv import KvqOptions, parse_kv  # noqa: E402
 from kvq_cli.train import ORACLE  # noqa: E402
 from probe_common import add_kl_args, chunk_log_probs, kl_of, run, write_json  # noqa: E402
+
+
+def pool_share(rows: list[dict[str, int]]) -> dict[str, float]:
+    """Share of the token-layer rows in each class, summed over chunks (window included)."""
+    tot = {c: sum(r.get(c, 0) for r in rows) for c in rows[0]} if rows else {}
+    n = sum(tot.values())
+    return {c: v / n for c, v in tot.items()} if n else {}
 
 
 def main() -> int:
@@ -58,6 +68,7 @@ def main() -> int:
     text = Path(a.calib).read_text(encoding="utf-8", errors="replace")
     kl: dict[str, list[float]] = {}
     bits_seen: dict[str, list[float]] = {}
+    rows_seen: dict[str, list[dict[str, int]]] = {}   # token-layer rows per class at each chunk's end
     with Engine(path, kv=ORACLE, n_ctx=a.kl_len, n_batch=a.kl_len, n_ubatch=32,
                 kvq=KvqOptions(window=32)) as e:
         e.set_k_center(np.asarray(spec.k_center, np.float32))
@@ -78,11 +89,14 @@ def main() -> int:
                 for c, ref_lp in zip(chunks, refs):
                     lp = chunk_log_probs(live, c, len(c) // 2)
                     kl.setdefault(name, []).append(kl_of(ref_lp, lp))
-                    bits_seen.setdefault(name, []).append(float(live.kv_stats().bits_per_elem))
+                    st = live.kv_stats()
+                    bits_seen.setdefault(name, []).append(float(st.bits_per_elem))
+                    rows_seen.setdefault(name, []).append(dict(st.rows or {}))
             print(f"{name}: KL {np.mean(kl[name]):.4f} bits {np.mean(bits_seen[name]):.3f} "
                   f"({time.time() - t0:.0f}s)", flush=True)
     out = {"command": " ".join(["python", "scripts/window_probe.py"] + sys.argv[1:]), "model": path.name,
-           "kl": {k: {"mean": float(np.mean(v)), "chunks": v, "bits": bits_seen[k]} for k, v in kl.items()},
+           "kl": {k: {"mean": float(np.mean(v)), "chunks": v, "bits": bits_seen[k], "rows": rows_seen[k],
+                      "pool_share": pool_share(rows_seen[k])} for k, v in kl.items()},
            "seconds": time.time() - t0}
     write_json(a.json, out)
     return 0
