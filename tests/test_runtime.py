@@ -344,13 +344,15 @@ def _layer_k(e, n):
     return np.stack(out)
 
 
-def _assigned_logits(model, toks, bits, center=None, window=0, **kw):
+def _assigned_logits(model, toks, bits, center=None, window=0, scale=None, **kw):
     """(logits, K of every layer read back); with record_q=True also each layer's queries in position order."""
     # 16-token ubatches: rows are stored at their precision after each ubatch (inside it they are f16)
     with Engine(model, kv=ASSIGN, n_ctx=512, n_batch=16, n_ubatch=16, logits_all=True,
                 kvq=KvqOptions(window=window, **kw)) as e:
         if center is not None:
             e.set_k_center(center)
+        if scale is not None:
+            e.set_k_scale(scale)
         e.set_assignment(bits)
         e.llm.eval(toks)
         out = (np.array(e.llm.scores[:len(toks)], dtype=np.float64), _layer_k(e, len(toks)))
@@ -387,6 +389,42 @@ def test_k_center_keeps_attention_and_lowers_quantized_damage(converted_f16):
         e.llm.eval(toks[:4])
         with pytest.raises(BadOption, match="before any row is stored"):
             e.set_k_center(mu)
+
+
+def test_k_scale_keeps_attention(converted_f16):
+    """K/Q channel scales (llama_kvq_set_k_scale, the hook of scripts/kq_scale_probe.py): K is stored as
+    s * (K - mu) and queries attend as q / s, so f16 logits stay those of plain K; rows read back and
+    recorded queries are the scaled ones."""
+    model_path = converted_f16
+    n = 120
+    with Engine(model_path, kv=parse_kv("f16"), n_ctx=512) as e:
+        toks = e.tokenize(TEXT)[:n]
+    f16 = np.full(n, 16, np.int32)
+    ref, K, Q = _assigned_logits(model_path, toks, f16, record_q=True)
+    mu = K[:, 1:].mean(1)
+    sc = np.exp(np.random.default_rng(0).normal(0, 0.5, mu.shape)).astype(np.float32)
+    got, Ks, Qs = _assigned_logits(model_path, toks, f16, center=mu, scale=sc, record_q=True)
+    assert kl(ref, got) < 1e-4 and (ref.argmax(-1) == got.argmax(-1)).mean() > 0.99
+    assert np.abs(Ks - sc[:, None] * (K - mu[:, None])).max() < 0.02 * np.abs(K).max()   # f16 rounding only
+    hd = Q[0].shape[-1]
+    group = Q[0].shape[1] // (sc.shape[1] // hd)
+    for il in (0, N_LAYER - 1):
+        inv = np.repeat(1.0 / sc[il].reshape(-1, hd), group, 0)   # [n_head, hd]: each query head's KV head
+        want = Q[il] * inv[None]
+        if il == 0:   # the first layer's queries do not depend on the cache: exact
+            np.testing.assert_allclose(Qs[il], want, rtol=1e-5, atol=1e-6)
+        else:         # later ones carry the f16 rounding of the scaled rows through the layers below
+            assert np.abs(Qs[il] - want).max() < 0.005 * np.abs(want).max()
+    with Engine(model_path, kv=ASSIGN, n_ctx=64) as e:
+        with pytest.raises(BadOption, match="n_layer x n_embd_kv = 5760"):
+            e.set_k_scale(sc[:2])
+        bad = sc.copy()
+        bad[3, 5] = 0.0
+        with pytest.raises(BadOption, match="finite and > 0"):
+            e.set_k_scale(bad)
+        e.llm.eval(toks[:4])
+        with pytest.raises(BadOption, match="before any row is stored"):
+            e.set_k_scale(sc)
 
 
 def test_k_center_travels_in_the_gguf(runner, model_path, tmp_path):

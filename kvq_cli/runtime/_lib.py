@@ -76,6 +76,8 @@ _PROTOTYPES = {
     "llama_kvq_set_assignment": (c_int32, [c_void_p, _P_i32, c_int64]),
     # int32_t llama_kvq_set_k_center(struct llama_context * ctx, const float * k_mu, int64_t n);
     "llama_kvq_set_k_center": (c_int32, [c_void_p, _P_f32, c_int64]),
+    # int32_t llama_kvq_set_k_scale(struct llama_context * ctx, const float * k_sc, int64_t n);
+    "llama_kvq_set_k_scale": (c_int32, [c_void_p, _P_f32, c_int64]),
     # int32_t llama_kvq_get_stats(const struct llama_context * ctx, struct llama_kvq_stats * out);
     "llama_kvq_get_stats": (c_int32, [c_void_p, POINTER(KvqStats)]),
     # int32_t llama_kvq_n_features(void);

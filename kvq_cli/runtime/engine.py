@@ -370,6 +370,17 @@ class Engine:
         m = np.ascontiguousarray(k_mu, np.float32).reshape(-1)
         self._check(self._kvq().llama_kvq_set_k_center(self.llm.ctx, _ptr(m), len(m)), "K centering")
 
+    def set_k_scale(self, k_sc) -> None:
+        """K/Q channel scales [n_layer, n_embd_kv] (None: none; K stored as k_sc * (K - mu), queries
+        attend as q / k_sc); before the first decode. Rows read back and recorded queries are scaled."""
+        import numpy as np
+
+        if k_sc is None:
+            self._check(self._kvq().llama_kvq_set_k_scale(self.llm.ctx, None, 0), "K scales")
+            return
+        m = np.ascontiguousarray(k_sc, np.float32).reshape(-1)
+        self._check(self._kvq().llama_kvq_set_k_scale(self.llm.ctx, _ptr(m), len(m)), "K scales")
+
     # -- chat -----------------------------------------------------------------------
     def chat_prompt_tokens(self, messages: list[dict[str, str]]) -> int:
         """Tokens the chat template turns `messages` into (what the next reply prefills)."""
