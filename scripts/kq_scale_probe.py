@@ -113,9 +113,10 @@ def score_errors(e: Engine, chunk: list[int], arms: dict[str, np.ndarray], bits:
 
 
 def decode_kl(model: Path, spec, chunks: list[list[int]], arms: dict[str, np.ndarray], a, t0: float) -> dict:
-    """KL vs the unscaled all-f16 decode, per scale arm: every row at 4 bits, at 2 bits (window 0), and
-    oracle@budget with the q8_0 window of 128 (K centered by the shipped controller's k_center; plain
-    rounding, as the oracle engine stores rows it is assigned)."""
+    """KL vs the unscaled all-f16 decode, per scale arm: every row at 4 bits, at 2 bits (window 0: rows
+    are stored as they come, plain rounding), and oracle@budget with the q8_0 window of 128 (its rows
+    leave the window with the runtime's query-aware rounding; the allocation is from plain-rounding
+    damage, as `kvq eval`'s oracle). K centered by the shipped controller's k_center throughout."""
     out: dict[str, dict] = {}
     refs = None
     for name, sc in arms.items():
