@@ -33,17 +33,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kvq_cli.models import resolve  # noqa: E402
 from kvq_cli.runtime.engine import Engine  # noqa: E402
 from kvq_cli.runtime.kv import KvqOptions  # noqa: E402
-from kvq_cli.train import ORACLE, calibration_chunks, oracle_assignment  # noqa: E402
+from kvq_cli.train import ORACLE, _attention, calibration_chunks, oracle_assignment  # noqa: E402
 from probe_common import add_kl_args, chunk_log_probs, kl_of, run, shipped_controller, write_json  # noqa: E402
 
 SINKS = 4
 
 
-def _softmax_causal(qh: np.ndarray, kh: np.ndarray, qpos: np.ndarray, kpos: np.ndarray) -> np.ndarray:
-    s = qh @ kh.T / np.sqrt(kh.shape[1])
-    s = np.where(kpos[None, :] <= qpos[:, None], s, -np.inf)
-    p = np.exp(s - s.max(1, keepdims=True))
-    return p / p.sum(1, keepdims=True)
+def _causal_attention(qh: np.ndarray, kh: np.ndarray, qpos: np.ndarray, kpos: np.ndarray) -> np.ndarray:
+    return _attention(qh, kh, kpos[None, :] <= qpos[:, None], 1.0 / np.sqrt(kh.shape[1]))
 
 
 def layer_rows(e: Engine, il: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -69,7 +66,7 @@ def fit_scales(e: Engine, chunks: list[list[int]], n_q: int, rng) -> tuple[np.nd
             for h in range(d.n_head_kv):
                 kh = k[:, h * hd:(h + 1) * hd].astype(np.float64)
                 qh = q[qi][:, h * g:(h + 1) * g, :].reshape(-1, hd).astype(np.float64)
-                p = _softmax_causal(qh, kh, np.repeat(qpos[qi], g), kpos)
+                p = _causal_attention(qh, kh, np.repeat(qpos[qi], g), kpos)
                 w = p.sum(0)
                 w[kpos < SINKS] = 0.0
                 k2[il, h] += (kh[kpos >= 1] ** 2).sum(0)
@@ -106,7 +103,7 @@ def score_errors(e: Engine, chunk: list[int], arms: dict[str, np.ndarray], bits:
                 qp = np.repeat(qpos[qi], g)
                 causal = kpos[None, :] <= qp[:, None]
                 err = (qh @ dk[:, cs].T / np.sqrt(hd)) ** 2
-                p = _softmax_causal(qh.astype(np.float64), ks[:, cs].astype(np.float64), qp, kpos)
+                p = _causal_attention(qh.astype(np.float64), ks[:, cs].astype(np.float64), qp, kpos)
                 out[name][il, 0] += (err * causal).sum() / causal.sum()
                 out[name][il, 1] += (p * err)[:, kpos >= SINKS].sum(1).mean()
     return out

@@ -360,26 +360,24 @@ class Engine:
         b = np.ascontiguousarray(bits, np.int32)
         self._check(self._kvq().llama_kvq_set_assignment(self.llm.ctx, _ptr(b), len(b)), "assignment")
 
-    def set_k_center(self, k_mu) -> None:
-        """K centering vectors [n_layer, n_embd_kv] (None: none); before the first decode."""
+    def _set_layer_vectors(self, fn, x, what: str) -> None:
+        """Pass per-layer vectors [n_layer, n_embd_kv] (None: clear) to a llama_kvq_set_* function."""
         import numpy as np
 
-        if k_mu is None:
-            self._check(self._kvq().llama_kvq_set_k_center(self.llm.ctx, None, 0), "K centering")
+        if x is None:
+            self._check(fn(self.llm.ctx, None, 0), what)
             return
-        m = np.ascontiguousarray(k_mu, np.float32).reshape(-1)
-        self._check(self._kvq().llama_kvq_set_k_center(self.llm.ctx, _ptr(m), len(m)), "K centering")
+        m = np.ascontiguousarray(x, np.float32).reshape(-1)
+        self._check(fn(self.llm.ctx, _ptr(m), len(m)), what)
+
+    def set_k_center(self, k_mu) -> None:
+        """K centering vectors [n_layer, n_embd_kv] (None: none); before the first decode."""
+        self._set_layer_vectors(self._kvq().llama_kvq_set_k_center, k_mu, "K centering")
 
     def set_k_scale(self, k_sc) -> None:
         """K/Q channel scales [n_layer, n_embd_kv] (None: none; K stored as k_sc * (K - mu), queries
         attend as q / k_sc); before the first decode. Rows read back and recorded queries are scaled."""
-        import numpy as np
-
-        if k_sc is None:
-            self._check(self._kvq().llama_kvq_set_k_scale(self.llm.ctx, None, 0), "K scales")
-            return
-        m = np.ascontiguousarray(k_sc, np.float32).reshape(-1)
-        self._check(self._kvq().llama_kvq_set_k_scale(self.llm.ctx, _ptr(m), len(m)), "K scales")
+        self._set_layer_vectors(self._kvq().llama_kvq_set_k_scale, k_sc, "K scales")
 
     # -- chat -----------------------------------------------------------------------
     def chat_prompt_tokens(self, messages: list[dict[str, str]]) -> int:
