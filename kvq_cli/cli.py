@@ -427,7 +427,7 @@ def train_cmd(
     cache: Annotated[Optional[str], typer.Option("--cache", help="NPZ of collected features and damage: read if it exists, else written (reuse across budgets); with --regime both, NAME.decode.npz and NAME.prompt.npz next to it.")] = None,
     embed_out: Annotated[Optional[str], typer.Option("--embed", help="Also write a copy of the GGUF with the controller embedded here.")] = None,
     k_center: Annotated[bool, typer.Option("--k-center/--no-k-center", help="Center K by its mean per layer on the calibration text (saved with the controller; attention is unchanged, quantized rows lose less).")] = True,
-    pools: Annotated[str, typer.Option("--pools", help="The controller's output classes, in bits: 2,4,8,16, or 2,3,4,8,16 with the k4v2 pool (K at 4 bits, V at 2; 3.375 bits/element).")] = "2,4,8,16",
+    pools: Annotated[str, typer.Option("--pools", help="The controller's output classes, in bits: 2,4,8,16; 2,3,4,8,16 with the k4v2 pool (K at 4 bits, V at 2; 3.375 bits/element); or 0,2,4,8,16 with eviction (0: the row is left out).")] = "2,4,8,16",
     damage_rounding: Annotated[str, typer.Option("--damage-rounding", help="How the damage targets round K at 2 and 4 bits: plain, or qar (query-aware, from the queries that attend to each row in the window, as the runtime stores it). The shipped controller uses plain: qar decoded wikitext-2 worse (README).")] = "plain",
     threads: ThreadsOpt = None,
 ) -> None:

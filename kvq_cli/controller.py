@@ -44,8 +44,9 @@ KNOWN_FEATURES = (
     "v_absmax",        # max |V| of the token
     "attn_recv",       # log(1 + attention received from later queries, relative to a uniform share)
 )
-PRECISION_BITS = (2, 3, 4, 8, 16)   # the runtime's pools; 3 is K at 4 bits with V at 2 ("k4v2")
-EFF_BITS_OF = {2: 2.25, 3: 3.375, 4: 4.5, 8: 8.5, 16: 16.0}   # effective bits/element of each pool, block scales included
+# the runtime's pools; 3 is K at 4 bits with V at 2 ("k4v2"), 0 leaves the row out (eviction)
+PRECISION_BITS = (0, 2, 3, 4, 8, 16)
+EFF_BITS_OF = {0: 0.0, 2: 2.25, 3: 3.375, 4: 4.5, 8: 8.5, 16: 16.0}   # effective bits/element of each pool, block scales included
 HEADS = ("logits", "log_damage")   # how the MLP's outputs become logits (module docstring)
 GRANULARITIES = ("token", "token_layer")   # one decision per token (features averaged over layers), or per layer too
 

@@ -51,7 +51,7 @@ ORACLE = KvPolicy("oracle", kvq="assign")
 PRECISIONS = (2, 4, 8, 16)                   # the controller's classes
 EFF_BITS = np.array([EFF_BITS_OF[p] for p in PRECISIONS])   # bits/element of each, block scales included
 SIDE_BITS = {3: (4, 2)}                      # pools whose K and V sides differ: bits -> (K bits, V bits)
-POOL_SETS = {"2,4,8,16": PRECISIONS, "2,3,4,8,16": (2, 3, 4, 8, 16)}   # `kvq train --pools`
+POOL_SETS = {"2,4,8,16": PRECISIONS, "2,3,4,8,16": (2, 3, 4, 8, 16), "0,2,4,8,16": (0, 2, 4, 8, 16)}   # `kvq train --pools`
 MIN_FUTURE = 32                              # rows seen by fewer later queries carry no label
 # position_frac is position / the context size the runtime was created with: a controller
 # trained on 1k-token chunks would read it differently in an 8k chat (it helps ~8% on held-out
@@ -153,13 +153,40 @@ def window_directions(q: np.ndarray, qpos: np.ndarray, k: np.ndarray, kpos: np.n
     return u.astype(np.float32)
 
 
+def _drop_damage(qh: np.ndarray, kg: np.ndarray, vg: np.ndarray, causal: np.ndarray, counted: np.ndarray,
+                 scale: float) -> np.ndarray:
+    """Per key, the summed |change|^2 of one head's attention output over the counted queries when the
+    key is left out: a (o - V) / (1 - a) = a (o_rest - V) for its weight a, o_rest the output of the
+    other keys. Exact. A query's key with a > 1/2 (at most one) takes o_rest from the other keys'
+    weights directly, since o - V and 1 - a both vanish as a nears 1."""
+    qh, kg, vg = (x.astype(np.float64) for x in (qh, kg, vg))
+    a = _attention(qh, kg, causal, scale)
+    o = a @ vg
+    light = counted & (a <= 0.5)
+    gap = np.maximum((vg * vg).sum(1)[None, :] - 2 * (o @ vg.T) + (o * o).sum(1)[:, None], 0.0)
+    r = np.divide(a, 1.0 - a, out=np.zeros_like(a), where=light)
+    out = (r * r * gap).sum(0)
+    qi, ti = np.nonzero(counted & ~light)
+    if len(qi):
+        rest = a[qi].copy()
+        rest[np.arange(len(qi)), ti] = 0.0
+        o_rest = (rest @ vg) / rest.sum(1, keepdims=True)
+        np.add.at(out, ti, a[qi, ti] ** 2 * ((o_rest - vg[ti]) ** 2).sum(1))
+    return out
+
+
 def layer_damage(q: np.ndarray, qpos: np.ndarray, k: np.ndarray, v: np.ndarray, kpos: np.ndarray,
-                 dks: list[np.ndarray], dvs: list[np.ndarray], window: int, q_stride: int = 2, q_from: int = 0):
+                 dks: list[np.ndarray], dvs: list[np.ndarray], window: int, q_stride: int = 2, q_from: int = 0,
+                 span: str = "later", drop: bool = False):
     """Relative first-order attention-output damage [n_keys, len(dks)] of one layer, and the count of later queries.
 
     q: [n_q, n_head, hd] (post-RoPE), k/v: [n_keys, n_head_kv * hd], dks/dvs: per precision the
     change of k/v (the pools' 2, 4, 8 bits; scripts/pool_candidates.py passes other pairs).
-    Only queries past each key's window (qpos > kpos + window) and at positions >= q_from count.
+    Only queries past each key's window (qpos > kpos + window) and at positions >= q_from count;
+    with span "window", the queries inside it instead (kpos < qpos <= kpos + window: the ones a
+    causal policy has seen when the row leaves the window; scripts/window_damage_probe.py).
+    With `drop`, one more column: the damage of leaving the row out (its weight a moves the output
+    by a (o - V) / (1 - a); scripts/eviction_probe.py).
     """
     n_q, n_head, hd = q.shape
     n_head_kv = k.shape[1] // hd
@@ -169,8 +196,12 @@ def layer_damage(q: np.ndarray, qpos: np.ndarray, k: np.ndarray, v: np.ndarray, 
     q, qpos = q[sel], qpos[sel]
     causal = qpos[:, None] >= kpos[None, :]
     later = (qpos[:, None] > kpos[None, :] + window) & (qpos[:, None] >= q_from)
+    if span not in ("later", "window"):
+        raise ValueError(f"span must be later or window, got {span}")
+    if span == "window":
+        later = (qpos[:, None] > kpos[None, :]) & ~later & (qpos[:, None] >= q_from)
     n_later = later.sum(0)
-    dmg = np.zeros((k.shape[0], len(dks)), np.float64)
+    dmg = np.zeros((k.shape[0], len(dks) + drop), np.float64)
     out_sq = 0.0
     for g in range(n_head_kv):
         cols = slice(g * hd, (g + 1) * hd)
@@ -190,6 +221,8 @@ def layer_damage(q: np.ndarray, qpos: np.ndarray, k: np.ndarray, v: np.ndarray, 
                 term = ((dvg * dvg).sum(1)[None, :] + 2 * sd * ((dvg * vg).sum(1)[None, :] - o @ dvg.T)
                         + sd * sd * (vv[None, :] - 2 * vo + oo[:, None]))
                 dmg[:, p] += (a2 * term).sum(0)
+            if drop:
+                dmg[:, -1] += _drop_damage(qh, kg, vg, causal, later, scale)
     dmg /= np.maximum(n_later, 1)[:, None]
     dmg /= out_sq / n_head
     return dmg, n_later
@@ -204,8 +237,12 @@ def engine_layer_damage(e: Engine, il: int, window: int, precisions: tuple[int, 
     q, qpos = e.queries(il)
     k, v, kpos, _ = e.read_layer(il)
     u = window_directions(q, qpos, k, kpos, window, kw.get("q_from", 0)) if qar else None
-    d, n_later = layer_damage(q, qpos, k, v, kpos, roundtrip_deltas(e, k, 0, precisions, u),
-                              roundtrip_deltas(e, v, 1, precisions), window, **kw)
+    drop = precisions[0] == 0   # eviction: layer_damage's extra last column, moved to the front
+    stored = precisions[drop:]
+    d, n_later = layer_damage(q, qpos, k, v, kpos, roundtrip_deltas(e, k, 0, stored, u),
+                              roundtrip_deltas(e, v, 1, stored), window, drop=drop, **kw)
+    if drop:
+        d = np.concatenate([d[:, -1:], d[:, :-1]], 1)
     return d, n_later, kpos
 
 

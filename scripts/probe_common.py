@@ -14,7 +14,7 @@ import numpy as np
 from kvq_cli.controller import ControllerSpec
 from kvq_cli.evaluate import _log_softmax
 from kvq_cli.gguf_write import atomic_output
-from kvq_cli.train import EFF_BITS, PRECISIONS, _forward, allocate
+from kvq_cli.train import EFF_BITS, PRECISIONS, _forward, allocate, costs_of
 
 CONTROLLER = Path(__file__).resolve().parents[1] / "kvq_cli/controllers/smollm2-135m-instruct.json"
 
@@ -55,11 +55,12 @@ def kl_of(ref_lp: np.ndarray, lp: np.ndarray) -> float:
 
 
 def allocation_kl(e, chunk: list[int], half: int, ref_lp: np.ndarray, damage: np.ndarray, pos: np.ndarray,
-                  layer: np.ndarray, per_row: float, n_layer: int) -> tuple[float, float]:
+                  layer: np.ndarray, per_row: float, n_layer: int,
+                  precisions: tuple[int, ...] = PRECISIONS) -> tuple[float, float]:
     """(mean KL vs ref_lp, bits/element held) of `chunk` with its rows (pos, layer) allocated by `damage`
-    [n, 4] at per_row bits and every other row at f16."""
+    [n, len(precisions)] at per_row bits and every other row at f16."""
     bits = np.full((len(chunk), n_layer), 16, np.int32)
-    bits[pos, layer] = np.asarray(PRECISIONS)[allocate(damage, per_row)]
+    bits[pos, layer] = np.asarray(precisions)[allocate(damage, per_row, costs_of(precisions))]
     e.set_assignment(bits.reshape(-1))
     lp = chunk_log_probs(e, chunk, half)
     return kl_of(ref_lp, lp), float(e.kv_stats().bits_per_elem)

@@ -12,7 +12,7 @@ With --qar-mu (a comma list) each window is run with each weight of query-aware 
 (a comma list of 16 and 8) each with the window rows at that precision (KvqOptions.window_bits; 8 is
 q8_0), the arms named adaptive@B/W=w[/qar=mu]/wb=b. The reference stays the f16 oracle engine.
 
-Each arm also records the token-layer rows per class (window, f16, q8, q4, k4v2, q2) at the end of
+Each arm also records the token-layer rows per class (window, f16, q8, q4, k4v2, q2, drop) at the end of
 each chunk and their share over all chunks (`rows`, `pool_share`).
 
 Usage: python scripts/window_probe.py CALIB_TXT [--windows 8,16,32,64] [--budgets 3] [--qar-mu 0,0.25]

@@ -152,7 +152,8 @@ def test_window_rows_in_q8_0(model_path, converted_f16, f16_ref):
 def _assigned_engine(model_path, n=200, seed=0):
     lib = kvq_lib()
     e = Engine(model_path, kv=ASSIGN, n_ctx=512, kvq=KvqOptions(window=0))
-    bits = np.random.default_rng(seed).choice([16, 8, 4, 3, 2], size=n).astype(np.int32)
+    bits = np.random.default_rng(seed).choice([16, 8, 4, 3, 2, 0], size=n).astype(np.int32)
+    bits[0] = 16   # (0 leaves the row out; position 0's query must see its own row below)
     assert lib.llama_kvq_set_assignment(e.llm.ctx, _ptr(bits, ctypes.c_int32), n) == 0
     e.llm.eval(e.tokenize(TEXT)[:n])
     return e, bits
@@ -162,12 +163,15 @@ def test_mixed_assignment_bytes_follow_the_mix(model_path):
     e, bits = _assigned_engine(model_path)
     with e:
         st = e.kv_stats()
-        counts = {b: int((bits == b).sum()) for b in (16, 8, 4, 3, 2)}
+        counts = {b: int((bits == b).sum()) for b in (16, 8, 4, 3, 2, 0)}
         assert st.rows == {"window": 0, "f16": counts[16] * N_LAYER, "q8": counts[8] * N_LAYER,
-                           "q4": counts[4] * N_LAYER, "k4v2": counts[3] * N_LAYER, "q2": counts[2] * N_LAYER}
+                           "q4": counts[4] * N_LAYER, "k4v2": counts[3] * N_LAYER, "q2": counts[2] * N_LAYER,
+                           "drop": counts[0] * N_LAYER}
         want = sum(counts[b] * N_LAYER * 2 * ROW_BYTES[k]
                    for b, k in ((16, "f16"), (8, "q8"), (4, "q4"), (3, "k4v2"), (2, "q2")))
         assert st.bytes_held == want
+        # rows left out hold no bytes but stay elements of the context: bits/element are per position
+        assert st.tokens == 200 and st.bits_per_elem == pytest.approx(8 * want / (200 * N_LAYER * 2 * N_EMBD_KV))
 
 
 @pytest.mark.parametrize("il", [0, 17, 29])
@@ -182,7 +186,10 @@ def test_mixed_assignment_attention_matches_numpy(model_path, il):
         prec = np.zeros(n, np.int32)
         got = lib.llama_kvq_read_layer(e.llm.ctx, il, _ptr(K), _ptr(V), _ptr(pos, ctypes.c_int32),
                                        _ptr(prec, ctypes.c_int32), n)
-        assert got == n and sorted(pos) == list(range(n))
+        # rows assigned 0 bits are left out: not read back, not attended (the NumPy reference lacks them)
+        kept = np.flatnonzero(bits != 0)
+        assert 0 < (bits == 0).sum() and got == len(kept) and sorted(pos[:got]) == list(kept)
+        n, K, V, pos, prec = got, K[:got], V[:got], pos[:got], prec[:got]
         cls = {16: 1, 8: 2, 4: 3, 3: 4, 2: 5}
         assert all(prec[i] == cls[bits[pos[i]]] for i in range(n))
         rng = np.random.default_rng(1)

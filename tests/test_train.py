@@ -55,6 +55,34 @@ def test_layer_damage_is_the_first_order_output_change():
     assert np.all(dmg[np.arange(n) != t] == 0)
 
 
+def test_drop_damage_is_the_exact_change_of_leaving_a_row_out():
+    # layer_damage(drop=True)'s last column: leaving one row out of every later query's attention,
+    # exact (not first order), also for a sink row that takes almost all of the attention
+    rng = np.random.default_rng(1)
+    n, hd, n_head, n_kv, window = 40, 64, 4, 2, 3
+    q = rng.normal(size=(n, n_head, hd))
+    k, v = rng.normal(size=(n, n_kv * hd)), rng.normal(size=(n, n_kv * hd))
+    k[0] = 40 * q[:, ::2].mean(0).reshape(-1)   # a sink: later queries give it most of their attention
+    pos = np.arange(n)
+    zero = [np.zeros_like(k)] * 3
+    dmg, n_later = layer_damage(q, pos, k, v, pos, zero, zero, window, q_stride=1, drop=True)
+    assert dmg.shape == (n, 4) and np.all(dmg[:, :3] == 0)
+    out_sq = sum((_attention(q[:, h], k[:, (h // 2) * hd:(h // 2 + 1) * hd], v[:, (h // 2) * hd:(h // 2 + 1) * hd],
+                             pos, pos, hd ** -0.5) ** 2).sum(1).mean() for h in range(n_head))
+    for t in (0, 7, 20):
+        later = pos > t + window
+        keep = pos != t
+        exact = 0.0
+        for h in range(n_head):
+            cols = slice((h // 2) * hd, (h // 2 + 1) * hd)
+            o = _attention(q[later, h], k[:, cols], v[:, cols], pos[later], pos, hd ** -0.5)
+            o2 = _attention(q[later, h], k[keep, cols], v[keep, cols], pos[later], pos[keep], hd ** -0.5)
+            exact += ((o2 - o) ** 2).sum()
+        exact /= later.sum() * out_sq / n_head
+        assert dmg[t, 3] == pytest.approx(exact, rel=1e-6), t
+    assert dmg[0, 3] > 10 * np.median(dmg[:, 3])   # the sink is the costliest row to leave out
+
+
 def test_allocate_meets_the_budget_and_prefers_cheap_damage():
     rng = np.random.default_rng(1)
     d2 = rng.lognormal(size=5000)
@@ -334,6 +362,14 @@ def test_oracle_assignment_meets_the_budget(model_path):
         assert (bits3 == 3).mean() > 0.05
         e.decode(toks, 0)
         assert abs(e.kv_stats().bits_per_elem - 3.0) < 0.05 and e.kv_stats().rows["k4v2"] > 0
+    # with eviction among its choices (oracle+drop): rows left out cost nothing, the budget still holds
+    # per position, and at 3 bits the oracle leaves many rows out
+    with Engine(model_path, kv=parse_kv("oracle+drop@3"), n_ctx=512, n_ubatch=32, kvq=opts) as e:
+        bits0 = oracle_assignment(e, toks, 3.0)
+        assert (bits0 == 0).mean() > 0.1 and (bits0[-16:] == 16).all()
+        e.decode(toks, 0)
+        st = e.kv_stats()
+        assert abs(st.bits_per_elem - 3.0) < 0.05 and st.rows["drop"] == (bits0 == 0).sum() and st.tokens == 512
     # with the window rows in q8_0 the allocation prices them at 8.5 bits (at 16 it would land
     # 16 * 7.5 / 512 = 0.23 bits low)
     opts8 = dataclasses.replace(opts, window_bits=8)

@@ -49,8 +49,10 @@ KVQ_POLICIES: dict[str, KvPolicy] = {
     "oracle": KvPolicy("oracle", kvq="assign"),
     # the same with the k4v2 pool among its choices
     "oracle+k4v2": KvPolicy("oracle+k4v2", kvq="assign", precisions=(2, 3, 4, 8, 16)),
+    # the same with eviction among its choices (bits 0: the row is left out)
+    "oracle+drop": KvPolicy("oracle+drop", kvq="assign", precisions=(0, 2, 4, 8, 16)),
 }
-EVAL_ONLY = ("oracle", "oracle+k4v2")
+EVAL_ONLY = ("oracle", "oracle+k4v2", "oracle+drop")
 ALL_POLICIES = {**KVQ_POLICIES, **STOCK_POLICIES}
 KV_CHOICES = list(ALL_POLICIES)
 

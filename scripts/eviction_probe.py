@@ -1,0 +1,99 @@
+"""How much could leaving rows out (0 bits: eviction per token and layer) buy the oracle?
+
+Calibration text only (tuning data). On each held-out calibration chunk (--kl-chunks chunks of
+--kl-len tokens from --kl-offset, the chunks of window_probe.py), the all-f16 decode with the q8_0
+window of W = 128 that the Pareto rows use gives every decided row's first-order damage with the
+queries after its window (`layer_damage`) at 2, 4 and 8 bits and when left out (`drop=True`). The
+rows are allocated globally at each budget (the final window at q8_0, as oracle@B) over the pools
+2/4/8/16 and over 0/2/4/8/16, and for each allocation the probe reports its total first-order
+damage, the share of rows at each precision, and the KL of the chunk's second half vs the all-f16
+decode with the allocation installed (probe_common.allocation_kl; the runtime leaves bits-0 rows out).
+
+Usage: python scripts/eviction_probe.py CALIB_TXT --json OUT [--kl-chunks 4] [--budgets 2.5,3,3.5]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kvq_cli.models import embedded_path  # noqa: E402
+from kvq_cli.runtime.engine import Engine  # noqa: E402
+from kvq_cli.runtime.kv import KvqOptions  # noqa: E402
+from kvq_cli.train import EFF_BITS, EFF_BITS_OF, ORACLE, allocate, layer_damage, roundtrip_deltas  # noqa: E402
+from probe_common import add_kl_args, allocation_kl, chunk_log_probs, run, shipped_controller, write_json  # noqa: E402
+
+W = 128
+MENUS = {"2/4/8/16": (1, 2, 3, 4), "0/2/4/8/16": (0, 1, 2, 3, 4)}   # columns of the [drop, 2, 4, 8, 16] damage
+BITS = (0, 2, 4, 8, 16)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("calib")
+    add_kl_args(ap, kl_chunks=4)
+    ap.add_argument("--budgets", default="2.5,3,3.5")
+    a = ap.parse_args()
+    budgets = [float(b) for b in a.budgets.split(",")]
+    t0 = time.time()
+    spec = shipped_controller()
+    text = Path(a.calib).read_text(encoding="utf-8", errors="replace")
+    costs_all = np.concatenate([[0.0], EFF_BITS])
+    res: dict[str, dict] = {}
+    opts = KvqOptions(window=W, window_bits=8, per_layer=True, record_q=True)
+    with Engine(embedded_path(), kv=ORACLE, n_ctx=a.kl_len, n_batch=a.kl_len, n_ubatch=32, kvq=opts) as e:
+        e.set_k_center(np.asarray(spec.k_center, np.float32))
+        n_layer = e.dims.n_layer
+        toks = e.tokenize(text)
+        bos = e.llm.token_bos()
+        per = a.kl_len - 2
+        for ci in range(a.kl_chunks):
+            c = [bos] + toks[a.kl_offset + ci * per:a.kl_offset + (ci + 1) * per]
+            n, half = len(c), len(c) // 2
+            e.set_assignment(np.zeros(0, np.int32))
+            ref_lp = chunk_log_probs(e, c, half)
+            dm, pos, lay = [], [], []
+            for il in range(n_layer):
+                q, qpos = e.queries(il)
+                k, v, kpos, _ = e.read_layer(il)
+                d, _ = layer_damage(q, qpos, k, v, kpos, roundtrip_deltas(e, k, 0), roundtrip_deltas(e, v, 1), W,
+                                    drop=True)
+                sel = kpos < n - W
+                dm.append(d[sel])
+                pos.append(kpos[sel])
+                lay.append(np.full(int(sel.sum()), il))
+            d, pos, lay = np.concatenate(dm), np.concatenate(pos), np.concatenate(lay)
+            full = np.concatenate([d[:, 3:4], d[:, :3], np.zeros((len(d), 1))], 1)   # drop, 2, 4, 8, 16
+            for b in budgets:
+                per_row = (b * n - EFF_BITS_OF[8] * W) / (n - W)
+                for name, cols in MENUS.items():
+                    cls = allocate(full[:, cols], per_row, costs_all[list(cols)])
+                    r = res.setdefault(f"{name}@{b:g}", {"damage": [], "share": [], "kl": [], "bits": []})
+                    r["damage"].append(float(full[np.arange(len(full)), np.asarray(cols)[cls]].sum()))
+                    r["share"].append({f"{costs_all[c_]:g}": float((cls == j).mean()) for j, c_ in enumerate(cols)})
+                    k_, b_ = allocation_kl(e, c, half, ref_lp, full[:, cols], pos, lay, per_row, n_layer,
+                                           tuple(BITS[c_] for c_ in cols))
+                    r["kl"].append(k_)
+                    r["bits"].append(b_)
+            print(f"chunk {ci + 1}/{a.kl_chunks} " + " ".join(
+                f"{k_}: damage {v['damage'][-1]:.3g} KL {v['kl'][-1]:.4f} bits {v['bits'][-1]:.2f}"
+                for k_, v in res.items()) + f" {time.time() - t0:.0f}s", flush=True)
+    ratio = {f"{b:g}": float(np.mean(res[f"0/2/4/8/16@{b:g}"]["damage"]) / np.mean(res[f"2/4/8/16@{b:g}"]["damage"]))
+             for b in budgets}
+    out = {"command": " ".join(["python", "scripts/eviction_probe.py"] + sys.argv[1:]), "window": W,
+           "window_bits": 8,
+           "damage_ratio_with_eviction": ratio,
+           "kl_mean": {k_: float(np.mean(v["kl"])) for k_, v in res.items()}, "arms": res, "seconds": time.time() - t0}
+    write_json(a.json, out)
+    print("damage with eviction / without:", " ".join(f"{k_}:{v:.3f}" for k_, v in ratio.items()))
+    print("mean KL:", " ".join(f"{k_}:{v:.4f}" for k_, v in out["kl_mean"].items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run(main))
