@@ -57,7 +57,7 @@ def test_static_f16_matches_stock_f16(converted_f16, f16_ref):
     assert kl(f16_ref, ours) < 1e-4
     assert (f16_ref.argmax(-1) == ours.argmax(-1)).mean() > 0.99
     assert np.abs(f16_ref - ours).max() < 0.3
-    assert st.rows == {"window": 0, "f16": 512 * N_LAYER, "q8": 0, "q4": 0, "k4v2": 0, "q2": 0}
+    assert st.rows == {"window": 0, "f16": 512 * N_LAYER, "q8": 0, "q4": 0, "k4v2": 0, "q2": 0, "drop": 0}
 
 
 def test_static_f16_on_the_q4_1_model_is_within_stock_noise(model_path):
