@@ -25,8 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kvq_cli.models import embedded_path  # noqa: E402
 from kvq_cli.runtime.engine import Engine  # noqa: E402
 from kvq_cli.runtime.kv import KvqOptions  # noqa: E402
-from kvq_cli.train import EFF_BITS, EFF_BITS_OF, ORACLE, allocate, layer_damage, roundtrip_deltas  # noqa: E402
-from probe_common import add_kl_args, allocation_kl, chunk_log_probs, run, shipped_controller, write_json  # noqa: E402
+from kvq_cli.train import EFF_BITS_OF, ORACLE, allocate, costs_of, engine_layer_damage  # noqa: E402
+from probe_common import (add_kl_args, allocation_kl, f16_reference, held_out_chunks, run,  # noqa: E402
+                          shipped_controller, write_json)
 
 W = 128
 MENUS = {"2/4/8/16": (1, 2, 3, 4), "0/2/4/8/16": (0, 1, 2, 3, 4)}   # columns of the [drop, 2, 4, 8, 16] damage
@@ -43,32 +44,24 @@ def main() -> int:
     t0 = time.time()
     spec = shipped_controller()
     text = Path(a.calib).read_text(encoding="utf-8", errors="replace")
-    costs_all = np.concatenate([[0.0], EFF_BITS])
+    costs_all = costs_of(BITS)
     res: dict[str, dict] = {}
     opts = KvqOptions(window=W, window_bits=8, per_layer=True, record_q=True)
     with Engine(embedded_path(), kv=ORACLE, n_ctx=a.kl_len, n_batch=a.kl_len, n_ubatch=32, kvq=opts) as e:
         e.set_k_center(np.asarray(spec.k_center, np.float32))
         n_layer = e.dims.n_layer
-        toks = e.tokenize(text)
-        bos = e.llm.token_bos()
-        per = a.kl_len - 2
-        for ci in range(a.kl_chunks):
-            c = [bos] + toks[a.kl_offset + ci * per:a.kl_offset + (ci + 1) * per]
+        for ci, c in enumerate(held_out_chunks(e, text, a)):
             n, half = len(c), len(c) // 2
-            e.set_assignment(np.zeros(0, np.int32))
-            ref_lp = chunk_log_probs(e, c, half)
+            ref_lp = f16_reference(e, c)
             dm, pos, lay = [], [], []
             for il in range(n_layer):
-                q, qpos = e.queries(il)
-                k, v, kpos, _ = e.read_layer(il)
-                d, _ = layer_damage(q, qpos, k, v, kpos, roundtrip_deltas(e, k, 0), roundtrip_deltas(e, v, 1), W,
-                                    drop=True)
+                d, _, kpos = engine_layer_damage(e, il, W, BITS)   # drop, 2, 4, 8
                 sel = kpos < n - W
                 dm.append(d[sel])
                 pos.append(kpos[sel])
                 lay.append(np.full(int(sel.sum()), il))
             d, pos, lay = np.concatenate(dm), np.concatenate(pos), np.concatenate(lay)
-            full = np.concatenate([d[:, 3:4], d[:, :3], np.zeros((len(d), 1))], 1)   # drop, 2, 4, 8, 16
+            full = np.concatenate([d, np.zeros((len(d), 1))], 1)   # drop, 2, 4, 8, 16
             for b in budgets:
                 per_row = (b * n - EFF_BITS_OF[8] * W) / (n - W)
                 for name, cols in MENUS.items():

@@ -34,7 +34,8 @@ from kvq_cli.models import resolve  # noqa: E402
 from kvq_cli.runtime.engine import Engine  # noqa: E402
 from kvq_cli.runtime.kv import KvqOptions  # noqa: E402
 from kvq_cli.train import ORACLE, _attention, calibration_chunks, oracle_assignment  # noqa: E402
-from probe_common import add_kl_args, chunk_log_probs, kl_of, run, shipped_controller, write_json  # noqa: E402
+from probe_common import (add_kl_args, chunk_log_probs, held_out_chunks, kl_of, run, shipped_controller,  # noqa: E402
+                          write_json)
 
 SINKS = 4
 
@@ -158,16 +159,12 @@ def main() -> int:
     with Engine(model, kv=ORACLE, n_ctx=a.kl_len, n_batch=a.kl_len, n_ubatch=512,
                 kvq=KvqOptions(window=0, record_q=True, per_layer=True)) as e:
         e.set_k_center(np.asarray(spec.k_center, np.float32))
-        toks = e.tokenize(text)
-        if len(toks) < a.kl_offset + a.kl_chunks * (a.kl_len - 2):
-            raise ValueError(f"the text has {len(toks)} tokens, too few for the held-out chunks")
+        chunks = held_out_chunks(e, text, a)
         fit = calibration_chunks(e, text, a.kl_len, a.fit_chunks)
         if a.fit_chunks * a.kl_len > a.kl_offset:
             raise ValueError("the fit chunks overlap the held-out chunks (--kl-offset)")
         s_plain, s_att, gain = fit_scales(e, fit, 512, rng)
         arms = {"none": np.ones_like(s_plain), "plain": s_plain, "attention": s_att}
-        bos, per = e.llm.token_bos(), a.kl_len - 2
-        chunks = [[bos] + toks[a.kl_offset + ci * per:a.kl_offset + (ci + 1) * per] for ci in range(a.kl_chunks)]
         res = {}
         for bits in (2, 4):
             tot = {n: np.zeros((e.dims.n_layer, 2)) for n in arms}

@@ -39,7 +39,8 @@ from kvq_cli.runtime.engine import Engine  # noqa: E402
 from kvq_cli.runtime.kv import KvqOptions  # noqa: E402
 from kvq_cli.train import (EFF_BITS, ORACLE, _forward, allocate, calibration_data, engine_layer_damage,  # noqa: E402
                            fit_damage, train)
-from probe_common import add_kl_args, allocation_kl, chunk_log_probs, run, shipped_damage, with_f16, write_json  # noqa: E402
+from probe_common import (add_kl_args, allocation_kl, f16_reference, held_out_chunks, run, shipped_damage,  # noqa: E402
+                          with_f16, write_json)
 
 W = 32
 FLOOR = 1e-6   # log arm: floor of the damage relative to the mean 2-bit damage
@@ -109,14 +110,9 @@ def main() -> int:
     with Engine(model, kv=ORACLE, n_ctx=a.kl_len, n_batch=a.kl_len, n_ubatch=32, kvq=opts) as e:
         e.set_k_center(data.k_center)
         d = e.dims
-        toks = e.tokenize(text)
-        bos = e.llm.token_bos()
-        per = a.kl_len - 2
-        for ci in range(a.kl_chunks):
-            c = [bos] + toks[a.kl_offset + ci * per:a.kl_offset + (ci + 1) * per]
+        for ci, c in enumerate(held_out_chunks(e, text, a)):
             half = len(c) // 2
-            e.set_assignment(np.zeros(0, np.int32))
-            ref_lp = chunk_log_probs(e, c, half)
+            ref_lp = f16_reference(e, c)
             tr = e.trace()
             n = len(c)
             decided = n - W

@@ -34,7 +34,8 @@ from kvq_cli.models import embedded_path  # noqa: E402
 from kvq_cli.runtime.engine import Engine  # noqa: E402
 from kvq_cli.runtime.kv import KvqOptions, parse_kv  # noqa: E402
 from kvq_cli.train import EFF_BITS, ORACLE, PRECISIONS, allocate, engine_layer_damage  # noqa: E402
-from probe_common import add_kl_args, allocation_kl, chunk_log_probs, controller_damage, kl_of, run, write_json  # noqa: E402
+from probe_common import (add_kl_args, allocation_kl, chunk_log_probs, controller_damage, f16_reference,  # noqa: E402
+                          held_out_chunks, kl_of, run, write_json)
 
 W = 32
 
@@ -59,14 +60,9 @@ def main() -> int:
     with Engine(embedded_path(), kv=ORACLE, n_ctx=a.kl_len, n_batch=a.kl_len, n_ubatch=32, kvq=opts) as e:
         e.set_k_center(np.asarray(k_center, np.float32))
         n_layer = e.dims.n_layer
-        toks = e.tokenize(text)
-        bos = e.llm.token_bos()
-        per = a.kl_len - 2
-        for ci in range(a.kl_chunks):
-            c = [bos] + toks[a.kl_offset + ci * per:a.kl_offset + (ci + 1) * per]
+        for ci, c in enumerate(held_out_chunks(e, text, a)):
             n, half = len(c), len(c) // 2
-            e.set_assignment(np.zeros(0, np.int32))
-            ref_lp = chunk_log_probs(e, c, half)
+            ref_lp = f16_reference(e, c)
             tr = e.trace()
             sel = tr.pos < n - W
             pos, lay = tr.pos[sel], tr.layer[sel]

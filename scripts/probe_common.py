@@ -49,6 +49,23 @@ def chunk_log_probs(e, chunk: list[int], half: int) -> np.ndarray:
     return _log_softmax(e.decode(chunk, 0, logits_from=half - 1).astype(np.float64))
 
 
+def held_out_chunks(e, text: str, a) -> list[list[int]]:
+    """The held-out calibration chunks of add_kl_args (a.kl_chunks chunks of a.kl_len tokens from token
+    a.kl_offset, each with BOS first) in `text`, tokenized by `e`."""
+    toks = e.tokenize(text)
+    per = a.kl_len - 2
+    if len(toks) < a.kl_offset + a.kl_chunks * per:
+        raise ValueError(f"the text has {len(toks)} tokens, too few for the held-out chunks")
+    bos = e.llm.token_bos()
+    return [[bos] + toks[a.kl_offset + ci * per:a.kl_offset + (ci + 1) * per] for ci in range(a.kl_chunks)]
+
+
+def f16_reference(e, chunk: list[int]) -> np.ndarray:
+    """chunk_log_probs of the chunk's second half on an oracle engine with every row at f16 (the reference)."""
+    e.set_assignment(np.zeros(0, np.int32))
+    return chunk_log_probs(e, chunk, len(chunk) // 2)
+
+
 def kl_of(ref_lp: np.ndarray, lp: np.ndarray) -> float:
     """Mean KL(ref || lp) over positions of two [n, vocab] log-probability arrays."""
     return float((np.exp(ref_lp) * (ref_lp - lp)).sum(1).mean())

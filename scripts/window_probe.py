@@ -35,7 +35,8 @@ from kvq_cli.models import gguf_for, resolve  # noqa: E402
 from kvq_cli.runtime.engine import Engine  # noqa: E402
 from kvq_cli.runtime.kv import KvqOptions, parse_kv  # noqa: E402
 from kvq_cli.train import ORACLE  # noqa: E402
-from probe_common import add_kl_args, chunk_log_probs, kl_of, run, write_json  # noqa: E402
+from probe_common import (add_kl_args, chunk_log_probs, f16_reference, held_out_chunks, kl_of, run,  # noqa: E402
+                          write_json)
 
 
 def pool_share(rows: list[dict[str, int]]) -> dict[str, float]:
@@ -72,14 +73,8 @@ def main() -> int:
     with Engine(path, kv=ORACLE, n_ctx=a.kl_len, n_batch=a.kl_len, n_ubatch=32,
                 kvq=KvqOptions(window=32)) as e:
         e.set_k_center(np.asarray(spec.k_center, np.float32))
-        toks = e.tokenize(text)
-        bos = e.llm.token_bos()
-        per = a.kl_len - 2
-        chunks = [[bos] + toks[a.kl_offset + ci * per:a.kl_offset + (ci + 1) * per] for ci in range(a.kl_chunks)]
-        refs = []
-        for c in chunks:
-            e.set_assignment(np.zeros(0, np.int32))
-            refs.append(chunk_log_probs(e, c, len(c) // 2))
+        chunks = held_out_chunks(e, text, a)
+        refs = [f16_reference(e, c) for c in chunks]
     for b, pol in zip(budgets, policies):
         for w, mu, wb in ((w, mu, wb) for w in windows for mu in mus for wb in wbits):
             name = (f"adaptive@{b:g}/W={w}" + (f"/qar={mu:g}" if mu is not None else "")

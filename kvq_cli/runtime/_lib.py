@@ -10,9 +10,8 @@ from ctypes import POINTER, c_char_p, c_double, c_float, c_int32, c_int64, c_voi
 
 from kvq_cli.errors import RuntimeMissing
 
-N_POOLS = 7          # window, f16, q8, q4, k4v2, q2, drop (bits 0: left out)
-POOL_NAMES = ("window", "f16", "q8", "q4", "k4v2", "q2", "drop")
-POOL_BITS = (16, 16, 8, 4, 3, 2, 0)
+POOL_NAMES = ("window", "f16", "q8", "q4", "k4v2", "q2", "drop")   # llama_kvq_stats.rows (drop: bits 0, left out)
+N_POOLS = len(POOL_NAMES)
 
 POLICY_STATIC, POLICY_RULE, POLICY_LEARNED, POLICY_ASSIGN = 0, 1, 2, 3
 # enum llama_kvq_attn_kernel
