@@ -18,6 +18,15 @@ on the calibration text. The runtime subtracts it from every K row before storin
 pool), which moves all of a query's scores by the same q.mu and so leaves attention unchanged,
 while the quantized pools code K - mu, a smaller signal than K. The controller
 is trained with it (its features and damage are those of centered rows), so the two travel together.
+
+Layer weights (optional field `layer_weight`, [n_layer], each > 0): the damage the MLP predicts is
+relative to its layer's output, and a unit of it costs very different KL in different layers
+(layers 0 and 1 of SmolLM2-135M about 10x the median; results/layer_sensitivity_probe.json).
+For a row of layer l both heads' damage part is multiplied by layer_weight[l]:
+    logits = w_l * (w2 @ h + b2 + eff_bits) - eff_bits            (logits head)
+    logits = -w_l * exp(w2 @ h + b2) - eff_bits                   (log_damage head)
+Per-token decisions (granularity "token") use weight 1. `kvq train --layer-weights N` measures
+them (train.layer_sensitivity); the shipped controller has none (they decoded wikitext-2 worse, README).
 """
 from __future__ import annotations
 
@@ -69,6 +78,7 @@ class ControllerSpec:
     extra: dict[str, Any] = field(default_factory=dict)
     k_center: list[list[float]] | None = None   # [n_layer][n_embd_kv] or None
     head: str = "logits"
+    layer_weight: list[float] | None = None     # [n_layer] damage weight per layer, or None (all 1)
 
     @property
     def hidden(self) -> int:
@@ -118,26 +128,46 @@ class ControllerSpec:
                 raise ControllerError("controller k_center must be a non-empty n_layer x n_embd_kv matrix")
             if not all(isinstance(x, (int, float)) and math.isfinite(x) for r in kc for x in r):
                 raise ControllerError("controller k_center has non-finite values")
+        if self.layer_weight is not None:
+            lw = self.layer_weight
+            if not lw or not all(isinstance(x, (int, float)) and math.isfinite(x) and x > 0 for x in lw):
+                raise ControllerError("controller layer_weight must be a non-empty list of finite values > 0")
+            if self.k_center is not None and len(lw) != len(self.k_center):
+                raise ControllerError(f"controller layer_weight has {len(lw)} values for {len(self.k_center)} layers")
         return self
 
     # -- decisions (NumPy reference of the C forward pass) ------------------------
-    def logits(self, x):
-        """Output logits for a [n, n_features] feature matrix."""
+    def weights(self, layer):
+        """Damage weight [n] of rows of the given layers (-1: a per-token decision, weight 1)."""
+        import numpy as np
+
+        layer = np.asarray(layer)
+        if self.layer_weight is None:
+            return np.ones(layer.shape, np.float32)
+        lw = np.asarray(self.layer_weight, np.float32)
+        ok = (layer >= 0) & (layer < len(lw))
+        return np.where(ok, lw[np.where(ok, layer, 0)], np.float32(1.0)).astype(np.float32)
+
+    def logits(self, x, layer=None):
+        """Output logits for a [n, n_features] feature matrix, its rows of layers `layer` ([n] or None:
+        weight 1)."""
         import numpy as np
 
         z = (np.asarray(x, np.float32) - np.asarray(self.feature_mean, np.float32)) \
             / np.asarray(self.feature_std, np.float32)
         h = np.maximum(z @ np.asarray(self.w1, np.float32).T + np.asarray(self.b1, np.float32), 0)
         out = h @ np.asarray(self.w2, np.float32).T + np.asarray(self.b2, np.float32)
+        eb = np.asarray([EFF_BITS_OF[p] for p in self.precisions], np.float32)
+        w = self.weights(np.full(len(out), -1) if layer is None else layer)[:, None]
         if self.head == "log_damage":
-            out = -np.exp(out) - np.asarray([EFF_BITS_OF[p] for p in self.precisions], np.float32)
-        return out
+            return -w * np.exp(out) - eb
+        return np.where(w == 1, out, w * (out + eb) - eb)   # weight 1: the plain logits, bit for bit
 
-    def decide(self, x):
-        """Chosen precision in bits per row of `x`."""
+    def decide(self, x, layer=None):
+        """Chosen precision in bits per row of `x` (rows of layers `layer`, or None: weight 1)."""
         import numpy as np
 
-        return np.asarray(self.precisions)[np.argmax(self.logits(x), axis=-1)]
+        return np.asarray(self.precisions)[np.argmax(self.logits(x, layer), axis=-1)]
 
     # -- file format --------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
@@ -146,6 +176,7 @@ class ControllerSpec:
                 "granularity": self.granularity, "head": self.head, "w1": self.w1,
                 "b1": self.b1, "w2": self.w2, "b2": self.b2, "feature_mean": self.feature_mean,
                 "feature_std": self.feature_std, **({"k_center": self.k_center} if self.k_center is not None else {}),
+                **({"layer_weight": self.layer_weight} if self.layer_weight is not None else {}),
                 **({"extra": self.extra} if self.extra else {})}
 
     @classmethod
@@ -161,7 +192,8 @@ class ControllerSpec:
                        budget_bits=float(d.get("budget_bits", 0.0)), version=int(d["version"]),
                        granularity=str(d.get("granularity", "token")), head=str(d.get("head", "logits")),
                        extra=dict(d.get("extra", {})),
-                       k_center=None if d.get("k_center") is None else [[float(x) for x in r] for r in d["k_center"]])
+                       k_center=None if d.get("k_center") is None else [[float(x) for x in r] for r in d["k_center"]],
+                       layer_weight=None if d.get("layer_weight") is None else [float(x) for x in d["layer_weight"]])
         except KeyError as e:
             raise ControllerError(f"controller file lacks field {e.args[0]!r}") from None
         except (TypeError, ValueError) as e:
@@ -186,7 +218,8 @@ class ControllerSpec:
             (K.BUDGET_BITS, float(self.budget_bits), "f32"),
             (K.GRANULARITY, self.granularity, "str"),
             (K.HEAD, self.head, "str"),
-        ] + ([(K.K_CENTER, flat(self.k_center), "f32[]")] if self.k_center is not None else [])
+        ] + ([(K.K_CENTER, flat(self.k_center), "f32[]")] if self.k_center is not None else []) \
+          + ([(K.LAYER_WEIGHT, [float(x) for x in self.layer_weight], "f32[]")] if self.layer_weight is not None else [])
 
     @classmethod
     def from_gguf_fields(cls, get) -> "ControllerSpec | None":
@@ -217,6 +250,12 @@ class ControllerSpec:
                     raise ControllerError(f"{K.K_CENTER} has {len(kc)} values, not one row per layer ({n_layer})")
                 per = len(kc) // int(n_layer)
                 spec.k_center = [kc[i * per:(i + 1) * per] for i in range(int(n_layer))]
+            lw = get(K.LAYER_WEIGHT)
+            if lw is not None:
+                spec.layer_weight = [float(x) for x in lw]
+                n_layer = get(Llm.BLOCK_COUNT.format(arch=get(Llm.ARCHITECTURE)))
+                if n_layer and len(lw) != int(n_layer):
+                    raise ControllerError(f"{K.LAYER_WEIGHT} has {len(lw)} values for {n_layer} layers")
         except (TypeError, ValueError) as e:
             raise ControllerError(f"GGUF controller metadata is incomplete or malformed ({e})") from None
         return spec.validate()

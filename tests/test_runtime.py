@@ -293,10 +293,45 @@ def test_adaptive_with_embedded_controller(runner, model_path, tmp_path):
         x = feat[:, [names.index(f) for f in ctrl.features]]
         np.testing.assert_array_equal(bits, ctrl.decide(x))   # C decisions == NumPy decisions
         c_bits = np.zeros(n, np.int32)
-        assert lib.llama_kvq_controller_eval(e.llm.model, _ptr(feat), n, _ptr(c_bits, ctypes.c_int32)) == 0
+        assert lib.llama_kvq_controller_eval(e.llm.model, _ptr(feat), None, n, _ptr(c_bits, ctypes.c_int32)) == 0
         np.testing.assert_array_equal(c_bits, bits)
     r = runner.invoke(app, ["chat", str(path), "--kv", "adaptive", "-p", "Hi!", "--max-tokens", "8", "--ctx", "128"])
     assert r.exit_code == 0 and r.stdout.strip(), r.output
+
+
+def test_layer_weights_scale_the_damage_of_each_layer_in_c_as_in_numpy(model_path, tmp_path):
+    """A token-layer controller with per-layer damage weights (kvq.controller.layer_weight): the C
+    decisions of an online decode equal ControllerSpec.decide(x, layer), llama_kvq_controller_eval with
+    the layers gives the same bits, and the weights change decisions (they are not ignored)."""
+    from kvq_cli.controller import load_controller
+
+    base = load_controller(GOLDEN / "controller_handmade.json")
+    base.granularity = "token_layer"
+    n_layer = 30
+    ctrl = load_controller(GOLDEN / "controller_handmade.json")
+    ctrl.granularity = "token_layer"
+    ctrl.layer_weight = [0.05 if il % 2 else 20.0 for il in range(n_layer)]
+    ctrl.validate()
+    path = _controller_gguf(tmp_path, model_path, ctrl.gguf_items())
+    lib = kvq_lib()
+    with Engine(path, kv=parse_kv("adaptive"), n_ctx=256, kvq=KvqOptions(window=8, trace=True),
+                n_batch=32, n_ubatch=8) as e:
+        e.llm.eval(e.tokenize(TEXT)[:64])
+        tr = e.trace()
+    n, bits, names = len(tr.bits), tr.bits, tr.names
+    x = tr.features[:, [names.index(f) for f in ctrl.features]]
+    assert n > 0 and set(tr.layer.tolist()) == set(range(n_layer))
+    np.testing.assert_array_equal(bits, ctrl.decide(x, tr.layer))        # C online == NumPy
+    assert (ctrl.decide(x, tr.layer) != base.decide(x)).any()            # the weights matter
+    from kvq_cli.gguf_info import read_gguf
+    from kvq_cli.controller import controller_from_reader
+    assert controller_from_reader(read_gguf(path)).layer_weight == pytest.approx(ctrl.layer_weight)
+    with Engine(path, kv=parse_kv("adaptive"), n_ctx=64) as e:
+        c_bits = np.zeros(n, np.int32)
+        layer = np.ascontiguousarray(tr.layer, np.int32)
+        assert lib.llama_kvq_controller_eval(e.llm.model, _ptr(tr.features), _ptr(layer, ctypes.c_int32), n,
+                                             _ptr(c_bits, ctypes.c_int32)) == 0
+        np.testing.assert_array_equal(c_bits, bits)
 
 
 def test_adaptive_without_controller_is_a_clear_error(runner, model_path):
@@ -312,11 +347,14 @@ def test_adaptive_without_controller_is_a_clear_error(runner, model_path):
     ({"kvq.controller.b2": [0.0, float("nan"), 0.0, 0.0]}, "non-finite"),
     ({"kvq.controller.version": 9}, "unsupported controller version 9"),
     ({"kvq.controller.head": "softmax"}, "must be one of logits, log_damage"),
+    ({"kvq.controller.layer_weight": [1.0, 0.0]}, "layer_weight must be"),
+    ({"kvq.controller.layer_weight": [1.0] * 29}, "layer_weight has 29 values for 30 layers"),
 ])
 def test_malformed_controller_metadata_is_a_clear_error(runner, model_path, tmp_path, change, needle):
     from kvq_cli.controller import load_controller
 
     items = [(k, change.get(k, v), kind) for k, v, kind in load_controller(GOLDEN / "controller_handmade.json").gguf_items()]
+    items += [(k, v, "f32[]") for k, v in change.items() if k not in {i[0] for i in items}]   # optional keys
     path = _controller_gguf(tmp_path, model_path, items)
     with pytest.raises(ControllerError, match=needle):
         Engine(path, kv=parse_kv("adaptive"), n_ctx=128)

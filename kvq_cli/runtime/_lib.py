@@ -97,8 +97,9 @@ _PROTOTYPES = {
     "llama_kvq_roundtrip_qar": (c_int32, [c_void_p, c_int32, _P_f32, _P_f32, _P_f32, c_int64]),
     # int32_t llama_kvq_model_controller(const struct llama_model * model);
     "llama_kvq_model_controller": (c_int32, [c_void_p]),
-    # int32_t llama_kvq_controller_eval(const struct llama_model * model, const float * x, int64_t n, int32_t * bits);
-    "llama_kvq_controller_eval": (c_int32, [c_void_p, _P_f32, c_int64, _P_i32]),
+    # int32_t llama_kvq_controller_eval(const struct llama_model * model, const float * x, const int32_t * layer,
+    #                                   int64_t n, int32_t * bits);
+    "llama_kvq_controller_eval": (c_int32, [c_void_p, _P_f32, _P_i32, c_int64, _P_i32]),
     # int64_t llama_kvq_read_layer(const struct llama_context * ctx, int32_t il, float * k, float * v,
     #                              int32_t * pos, int32_t * prec, int64_t cap);
     "llama_kvq_read_layer": (c_int64, [c_void_p, c_int32, _P_f32, _P_f32, _P_i32, _P_i32, c_int64]),
