@@ -428,6 +428,7 @@ def train_cmd(
     embed_out: Annotated[Optional[str], typer.Option("--embed", help="Also write a copy of the GGUF with the controller embedded here.")] = None,
     k_center: Annotated[bool, typer.Option("--k-center/--no-k-center", help="Center K by its mean per layer on the calibration text (saved with the controller; attention is unchanged, quantized rows lose less).")] = True,
     pools: Annotated[str, typer.Option("--pools", help="The controller's output classes, in bits: 2,4,8,16; 2,3,4,8,16 with the k4v2 pool (K at 4 bits, V at 2; 3.375 bits/element); or 0,2,4,8,16 with eviction (0: the row is left out).")] = "2,4,8,16",
+    layer_weights: Annotated[int, typer.Option("--layer-weights", help="Measure how much KL a unit of damage costs in each layer on N chunks of --chunk-len tokens of the calibration text (N x (layers + 1) decodes) and ship its square root as the controller's layer weights (token_layer only); 0: every layer weighs 1.")] = 0,
     damage_rounding: Annotated[str, typer.Option("--damage-rounding", help="How the damage targets round K at 2 and 4 bits: plain, or qar (query-aware, from the queries that attend to each row in the window, as the runtime stores it). The shipped controller uses plain: qar decoded wikitext-2 worse (README).")] = "plain",
     threads: ThreadsOpt = None,
 ) -> None:
@@ -443,7 +444,7 @@ def train_cmd(
     from kvq_cli.errors import BadOption, OutputError
     from kvq_cli.gguf_write import atomic_output, check_output
     from kvq_cli.models import resolve
-    from kvq_cli.train import OBJECTIVES, POOL_SETS, REGIMES, calibration_data, check_ensemble, train
+    from kvq_cli.train import OBJECTIVES, POOL_SETS, REGIMES, calibration_data, check_ensemble, layer_sensitivity, train
 
     if granularity not in GRANULARITIES:
         raise BadOption(f"--granularity must be one of {', '.join(GRANULARITIES)}, got {granularity}")
@@ -460,6 +461,8 @@ def train_cmd(
         raise BadOption(f"--damage-rounding must be plain or qar, got {damage_rounding}")
     if chunks < 3 or prompts < 20 or chunk_len < 4 * window + 64 or window < 1:
         raise BadOption("need --chunks >= 3, --prompts >= 20, --window >= 1 and --chunk-len >= 4 * window + 64")
+    if layer_weights < 0 or (layer_weights and granularity != "token_layer"):
+        raise BadOption(f"--layer-weights needs a count >= 0 and --granularity token_layer, got {layer_weights}")
     if not Path(calib).is_file():
         raise BadOption(f"--calib {calib}: no such file")
     for o in (out, embed_out):
@@ -479,8 +482,16 @@ def train_cmd(
                              seed=seed, epochs=epochs, val_chunks=n_held, objective=objective, ensemble=ensemble,
                              on_epoch=lambda e, n, loss: progress.update(
                                  fit_task, completed=e, description=f"fit (held-out loss {loss:.3f})"))
+        if layer_weights:
+            sens_task = progress.add_task("layer sensitivity", total=1)
+            ls = layer_sensitivity(resolved.path, Path(calib).read_text(encoding="utf-8", errors="replace"),
+                                   k_center=spec.k_center, n_chunks=layer_weights, chunk_len=chunk_len,
+                                   n_threads=threads, on_layer=lambda i, n: progress.update(sens_task, completed=i, total=n))
+            spec.layer_weight = ls.weight().tolist()
+            spec.validate()
     spec.extra.update({"calib": Path(calib).name, "regime": regime,
                        **({"damage_rounding": damage_rounding} if damage_rounding != "plain" else {}),
+                       **({"layer_weights": {"chunks": layer_weights, "layer_kl": ls.kl.tolist(), "layer_damage": ls.damage.tolist()}} if layer_weights else {}),
                        **({} if regime == "prompt" else {"chunks": chunks, "chunk_len": chunk_len, "window": window}),
                        **({} if regime == "decode" else {"prompts": prompts}),
                        "model": resolved.path.name, "report": {k: v for k, v in vars(report).items()}})

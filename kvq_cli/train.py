@@ -246,6 +246,83 @@ def engine_layer_damage(e: Engine, il: int, window: int, precisions: tuple[int, 
     return d, n_later, kpos
 
 
+SENS_WINDOW = 128   # layer_sensitivity's window (q8_0): the rule/adaptive window at 2,048 tokens
+# The layer weights are (KL / damage) ** LAYER_WEIGHT_POWER: on held-out calibration chunks the
+# shipped controller decoded adaptive@3/3.5 at KL 0.0143/0.0130 with power 1, 0.0132/0.0110 with 0.5
+# (0.0163/0.0120 without weights); the MLP's damage estimates are too rough for the full ~100x range
+# (results/layer_weight_probe_p*.json). On wikitext-2 test the weights made it worse (README), so the
+# shipped controller has none and `kvq train` measures them only with --layer-weights N.
+LAYER_WEIGHT_POWER = 0.5
+
+
+def layer_weights_of(kl: np.ndarray, damage: np.ndarray, power: float = LAYER_WEIGHT_POWER) -> np.ndarray:
+    """(KL / damage) ** power per layer, scaled so that the weighted damage sums to the unweighted sum."""
+    w = (np.asarray(kl, np.float64) / np.maximum(np.asarray(damage, np.float64), 1e-30)) ** power
+    return w * float(np.sum(damage)) / max(float((w * damage).sum()), 1e-30)
+
+
+@dataclass
+class LayerSensitivity:
+    """Per layer: KL vs the all-f16 decode with that layer's decided rows at `bits` (mean over chunks), and
+    the first-order damage of those rows (layer_damage, summed over the layer's rows, mean over chunks)."""
+    kl: np.ndarray
+    damage: np.ndarray
+    bits: int
+
+    def weight(self, power: float = LAYER_WEIGHT_POWER) -> np.ndarray:
+        return layer_weights_of(self.kl, self.damage, power)
+
+
+def layer_sensitivity(model: str | Path, text: str, *, k_center: np.ndarray | None, n_chunks: int = 2,
+                      chunk_len: int = 1024, offset: int = 0, bits: int = 2, window: int = SENS_WINDOW,
+                      n_threads: int | None = None, on_layer: Callable[[int, int], None] | None = None) -> LayerSensitivity:
+    """What one unit of layer_damage costs in KL, per layer (ControllerSpec.layer_weight).
+
+    layer_damage is relative to its layer's mean output, so it takes a unit to cost the same in every
+    layer; it does not (SmolLM2-135M: layers 0 and 1 about 10x the median). On n_chunks chunks of
+    chunk_len tokens of `text` from token `offset` (BOS first), the all-f16 decode (oracle engine, q8_0
+    window of `window` rows, 32-token ubatches) gives each decided row's damage at `bits`; then for each
+    layer the decode with that layer's decided rows at `bits` and every other row at f16 gives its KL
+    over the chunk's second half. n_chunks * (n_layer + 1) decodes."""
+    from kvq_cli.evaluate import _log_softmax
+
+    if bits not in PRECISIONS[:-1]:
+        raise BadOption(f"layer sensitivity bits must be one of {PRECISIONS[:-1]}, got {bits}")
+    opts = KvqOptions(window=window, window_bits=8, per_layer=True, record_q=True)
+    with Engine(model, kv=ORACLE, n_ctx=chunk_len, n_batch=chunk_len, n_ubatch=32, n_threads=n_threads, kvq=opts) as e:
+        if k_center is not None:
+            e.set_k_center(np.asarray(k_center, np.float32))
+        toks, per = e.tokenize(text), chunk_len - 1
+        if n_chunks < 1 or len(toks) < offset + n_chunks * per:
+            raise BadOption(f"the calibration text has {len(toks)} tokens, too few for {n_chunks} layer-sensitivity "
+                            f"chunks of {chunk_len} from token {offset}")
+        bos, n_layer = e.llm.token_bos(), e.dims.n_layer
+        kl, dmg = np.zeros(n_layer), np.zeros(n_layer)
+
+        def log_probs(c: list[int], assignment: np.ndarray) -> np.ndarray:
+            e.set_assignment(assignment)
+            e.clear_trace()
+            return _log_softmax(e.decode(c, 0, logits_from=len(c) // 2 - 1).astype(np.float64))
+
+        for ci in range(n_chunks):
+            c = [bos] + toks[offset + ci * per:offset + (ci + 1) * per]
+            ref = log_probs(c, np.zeros(0, np.int32))
+            rows = []
+            for il in range(n_layer):   # from the reference decode's queries and rows, before the next decode
+                d, _, kpos = engine_layer_damage(e, il, window)
+                sel = kpos < len(c) - window
+                dmg[il] += d[sel, PRECISIONS.index(bits)].sum()
+                rows.append(kpos[sel])
+            for il in range(n_layer):
+                a = np.full((len(c), n_layer), 16, np.int32)
+                a[rows[il], il] = bits
+                lp = log_probs(c, a.reshape(-1))
+                kl[il] += float((np.exp(ref) * (ref - lp)).sum(1).mean())
+                if on_layer:
+                    on_layer(ci * n_layer + il + 1, n_chunks * n_layer)
+    return LayerSensitivity(kl=kl / n_chunks, damage=dmg / n_chunks, bits=bits)
+
+
 def collect(model: str | Path, chunks: list[list[int]], *, window: int = 32, n_ubatch: int = 32,
             n_threads: int | None = None, on_chunk: Callable[[int, int], None] | None = None,
             k_center: np.ndarray | None = None, precisions: tuple[int, ...] = PRECISIONS,

@@ -33,7 +33,7 @@ def shipped_damage(spec: ControllerSpec, x: np.ndarray) -> np.ndarray:
 
 def controller_damage(spec: ControllerSpec, x: np.ndarray) -> np.ndarray:
     """damage_p / lambda per precision [n, 4] of a controller of either head, from its f32 logits as the
-    runtime computes them (both heads' logits are -(damage_p / lambda) - bits_p). shipped_damage is the
+    runtime computes them (both heads' logits are -(damage_p / lambda) - bits_p), layer weights not applied. shipped_damage is the
     f64 form for the logits head that the earlier probes' committed outputs used."""
     return -(spec.logits(x).astype(np.float64) + EFF_BITS[None, :])
 

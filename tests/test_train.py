@@ -11,7 +11,7 @@ from kvq_cli.cli import app
 from kvq_cli.controller import load_controller
 from kvq_cli.runtime.engine import Engine
 from kvq_cli.runtime.kv import KvqOptions, parse_kv
-from kvq_cli.train import (EFF_BITS, ORACLE, allocate, calibration_chunks, collect, collect_prompts, layer_damage,
+from kvq_cli.train import (EFF_BITS, LAYER_WEIGHT_POWER, ORACLE, allocate, calibration_chunks, collect, collect_prompts, layer_damage,
                            oracle_assignment, prompt_chunks, roundtrip_deltas, train, window_directions)
 
 from .conftest import SHARED_DATA
@@ -397,6 +397,20 @@ def test_train_cli_end_to_end_and_errors(runner, tmp_path, model_path):
     assert d.granularity == "token" and d.k_center == spec.k_center   # deterministic
     r = runner.invoke(app, args[:-4] + ["--out", str(tmp_path / "n.json"), "--cache", str(cache), "--no-k-center"])
     assert_one_line_error(r, "was collected with")   # rows stored uncentered are other rows
+    # layer weights: measured on the calibration text, KL per unit of damage, normalised so that the
+    # weighted damage sums to the unweighted sum; they travel with the controller
+    r = runner.invoke(app, args[:-4] + ["--out", str(tmp_path / "w.json"), "--cache", str(cache), "--layer-weights", "1"])
+    assert r.exit_code == 0, r.output
+    w = load_controller(tmp_path / "w.json")
+    lw, info = np.array(w.layer_weight), w.extra["layer_weights"]
+    dmg, kl = np.array(info["layer_damage"]), np.array(info["layer_kl"])
+    assert lw.shape == (30,) and (lw > 0).all() and (kl > 0).all() and lw.std() > 0.05
+    assert (lw * dmg).sum() == pytest.approx(dmg.sum(), rel=1e-6)
+    ratio = (kl / dmg) ** LAYER_WEIGHT_POWER
+    np.testing.assert_allclose(lw / lw.mean(), ratio / ratio.mean(), rtol=1e-6)
+    assert w.w1 == spec.w1   # the MLP is the one fitted without them
+    r = runner.invoke(app, args[:-4] + ["--out", str(tmp_path / "x.json"), "--granularity", "token", "--layer-weights", "1"])
+    assert_one_line_error(r, "--layer-weights needs")
     r = runner.invoke(app, args[:-4] + ["--out", str(tmp_path / "n.json"), "--cache", str(cache), "--pools", "2,3,4,8,16"])
     assert_one_line_error(r, "was collected with")   # no k4v2 damage in it
     r = runner.invoke(app, args[:-4] + ["--out", str(tmp_path / "n.json"), "--cache", str(cache), "--damage-rounding", "qar"])
