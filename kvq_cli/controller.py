@@ -21,7 +21,7 @@ is trained with it (its features and damage are those of centered rows), so the 
 
 Layer weights (optional field `layer_weight`, [n_layer], each > 0): the damage the MLP predicts is
 relative to its layer's output, and a unit of it costs very different KL in different layers
-(layers 0 and 1 of SmolLM2-135M about 10x the median; results/layer_sensitivity_probe.json).
+(layers 0 and 1 of SmolLM2-135M 75x and 57x the median layer; results/layer_sensitivity_probe.json).
 For a row of layer l both heads' damage part is multiplied by layer_weight[l]:
     logits = w_l * (w2 @ h + b2 + eff_bits) - eff_bits            (logits head)
     logits = -w_l * exp(w2 @ h + b2) - eff_bits                   (log_damage head)

@@ -3,7 +3,7 @@
 `kvq train --layer-weights N` measures them while training; this attaches the weights of a probe's
 measurement (train.layer_sensitivity on the calibration text: `layer_kl` and `layer_damage` in its
 JSON; train.layer_weights_of with --power, default LAYER_WEIGHT_POWER) to an existing controller
-without refitting its MLP, as the shipped controller got them.
+without refitting its MLP, as the arms of results/layer_weight_probe_p*.json got them.
 
 Usage: python scripts/attach_layer_weights.py CONTROLLER.json PROBE.json --out OUT.json
 """
