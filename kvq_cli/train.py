@@ -246,6 +246,20 @@ def engine_layer_damage(e: Engine, il: int, window: int, precisions: tuple[int, 
     return d, n_later, kpos
 
 
+def decided_damage(e: Engine, n: int, window: int, precisions: tuple[int, ...] = PRECISIONS,
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """engine_layer_damage of every layer's decided rows (position < n - window) of the last decode of n
+    tokens, stacked layer after layer: (damage [rows, len(precisions) - 1], positions, layers)."""
+    dm, pos, lay = [], [], []
+    for il in range(e.dims.n_layer):
+        d, _, kpos = engine_layer_damage(e, il, window, precisions)
+        sel = kpos < n - window
+        dm.append(d[sel])
+        pos.append(kpos[sel])
+        lay.append(np.full(int(sel.sum()), il))
+    return np.concatenate(dm), np.concatenate(pos), np.concatenate(lay)
+
+
 SENS_WINDOW = 128   # layer_sensitivity's window (q8_0): the rule/adaptive window at 2,048 tokens
 # The layer weights are (KL / damage) ** LAYER_WEIGHT_POWER: on held-out calibration chunks the
 # shipped controller decoded adaptive@3/3.5 at KL 0.0143/0.0130 with power 1, 0.0132/0.0110 with 0.5
@@ -307,15 +321,11 @@ def layer_sensitivity(model: str | Path, text: str, *, k_center: np.ndarray | No
         for ci in range(n_chunks):
             c = [bos] + toks[offset + ci * per:offset + (ci + 1) * per]
             ref = log_probs(c, np.zeros(0, np.int32))
-            rows = []
-            for il in range(n_layer):   # from the reference decode's queries and rows, before the next decode
-                d, _, kpos = engine_layer_damage(e, il, window)
-                sel = kpos < len(c) - window
-                dmg[il] += d[sel, PRECISIONS.index(bits)].sum()
-                rows.append(kpos[sel])
+            d, pos, lay = decided_damage(e, len(c), window)   # from the reference decode, before the next one
             for il in range(n_layer):
+                dmg[il] += d[lay == il, PRECISIONS.index(bits)].sum()
                 a = np.full((len(c), n_layer), 16, np.int32)
-                a[rows[il], il] = bits
+                a[pos[lay == il], il] = bits
                 lp = log_probs(c, a.reshape(-1))
                 kl[il] += float((np.exp(ref) * (ref - lp)).sum(1).mean())
                 if on_layer:

@@ -22,12 +22,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kvq_cli.models import embedded_path  # noqa: E402
-from kvq_cli.runtime.engine import Engine  # noqa: E402
 from kvq_cli.runtime.kv import KvqOptions  # noqa: E402
-from kvq_cli.train import EFF_BITS_OF, ORACLE, allocate, costs_of, engine_layer_damage  # noqa: E402
-from probe_common import (add_kl_args, allocation_kl, f16_reference, held_out_chunks, run,  # noqa: E402
-                          shipped_controller, write_json)
+from kvq_cli.train import EFF_BITS_OF, allocate, costs_of, decided_damage  # noqa: E402
+from probe_common import add_kl_args, allocation_kl, oracle_refs, run, shipped_controller, write_json  # noqa: E402
 
 W = 128
 MENUS = {"2/4/8/16": (1, 2, 3, 4), "0/2/4/8/16": (0, 1, 2, 3, 4)}   # columns of the [drop, 2, 4, 8, 16] damage
@@ -47,35 +44,24 @@ def main() -> int:
     costs_all = costs_of(BITS)
     res: dict[str, dict] = {}
     opts = KvqOptions(window=W, window_bits=8, per_layer=True, record_q=True)
-    with Engine(embedded_path(), kv=ORACLE, n_ctx=a.kl_len, n_batch=a.kl_len, n_ubatch=32, kvq=opts) as e:
-        e.set_k_center(np.asarray(spec.k_center, np.float32))
-        n_layer = e.dims.n_layer
-        for ci, c in enumerate(held_out_chunks(e, text, a)):
-            n, half = len(c), len(c) // 2
-            ref_lp = f16_reference(e, c)
-            dm, pos, lay = [], [], []
-            for il in range(n_layer):
-                d, _, kpos = engine_layer_damage(e, il, W, BITS)   # drop, 2, 4, 8
-                sel = kpos < n - W
-                dm.append(d[sel])
-                pos.append(kpos[sel])
-                lay.append(np.full(int(sel.sum()), il))
-            d, pos, lay = np.concatenate(dm), np.concatenate(pos), np.concatenate(lay)
-            full = np.concatenate([d, np.zeros((len(d), 1))], 1)   # drop, 2, 4, 8, 16
-            for b in budgets:
-                per_row = (b * n - EFF_BITS_OF[8] * W) / (n - W)
-                for name, cols in MENUS.items():
-                    cls = allocate(full[:, cols], per_row, costs_all[list(cols)])
-                    r = res.setdefault(f"{name}@{b:g}", {"damage": [], "share": [], "kl": [], "bits": []})
-                    r["damage"].append(float(full[np.arange(len(full)), np.asarray(cols)[cls]].sum()))
-                    r["share"].append({f"{costs_all[c_]:g}": float((cls == j).mean()) for j, c_ in enumerate(cols)})
-                    k_, b_ = allocation_kl(e, c, half, ref_lp, full[:, cols], pos, lay, per_row, n_layer,
-                                           tuple(BITS[c_] for c_ in cols))
-                    r["kl"].append(k_)
-                    r["bits"].append(b_)
-            print(f"chunk {ci + 1}/{a.kl_chunks} " + " ".join(
-                f"{k_}: damage {v['damage'][-1]:.3g} KL {v['kl'][-1]:.4f} bits {v['bits'][-1]:.2f}"
-                for k_, v in res.items()) + f" {time.time() - t0:.0f}s", flush=True)
+    for e, ci, c, ref_lp in oracle_refs(text, a, opts, spec.k_center):
+        n, half, n_layer = len(c), len(c) // 2, e.dims.n_layer
+        d, pos, lay = decided_damage(e, n, W, BITS)   # drop, 2, 4, 8
+        full = np.concatenate([d, np.zeros((len(d), 1))], 1)   # drop, 2, 4, 8, 16
+        for b in budgets:
+            per_row = (b * n - EFF_BITS_OF[8] * W) / (n - W)
+            for name, cols in MENUS.items():
+                cls = allocate(full[:, cols], per_row, costs_all[list(cols)])
+                r = res.setdefault(f"{name}@{b:g}", {"damage": [], "share": [], "kl": [], "bits": []})
+                r["damage"].append(float(full[np.arange(len(full)), np.asarray(cols)[cls]].sum()))
+                r["share"].append({f"{costs_all[c_]:g}": float((cls == j).mean()) for j, c_ in enumerate(cols)})
+                k_, b_ = allocation_kl(e, c, half, ref_lp, full[:, cols], pos, lay, per_row, n_layer,
+                                       tuple(BITS[c_] for c_ in cols))
+                r["kl"].append(k_)
+                r["bits"].append(b_)
+        print(f"chunk {ci + 1}/{a.kl_chunks} " + " ".join(
+            f"{k_}: damage {v['damage'][-1]:.3g} KL {v['kl'][-1]:.4f} bits {v['bits'][-1]:.2f}"
+            for k_, v in res.items()) + f" {time.time() - t0:.0f}s", flush=True)
     ratio = {f"{b:g}": float(np.mean(res[f"0/2/4/8/16@{b:g}"]["damage"]) / np.mean(res[f"2/4/8/16@{b:g}"]["damage"]))
              for b in budgets}
     out = {"command": " ".join(["python", "scripts/eviction_probe.py"] + sys.argv[1:]), "window": W,

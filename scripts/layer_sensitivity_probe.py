@@ -32,23 +32,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kvq_cli.models import embedded_path  # noqa: E402
-from kvq_cli.runtime.engine import Engine  # noqa: E402
 from kvq_cli.runtime.kv import KvqOptions  # noqa: E402
-from kvq_cli.train import EFF_BITS_OF, ORACLE, SENS_WINDOW as W, engine_layer_damage, layer_sensitivity  # noqa: E402
-from probe_common import (add_kl_args, allocation_kl, f16_reference, held_out_chunks, run,  # noqa: E402
-                          shipped_controller, with_f16, write_json)
-
-
-def decided_damage(e: Engine, n: int, n_layer: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Damage at 2/4/8 bits [rows, 3], position and layer of every decided row (pos < n - W) of the last decode."""
-    dm, pos, lay = [], [], []
-    for il in range(n_layer):
-        d, _, kpos = engine_layer_damage(e, il, W)
-        sel = kpos < n - W
-        dm.append(d[sel])
-        pos.append(kpos[sel])
-        lay.append(np.full(int(sel.sum()), il))
-    return np.concatenate(dm), np.concatenate(pos), np.concatenate(lay)
+from kvq_cli.train import EFF_BITS_OF, SENS_WINDOW as W, decided_damage, layer_sensitivity  # noqa: E402
+from probe_common import (add_kl_args, allocation_kl, oracle_refs, run, shipped_controller, with_f16,  # noqa: E402
+                          write_json)
 
 
 def main() -> int:
@@ -74,22 +61,18 @@ def main() -> int:
     print("layer KL at", a.sens_bits, "bits:", " ".join(f"{x:.3g}" for x in ls.kl))
     print("layer weights:", " ".join(f"{x:.2f}" for x in w))
     res: dict[str, dict[str, list[float]]] = {}
-    with Engine(embedded_path(), kv=ORACLE, n_ctx=a.kl_len, n_batch=a.kl_len, n_ubatch=32, kvq=opts) as e:
-        e.set_k_center(np.asarray(spec.k_center, np.float32))
-        n_layer = e.dims.n_layer
-        for ci, c in enumerate(held_out_chunks(e, text, a)):
-            n, half = len(c), len(c) // 2
-            ref_lp = f16_reference(e, c)
-            d, pos, lay = decided_damage(e, n, n_layer)
-            for b in budgets:
-                per_row = (b * n - EFF_BITS_OF[8] * W) / (n - W)
-                for name, dd in (("oracle", d), ("oracle+w", d * w[lay][:, None])):
-                    k_, b_ = allocation_kl(e, c, half, ref_lp, with_f16(dd), pos, lay, per_row, n_layer)
-                    r = res.setdefault(f"{name}@{b:g}", {"kl": [], "bits": []})
-                    r["kl"].append(k_)
-                    r["bits"].append(b_)
-            print(f"chunk {ci + 1}/{a.kl_chunks} " + " ".join(f"{k_}: KL {v['kl'][-1]:.4f} bits {v['bits'][-1]:.2f}"
-                                                          for k_, v in res.items()) + f" {time.time() - t0:.0f}s", flush=True)
+    for e, ci, c, ref_lp in oracle_refs(text, a, opts, spec.k_center):
+        n, half, n_layer = len(c), len(c) // 2, e.dims.n_layer
+        d, pos, lay = decided_damage(e, n, W)
+        for b in budgets:
+            per_row = (b * n - EFF_BITS_OF[8] * W) / (n - W)
+            for name, dd in (("oracle", d), ("oracle+w", d * w[lay][:, None])):
+                k_, b_ = allocation_kl(e, c, half, ref_lp, with_f16(dd), pos, lay, per_row, n_layer)
+                r = res.setdefault(f"{name}@{b:g}", {"kl": [], "bits": []})
+                r["kl"].append(k_)
+                r["bits"].append(b_)
+        print(f"chunk {ci + 1}/{a.kl_chunks} " + " ".join(f"{k_}: KL {v['kl'][-1]:.4f} bits {v['bits'][-1]:.2f}"
+                                                      for k_, v in res.items()) + f" {time.time() - t0:.0f}s", flush=True)
     out = {"command": " ".join(["python", "scripts/layer_sensitivity_probe.py"] + sys.argv[1:]), "window": W,
            "window_bits": 8, "sens_bits": a.sens_bits, "layer_kl": ls.kl.tolist(),
            "layer_damage": ls.damage.tolist(), "layer_weight": w.tolist(),

@@ -30,12 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kvq_cli.controller import controller_from_reader  # noqa: E402
 from kvq_cli.gguf_info import read_gguf  # noqa: E402
-from kvq_cli.models import embedded_path  # noqa: E402
 from kvq_cli.runtime.engine import Engine  # noqa: E402
 from kvq_cli.runtime.kv import KvqOptions, parse_kv  # noqa: E402
-from kvq_cli.train import EFF_BITS, ORACLE, PRECISIONS, allocate, engine_layer_damage  # noqa: E402
-from probe_common import (add_kl_args, allocation_kl, chunk_log_probs, controller_damage, f16_reference,  # noqa: E402
-                          held_out_chunks, kl_of, run, write_json)
+from kvq_cli.train import EFF_BITS, PRECISIONS, allocate, engine_layer_damage  # noqa: E402
+from probe_common import (add_kl_args, allocation_kl, chunk_log_probs, controller_damage, kl_of,  # noqa: E402
+                          oracle_refs, run, write_json)
 
 W = 32
 
@@ -57,53 +56,49 @@ def main() -> int:
     bits_seen: dict[str, list[float]] = {"oracle": []}
     agree: dict[str, list[float]] = {}   # share of decided rows where online and global_live choose alike
     opts = KvqOptions(window=W, trace=True, per_layer=True, record_q=True)
-    with Engine(embedded_path(), kv=ORACLE, n_ctx=a.kl_len, n_batch=a.kl_len, n_ubatch=32, kvq=opts) as e:
-        e.set_k_center(np.asarray(k_center, np.float32))
-        n_layer = e.dims.n_layer
-        for ci, c in enumerate(held_out_chunks(e, text, a)):
-            n, half = len(c), len(c) // 2
-            ref_lp = f16_reference(e, c)
-            tr = e.trace()
-            sel = tr.pos < n - W
-            pos, lay = tr.pos[sel], tr.layer[sel]
-            true = np.zeros((len(pos), 4))
-            for il in range(n_layer):
-                dm, _, kpos = engine_layer_damage(e, il, W)
-                at = {int(p_): i for i, p_ in enumerate(kpos)}
-                m_ = lay == il
-                true[m_, :3] = dm[[at[int(p_)] for p_ in pos[m_]]]
-            per_row = (a.budget * n - EFF_BITS[-1] * W) / (n - W)
-            k_, b_ = allocation_kl(e, c, half, ref_lp, true, pos, lay, per_row, n_layer)
-            kl["oracle"].append(k_)
-            bits_seen["oracle"].append(b_)
-            for name, path in arms.items():
-                spec = specs[name]
-                with Engine(path, kv=parse_kv(f"adaptive@{a.budget:g}"), n_ctx=a.kl_len, n_batch=a.kl_len, n_ubatch=32,
-                            kvq=KvqOptions(window=W, trace=True)) as live:
-                    lp = chunk_log_probs(live, c, half)
-                    ltr = live.trace()
-                    got = {"online": (kl_of(ref_lp, lp), float(live.kv_stats().bits_per_elem))}
-                lsel = ltr.pos < n - W
-                bits = np.full((n, n_layer), 16, np.int32)
-                bits[ltr.pos[lsel], ltr.layer[lsel]] = ltr.bits[lsel]
-                e.set_assignment(bits.reshape(-1))
-                got["replay"] = (kl_of(ref_lp, chunk_log_probs(e, c, half)), float(e.kv_stats().bits_per_elem))
-                xl = ltr.features[lsel][:, [ltr.names.index(f) for f in spec.features]]
-                got["global_live"] = allocation_kl(e, c, half, ref_lp, controller_damage(spec, xl), ltr.pos[lsel],
-                                                   ltr.layer[lsel], per_row, n_layer)
-                xf = tr.features[sel][:, [tr.names.index(f) for f in spec.features]]
-                got["global_f16"] = allocation_kl(e, c, half, ref_lp, controller_damage(spec, xf), pos, lay, per_row,
-                                                  n_layer)
-                # how often the online decisions are the global allocation's on the same features
-                glob = np.full((n, n_layer), 16, np.int32)
-                glob[ltr.pos[lsel], ltr.layer[lsel]] = np.asarray(PRECISIONS)[
-                    allocate(controller_damage(spec, xl), per_row)]
-                agree.setdefault(name, []).append(float((glob == bits)[:n - W].mean()))
-                for k2, (v, b) in got.items():
-                    kl.setdefault(f"{name}.{k2}", []).append(v)
-                    bits_seen.setdefault(f"{name}.{k2}", []).append(b)
-            print(f"chunk {ci + 1}/{a.kl_chunks} " + " ".join(f"{k_}={v[-1]:.4f}" for k_, v in kl.items())
-                  + f" {time.time() - t0:.0f}s", flush=True)
+    for e, ci, c, ref_lp in oracle_refs(text, a, opts, k_center):
+        n, half, n_layer = len(c), len(c) // 2, e.dims.n_layer
+        tr = e.trace()
+        sel = tr.pos < n - W
+        pos, lay = tr.pos[sel], tr.layer[sel]
+        true = np.zeros((len(pos), 4))
+        for il in range(n_layer):
+            dm, _, kpos = engine_layer_damage(e, il, W)
+            at = {int(p_): i for i, p_ in enumerate(kpos)}
+            m_ = lay == il
+            true[m_, :3] = dm[[at[int(p_)] for p_ in pos[m_]]]
+        per_row = (a.budget * n - EFF_BITS[-1] * W) / (n - W)
+        k_, b_ = allocation_kl(e, c, half, ref_lp, true, pos, lay, per_row, n_layer)
+        kl["oracle"].append(k_)
+        bits_seen["oracle"].append(b_)
+        for name, path in arms.items():
+            spec = specs[name]
+            with Engine(path, kv=parse_kv(f"adaptive@{a.budget:g}"), n_ctx=a.kl_len, n_batch=a.kl_len, n_ubatch=32,
+                        kvq=KvqOptions(window=W, trace=True)) as live:
+                lp = chunk_log_probs(live, c, half)
+                ltr = live.trace()
+                got = {"online": (kl_of(ref_lp, lp), float(live.kv_stats().bits_per_elem))}
+            lsel = ltr.pos < n - W
+            bits = np.full((n, n_layer), 16, np.int32)
+            bits[ltr.pos[lsel], ltr.layer[lsel]] = ltr.bits[lsel]
+            e.set_assignment(bits.reshape(-1))
+            got["replay"] = (kl_of(ref_lp, chunk_log_probs(e, c, half)), float(e.kv_stats().bits_per_elem))
+            xl = ltr.features[lsel][:, [ltr.names.index(f) for f in spec.features]]
+            got["global_live"] = allocation_kl(e, c, half, ref_lp, controller_damage(spec, xl), ltr.pos[lsel],
+                                               ltr.layer[lsel], per_row, n_layer)
+            xf = tr.features[sel][:, [tr.names.index(f) for f in spec.features]]
+            got["global_f16"] = allocation_kl(e, c, half, ref_lp, controller_damage(spec, xf), pos, lay, per_row,
+                                              n_layer)
+            # how often the online decisions are the global allocation's on the same features
+            glob = np.full((n, n_layer), 16, np.int32)
+            glob[ltr.pos[lsel], ltr.layer[lsel]] = np.asarray(PRECISIONS)[
+                allocate(controller_damage(spec, xl), per_row)]
+            agree.setdefault(name, []).append(float((glob == bits)[:n - W].mean()))
+            for k2, (v, b) in got.items():
+                kl.setdefault(f"{name}.{k2}", []).append(v)
+                bits_seen.setdefault(f"{name}.{k2}", []).append(b)
+        print(f"chunk {ci + 1}/{a.kl_chunks} " + " ".join(f"{k_}={v[-1]:.4f}" for k_, v in kl.items())
+              + f" {time.time() - t0:.0f}s", flush=True)
     out = {"command": " ".join(["python", "scripts/online_probe.py"] + sys.argv[1:]), "budget": a.budget,
            "kl": {k_: {"mean": float(np.mean(v)), "chunks": v, "bits": bits_seen[k_]} for k_, v in kl.items()},
            "agreement_online_global_live": {k_: float(np.mean(v)) for k_, v in agree.items()},

@@ -14,7 +14,9 @@ import numpy as np
 from kvq_cli.controller import ControllerSpec
 from kvq_cli.evaluate import _log_softmax
 from kvq_cli.gguf_write import atomic_output
-from kvq_cli.train import EFF_BITS, PRECISIONS, _forward, allocate, costs_of
+from kvq_cli.models import embedded_path
+from kvq_cli.runtime.engine import Engine
+from kvq_cli.train import EFF_BITS, ORACLE, PRECISIONS, _forward, allocate, costs_of
 
 CONTROLLER = Path(__file__).resolve().parents[1] / "kvq_cli/controllers/smollm2-135m-instruct.json"
 
@@ -64,6 +66,15 @@ def f16_reference(e, chunk: list[int]) -> np.ndarray:
     """chunk_log_probs of the chunk's second half on an oracle engine with every row at f16 (the reference)."""
     e.set_assignment(np.zeros(0, np.int32))
     return chunk_log_probs(e, chunk, len(chunk) // 2)
+
+
+def oracle_refs(text: str, a, opts, k_center):
+    """An oracle engine (embedded model, opts, 32-token ubatches, k_center) over the held-out chunks of
+    add_kl_args: yields (engine, chunk index, chunk, its f16_reference) for each chunk in turn."""
+    with Engine(embedded_path(), kv=ORACLE, n_ctx=a.kl_len, n_batch=a.kl_len, n_ubatch=32, kvq=opts) as e:
+        e.set_k_center(np.asarray(k_center, np.float32))
+        for ci, c in enumerate(held_out_chunks(e, text, a)):
+            yield e, ci, c, f16_reference(e, c)
 
 
 def kl_of(ref_lp: np.ndarray, lp: np.ndarray) -> float:

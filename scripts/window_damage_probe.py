@@ -25,12 +25,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kvq_cli.models import embedded_path  # noqa: E402
-from kvq_cli.runtime.engine import Engine  # noqa: E402
 from kvq_cli.runtime.kv import KvqOptions  # noqa: E402
-from kvq_cli.train import EFF_BITS_OF, ORACLE, engine_layer_damage  # noqa: E402
-from probe_common import (add_kl_args, allocation_kl, controller_damage, f16_reference, held_out_chunks,  # noqa: E402
-                          run, shipped_controller, write_json)
+from kvq_cli.train import EFF_BITS_OF, engine_layer_damage  # noqa: E402
+from probe_common import (add_kl_args, allocation_kl, controller_damage, oracle_refs, run,  # noqa: E402
+                          shipped_controller, write_json)
 
 W = 128
 
@@ -57,33 +55,29 @@ def main() -> int:
     bits_seen: dict[str, list[float]] = {}
     rho: dict[str, list[float]] = {}
     opts = KvqOptions(window=W, window_bits=8, trace=True, per_layer=True, record_q=True)
-    with Engine(embedded_path(), kv=ORACLE, n_ctx=a.kl_len, n_batch=a.kl_len, n_ubatch=32, kvq=opts) as e:
-        e.set_k_center(np.asarray(spec.k_center, np.float32))
-        n_layer = e.dims.n_layer
-        for ci, c in enumerate(held_out_chunks(e, text, a)):
-            n, half = len(c), len(c) // 2
-            ref_lp = f16_reference(e, c)
-            tr = e.trace()
-            sel = tr.pos < n - W
-            pos, lay = tr.pos[sel], tr.layer[sel]
-            est = {name: np.zeros((len(pos), 4)) for name in ("oracle", "window")}
-            for il in range(n_layer):
-                m_ = lay == il
-                for name, span in (("oracle", "later"), ("window", "window")):
-                    dm, _, kpos = engine_layer_damage(e, il, W, span=span)
-                    at = {int(p_): i for i, p_ in enumerate(kpos)}
-                    est[name][m_, :3] = dm[[at[int(p_)] for p_ in pos[m_]]]
-            x = tr.features[sel][:, [tr.names.index(f) for f in spec.features]]
-            est["controller"] = controller_damage(spec, x)
-            per_row = (a.budget * n - EFF_BITS_OF[8] * W) / (n - W)
-            for name, d in est.items():
-                k_, b_ = allocation_kl(e, c, half, ref_lp, d, pos, lay, per_row, n_layer)
-                kl.setdefault(name, []).append(k_)
-                bits_seen.setdefault(name, []).append(b_)
-                rho.setdefault(name, []).append(spearman(d[:, 0], est["oracle"][:, 0]))
-            print(f"chunk {ci + 1}/{a.kl_chunks} " + " ".join(f"{k_}={v[-1]:.4f}" for k_, v in kl.items())
-                  + " rho " + " ".join(f"{k_}={v[-1]:.2f}" for k_, v in rho.items())
-                  + f" {time.time() - t0:.0f}s", flush=True)
+    for e, ci, c, ref_lp in oracle_refs(text, a, opts, spec.k_center):
+        n, half, n_layer = len(c), len(c) // 2, e.dims.n_layer
+        tr = e.trace()
+        sel = tr.pos < n - W
+        pos, lay = tr.pos[sel], tr.layer[sel]
+        est = {name: np.zeros((len(pos), 4)) for name in ("oracle", "window")}
+        for il in range(n_layer):
+            m_ = lay == il
+            for name, span in (("oracle", "later"), ("window", "window")):
+                dm, _, kpos = engine_layer_damage(e, il, W, span=span)
+                at = {int(p_): i for i, p_ in enumerate(kpos)}
+                est[name][m_, :3] = dm[[at[int(p_)] for p_ in pos[m_]]]
+        x = tr.features[sel][:, [tr.names.index(f) for f in spec.features]]
+        est["controller"] = controller_damage(spec, x)
+        per_row = (a.budget * n - EFF_BITS_OF[8] * W) / (n - W)
+        for name, d in est.items():
+            k_, b_ = allocation_kl(e, c, half, ref_lp, d, pos, lay, per_row, n_layer)
+            kl.setdefault(name, []).append(k_)
+            bits_seen.setdefault(name, []).append(b_)
+            rho.setdefault(name, []).append(spearman(d[:, 0], est["oracle"][:, 0]))
+        print(f"chunk {ci + 1}/{a.kl_chunks} " + " ".join(f"{k_}={v[-1]:.4f}" for k_, v in kl.items())
+              + " rho " + " ".join(f"{k_}={v[-1]:.2f}" for k_, v in rho.items())
+              + f" {time.time() - t0:.0f}s", flush=True)
     out = {"command": " ".join(["python", "scripts/window_damage_probe.py"] + sys.argv[1:]), "budget": a.budget,
            "window": W, "window_bits": 8,
            "kl": {k_: {"mean": float(np.mean(v)), "chunks": v, "bits": bits_seen[k_]} for k_, v in kl.items()},

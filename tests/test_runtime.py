@@ -279,21 +279,28 @@ def _controller_gguf(tmp_path, model_path, items):
     return out
 
 
+def _adaptive_trace(path, ctrl):
+    """The decisions an adaptive decode of 64 tokens of TEXT made (W = 8, ubatches of 8) and the
+    controller's features of each, in its own order."""
+    with Engine(path, kv=parse_kv("adaptive"), n_ctx=256, kvq=KvqOptions(window=8, trace=True),
+                n_batch=32, n_ubatch=8) as e:
+        e.llm.eval(e.tokenize(TEXT)[:64])
+        tr = e.trace()
+    return tr, tr.features[:, [tr.names.index(f) for f in ctrl.features]]
+
+
 def test_adaptive_with_embedded_controller(runner, model_path, tmp_path):
     from kvq_cli.controller import load_controller
 
     ctrl = load_controller(GOLDEN / "controller_handmade.json")
     path = _controller_gguf(tmp_path, model_path, ctrl.gguf_items())
     lib = kvq_lib()
-    with Engine(path, kv=parse_kv("adaptive"), n_ctx=256, kvq=KvqOptions(window=8, trace=True),
-                n_batch=32, n_ubatch=8) as e:
-        e.llm.eval(e.tokenize(TEXT)[:64])
-        tr = e.trace()
-        n, bits, feat, names = len(tr.bits), tr.bits, tr.features, tr.names
-        x = feat[:, [names.index(f) for f in ctrl.features]]
-        np.testing.assert_array_equal(bits, ctrl.decide(x))   # C decisions == NumPy decisions
+    tr, x = _adaptive_trace(path, ctrl)
+    n, bits = len(tr.bits), tr.bits
+    np.testing.assert_array_equal(bits, ctrl.decide(x))   # C decisions == NumPy decisions
+    with Engine(path, kv=parse_kv("adaptive"), n_ctx=64) as e:
         c_bits = np.zeros(n, np.int32)
-        assert lib.llama_kvq_controller_eval(e.llm.model, _ptr(feat), None, n, _ptr(c_bits, ctypes.c_int32)) == 0
+        assert lib.llama_kvq_controller_eval(e.llm.model, _ptr(tr.features), None, n, _ptr(c_bits, ctypes.c_int32)) == 0
         np.testing.assert_array_equal(c_bits, bits)
     r = runner.invoke(app, ["chat", str(path), "--kv", "adaptive", "-p", "Hi!", "--max-tokens", "8", "--ctx", "128"])
     assert r.exit_code == 0 and r.stdout.strip(), r.output
@@ -314,12 +321,8 @@ def test_layer_weights_scale_the_damage_of_each_layer_in_c_as_in_numpy(model_pat
     ctrl.validate()
     path = _controller_gguf(tmp_path, model_path, ctrl.gguf_items())
     lib = kvq_lib()
-    with Engine(path, kv=parse_kv("adaptive"), n_ctx=256, kvq=KvqOptions(window=8, trace=True),
-                n_batch=32, n_ubatch=8) as e:
-        e.llm.eval(e.tokenize(TEXT)[:64])
-        tr = e.trace()
-    n, bits, names = len(tr.bits), tr.bits, tr.names
-    x = tr.features[:, [names.index(f) for f in ctrl.features]]
+    tr, x = _adaptive_trace(path, ctrl)
+    n, bits = len(tr.bits), tr.bits
     assert n > 0 and set(tr.layer.tolist()) == set(range(n_layer))
     np.testing.assert_array_equal(bits, ctrl.decide(x, tr.layer))        # C online == NumPy
     assert (ctrl.decide(x, tr.layer) != base.decide(x)).any()            # the weights matter
