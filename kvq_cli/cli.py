@@ -430,6 +430,7 @@ def train_cmd(
     pools: Annotated[str, typer.Option("--pools", help="The controller's output classes, in bits: 2,4,8,16; 2,3,4,8,16 with the k4v2 pool (K at 4 bits, V at 2; 3.375 bits/element); or 0,2,4,8,16 with eviction (0: the row is left out).")] = "2,4,8,16",
     layer_weights: Annotated[int, typer.Option("--layer-weights", help="Measure how much KL a unit of damage costs in each layer on N chunks of --chunk-len tokens of the calibration text (N x (layers + 1) decodes) and ship its square root as the controller's layer weights (token_layer only); 0: every layer weighs 1.")] = 0,
     damage_rounding: Annotated[str, typer.Option("--damage-rounding", help="How the damage targets round K at 2 and 4 bits: plain, or qar (query-aware, from the queries that attend to each row in the window, as the runtime stores it). The shipped controller uses plain: qar decoded wikitext-2 worse (README).")] = "plain",
+    v_weight: Annotated[float, typer.Option("--v-weight", help="Weight of the V errors in the damage targets (they enter scaled by its square root); 1: the first-order damage as measured. The shipped controller uses the default: the first-order damage undervalues V errors (README).")] = 10.0,
     threads: ThreadsOpt = None,
 ) -> None:
     """Learn a precision controller from the runtime's oracle on calibration text.
@@ -437,6 +438,7 @@ def train_cmd(
     Example: kvq train --calib ../shared/data/calib/boolq_passages.txt --budget 3.5 --out ctrl.json --embed m-kvq.gguf
     """
     import json
+    import math
     from pathlib import Path
 
     from kvq_cli.controller import GRANULARITIES
@@ -459,6 +461,8 @@ def train_cmd(
     check_ensemble(ensemble, objective)
     if damage_rounding not in ("plain", "qar"):
         raise BadOption(f"--damage-rounding must be plain or qar, got {damage_rounding}")
+    if not (v_weight > 0 and math.isfinite(v_weight)):
+        raise BadOption(f"--v-weight must be a positive number, got {v_weight:g}")
     if chunks < 3 or prompts < 20 or chunk_len < 4 * window + 64 or window < 1:
         raise BadOption("need --chunks >= 3, --prompts >= 20, --window >= 1 and --chunk-len >= 4 * window + 64")
     if layer_weights < 0 or (layer_weights and granularity != "token_layer"):
@@ -476,7 +480,7 @@ def train_cmd(
                                         n_prompts=prompts, chunk_len=chunk_len, window=window, n_threads=threads,
                                         on_chunk=lambda i, n: progress.update(task, completed=i, total=n),
                                         k_center=k_center, precisions=POOL_SETS[pools.replace(" ", "")],
-                                        qar=damage_rounding == "qar")
+                                        qar=damage_rounding == "qar", v_weight=v_weight)
         fit_task = progress.add_task("fit", total=epochs)
         spec, report = train(data, budget=budget, per_layer=granularity == "token_layer", hidden=hidden,
                              seed=seed, epochs=epochs, val_chunks=n_held, objective=objective, ensemble=ensemble,
@@ -491,6 +495,7 @@ def train_cmd(
             spec.validate()
     spec.extra.update({"calib": Path(calib).name, "regime": regime,
                        **({"damage_rounding": damage_rounding} if damage_rounding != "plain" else {}),
+                       "v_weight": v_weight,
                        **({"layer_weights": {"chunks": layer_weights, "layer_kl": ls.kl.tolist(), "layer_damage": ls.damage.tolist()}} if layer_weights else {}),
                        **({} if regime == "prompt" else {"chunks": chunks, "chunk_len": chunk_len, "window": window}),
                        **({} if regime == "decode" else {"prompts": prompts}),

@@ -12,7 +12,8 @@
    measured. Per query q and head, with a the attention weight of the token, s = q.dK * scale:
        do_q = a * (dV + s * (V - o_q))            (softmax derivative)
    damage = mean over those queries of sum over heads |do_q|^2, divided by the layer's mean
-   |o_q|^2 (relative output error, so layers are comparable). f16 costs 0.
+   |o_q|^2 (relative output error, so layers are comparable). f16 costs 0. With --v-weight w
+   (V_WEIGHT, 10, by default) dV enters scaled by sqrt(w): the first-order damage undervalues V errors.
 3. Fit (--objective damage, the default). A tiny MLP (features -> hidden ReLU -> one output
    per precision) regresses each row's damage at 2/4/8 bits (MSE on damage divided by the
    mean 2-bit damage; held-out rows for early stopping; deterministic for a seed). The price
@@ -229,18 +230,19 @@ def layer_damage(q: np.ndarray, qpos: np.ndarray, k: np.ndarray, v: np.ndarray, 
 
 
 def engine_layer_damage(e: Engine, il: int, window: int, precisions: tuple[int, ...] = PRECISIONS,
-                        qar: bool = False, **kw) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                        qar: bool = False, v_weight: float = 1.0, **kw) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """layer_damage of the rows held for layer il on an oracle engine (record_q), with the pools'
     own round trips, plain or (`qar`, with the engine's qar_mu > 0) K rounded query-aware from the
     window's queries as the runtime stores it: (damage [n_keys, len(precisions) - 1], later-query
-    counts, key positions)."""
+    counts, key positions). With v_weight w, the V errors enter scaled by sqrt(w), so the V part of
+    the damage weighs w times (scripts/kv_split_probe.py)."""
     q, qpos = e.queries(il)
     k, v, kpos, _ = e.read_layer(il)
     u = window_directions(q, qpos, k, kpos, window, kw.get("q_from", 0)) if qar else None
     drop = precisions[0] == 0   # eviction: layer_damage's extra last column, moved to the front
     stored = precisions[drop:]
-    d, n_later = layer_damage(q, qpos, k, v, kpos, roundtrip_deltas(e, k, 0, stored, u),
-                              roundtrip_deltas(e, v, 1, stored), window, drop=drop, **kw)
+    dvs = [dv * math.sqrt(v_weight) for dv in roundtrip_deltas(e, v, 1, stored)]
+    d, n_later = layer_damage(q, qpos, k, v, kpos, roundtrip_deltas(e, k, 0, stored, u), dvs, window, drop=drop, **kw)
     if drop:
         d = np.concatenate([d[:, -1:], d[:, :-1]], 1)
     return d, n_later, kpos
@@ -259,6 +261,12 @@ def decided_damage(e: Engine, n: int, window: int, precisions: tuple[int, ...] =
         lay.append(np.full(int(sel.sum()), il))
     return np.concatenate(dm), np.concatenate(pos), np.concatenate(lay)
 
+
+# `kvq train --v-weight` default: the V part of the damage targets weighs V_WEIGHT times. The
+# first-order damage undervalues V errors: allocating damage_K + alpha * damage_V, the oracle's KL at
+# 3 bits on held-out calibration chunks falls from 0.0100 (alpha 1) to 0.0089/0.0088/0.0088 at alpha
+# 10/30/100 (results/kv_split_probe*.json); the shipped controller is trained with it.
+V_WEIGHT = 10.0
 
 SENS_WINDOW = 128   # layer_sensitivity's window (q8_0): the rule/adaptive window at 2,048 tokens
 # The layer weights are (KL / damage) ** LAYER_WEIGHT_POWER: on held-out calibration chunks the
@@ -336,11 +344,11 @@ def layer_sensitivity(model: str | Path, text: str, *, k_center: np.ndarray | No
 def collect(model: str | Path, chunks: list[list[int]], *, window: int = 32, n_ubatch: int = 32,
             n_threads: int | None = None, on_chunk: Callable[[int, int], None] | None = None,
             k_center: np.ndarray | None = None, precisions: tuple[int, ...] = PRECISIONS,
-            qar: bool = False) -> Collected:
+            qar: bool = False, v_weight: float = 1.0) -> Collected:
     """Run the oracle over each chunk and measure features and damage of every decided (token, layer) row
     (K stored centered by k_center when given, as the runtime will store it; K damage with
-    query-aware rounding with `qar`, else plain)."""
-    rows = _Rows(precisions, qar)
+    query-aware rounding with `qar`, else plain; the V part weighted by v_weight, engine_layer_damage)."""
+    rows = _Rows(precisions, qar, v_weight)
     n_ctx = max(len(c) for c in chunks)
     opts = KvqOptions(window=window, trace=True, per_layer=True, record_q=True)
     with Engine(model, kv=ORACLE, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ubatch, n_threads=n_threads, kvq=opts) as e:
@@ -357,11 +365,12 @@ def collect(model: str | Path, chunks: list[list[int]], *, window: int = 32, n_u
 class _Rows:
     """Decided (token, layer) rows of the oracle chunks seen so far: features from the trace, damage per precision."""
 
-    def __init__(self, precisions: tuple[int, ...] = PRECISIONS, qar: bool = False):
+    def __init__(self, precisions: tuple[int, ...] = PRECISIONS, qar: bool = False, v_weight: float = 1.0):
         self.parts: list[tuple] = []
         self.names: list[str] = []
         self.precisions = precisions
         self.qar = qar
+        self.v_weight = v_weight
 
     def add_chunk(self, e: Engine, ci: int, *, window: int, min_future: int, q_stride: int = 2, q_from: int = 0,
                   pos_below: int | None = None) -> None:
@@ -370,8 +379,8 @@ class _Rows:
         tr = e.trace()
         self.names = tr.names
         for il in range(e.dims.n_layer):
-            d, n_later, kpos = engine_layer_damage(e, il, window, self.precisions, self.qar, q_stride=q_stride,
-                                                   q_from=q_from)
+            d, n_later, kpos = engine_layer_damage(e, il, window, self.precisions, self.qar, self.v_weight,
+                                                   q_stride=q_stride, q_from=q_from)
             sel = tr.layer == il
             if pos_below is not None:
                 sel &= tr.pos < pos_below
@@ -408,12 +417,12 @@ def prompt_chunks(engine: Engine, text: str, n_chunks: int, *, min_ctx: int = PR
 
 def collect_prompts(model: str | Path, pairs: list[tuple[list[int], list[int]]], *, n_threads: int | None = None,
                     on_chunk: Callable[[int, int], None] | None = None, k_center: np.ndarray | None = None,
-                    precisions: tuple[int, ...] = PRECISIONS, qar: bool = False) -> Collected:
+                    precisions: tuple[int, ...] = PRECISIONS, qar: bool = False, v_weight: float = 1.0) -> Collected:
     """The prompt regime (multiple choice, `kvq eval --kv-window 0`): each prompt is prefilled in one
     ubatch and every row is decided right after it (W = 0), from the attention of the prompt's own
     queries; damage is measured with the queries of the continuation only, which are the ones
     that see the stored rows (K query-aware from the prompt's own later queries with `qar`)."""
-    rows = _Rows(precisions, qar)
+    rows = _Rows(precisions, qar, v_weight)
     n_ctx = max(len(a) + len(b) for a, b in pairs)
     opts = KvqOptions(window=0, trace=True, per_layer=True, record_q=True)
     with Engine(model, kv=ORACLE, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=n_threads, kvq=opts) as e:
@@ -776,7 +785,7 @@ def calibration_data(model: str | Path, text: str, *, regime: str, cache: Path |
                      chunk_len: int, window: int, n_threads: int | None = None,
                      on_chunk: Callable[[int, int], None] | None = None,
                      k_center: bool = True, precisions: tuple[int, ...] = PRECISIONS,
-                     qar: bool = False) -> tuple[Collected, int]:
+                     qar: bool = False, v_weight: float = 1.0) -> tuple[Collected, int]:
     """The training rows of a regime (decode, prompt or both) and how many chunks are held out.
 
     With k_center, K is centered by its mean per layer over the decode chunks (k_center_of) in
@@ -795,7 +804,7 @@ def calibration_data(model: str | Path, text: str, *, regime: str, cache: Path |
         where = cache.with_name(f"{cache.stem}.{r}.npz") if cache is not None and regime == "both" else cache
         got[r] = collect_cached(model, text, cache=where, n_chunks=n_chunks if r == "decode" else n_prompts,
                                 chunk_len=chunk_len, window=window, regime=r, n_threads=n_threads, on_chunk=on_chunk,
-                                k_center=center, precisions=precisions, qar=qar)
+                                k_center=center, precisions=precisions, qar=qar, v_weight=v_weight)
     if regime == "both":
         return merge_regimes(got["decode"], got["prompt"], held["decode"], held["prompt"])
     return got[regime], held[regime]
@@ -804,7 +813,7 @@ def calibration_data(model: str | Path, text: str, *, regime: str, cache: Path |
 def collect_cached(model: str | Path, text: str, *, cache: Path | None, n_chunks: int, chunk_len: int,
                    window: int, regime: str = "decode", n_threads: int | None = None,
                    on_chunk: Callable[[int, int], None] | None = None, k_center: np.ndarray | None = None,
-                   precisions: tuple[int, ...] = PRECISIONS, qar: bool = False) -> Collected:
+                   precisions: tuple[int, ...] = PRECISIONS, qar: bool = False, v_weight: float = 1.0) -> Collected:
     """collect() (regime decode) or collect_prompts() (regime prompt) over the calibration text,
     read from / written to an NPZ cache when given."""
     if regime not in ("decode", "prompt"):
@@ -821,6 +830,8 @@ def collect_cached(model: str | Path, text: str, *, cache: Path | None, n_chunks
         from kvq_cli.runtime._lib import kvq_lib
 
         meta["qar_mu"] = round(float(kvq_lib().llama_kvq_default_params().qar_mu), 6)
+    if v_weight != 1.0:   # V errors weighted (caches of weight 1 carry no key)
+        meta["v_weight"] = float(v_weight)
     if cache is not None and cache.is_file():
         try:
             z = np.load(cache, allow_pickle=False)
@@ -837,12 +848,12 @@ def collect_cached(model: str | Path, text: str, *, cache: Path | None, n_chunks
         with Engine(model, kv=KvPolicy("f16", kvq="static"), n_ctx=PROMPT_MAX + PROMPT_CONT) as tok:
             pairs = prompt_chunks(tok, text, n_chunks)
         c = collect_prompts(model, pairs, n_threads=n_threads, on_chunk=on_chunk, k_center=k_center, precisions=precisions,
-                            qar=qar)
+                            qar=qar, v_weight=v_weight)
     else:
         with Engine(model, kv=KvPolicy("f16", kvq="static"), n_ctx=chunk_len) as tok:
             chunks = calibration_chunks(tok, text, chunk_len, n_chunks)
         c = collect(model, chunks, window=window, n_threads=n_threads, on_chunk=on_chunk, k_center=k_center,
-                    precisions=precisions, qar=qar)
+                    precisions=precisions, qar=qar, v_weight=v_weight)
     if cache is not None:
         from kvq_cli.gguf_write import atomic_output
 

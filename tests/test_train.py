@@ -11,8 +11,8 @@ from kvq_cli.cli import app
 from kvq_cli.controller import load_controller
 from kvq_cli.runtime.engine import Engine
 from kvq_cli.runtime.kv import KvqOptions, parse_kv
-from kvq_cli.train import (EFF_BITS, LAYER_WEIGHT_POWER, ORACLE, allocate, calibration_chunks, collect, collect_prompts, layer_damage,
-                           oracle_assignment, prompt_chunks, roundtrip_deltas, train, window_directions)
+from kvq_cli.train import (EFF_BITS, LAYER_WEIGHT_POWER, ORACLE, V_WEIGHT, allocate, calibration_chunks, collect,
+                           collect_prompts, layer_damage, oracle_assignment, prompt_chunks, roundtrip_deltas, train, window_directions)
 
 from .conftest import SHARED_DATA
 from .test_errors import assert_one_line_error
@@ -415,6 +415,18 @@ def test_train_cli_end_to_end_and_errors(runner, tmp_path, model_path):
     assert_one_line_error(r, "was collected with")   # no k4v2 damage in it
     r = runner.invoke(app, args[:-4] + ["--out", str(tmp_path / "n.json"), "--cache", str(cache), "--damage-rounding", "qar"])
     assert_one_line_error(r, "was collected with")   # plain K damage in it
+    r = runner.invoke(app, args[:-4] + ["--out", str(tmp_path / "n.json"), "--cache", str(cache), "--v-weight", "1"])
+    assert_one_line_error(r, "was collected with")   # V errors weighted V_WEIGHT in it
+    # --v-weight w: the V errors enter the damage scaled by sqrt(w), so the V part weighs w times
+    # (K errors dominate the 2-bit damage ~20x, results/kv_split_probe.json: a larger, not a 10x larger mean)
+    assert spec.extra["v_weight"] == V_WEIGHT == 10
+    cache_1 = tmp_path / "cache_1.npz"
+    r = runner.invoke(app, args[:-4] + ["--out", str(tmp_path / "v.json"), "--cache", str(cache_1), "--v-weight", "1"])
+    assert r.exit_code == 0, r.output
+    assert load_controller(tmp_path / "v.json").extra["v_weight"] == 1
+    d1, d10 = np.load(cache_1)["damage"], np.load(cache)["damage"]
+    assert d1.shape == d10.shape and 1.05 * d1[:, 0].mean() < d10[:, 0].mean() < 5 * d1[:, 0].mean()
+    assert (d10[:, -1] == 0).all()   # f16 stays exact
     r = runner.invoke(app, args[:-4] + ["--out", str(tmp_path / "n.json"), "--no-k-center"])
     assert r.exit_code == 0, r.output
     assert load_controller(tmp_path / "n.json").k_center is None
@@ -439,7 +451,8 @@ def test_train_cli_end_to_end_and_errors(runner, tmp_path, model_path):
     assert b.extra["regime"] == "both" and b.extra["prompts"] == 20 and b.extra["objective"] == "damage"
     for bad, needle in ((["--regime", "chat"], "--regime must be one of"), (["--objective", "mse"], "--objective must be one of"),
                         (["--pools", "2,3,4"], "--pools must be one of"),
-                        (["--damage-rounding", "round"], "--damage-rounding must be plain or qar")):
+                        (["--damage-rounding", "round"], "--damage-rounding must be plain or qar"),
+                        (["--v-weight", "0"], "--v-weight must be a positive number")):
         r = runner.invoke(app, ["train", "--calib", str(CALIB), *bad, "--out", str(tmp_path / "x.json")])
         assert_one_line_error(r, needle)
     r = runner.invoke(app, ["chat", "--kv", "oracle@3", "-p", "hi"])
