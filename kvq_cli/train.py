@@ -241,7 +241,9 @@ def engine_layer_damage(e: Engine, il: int, window: int, precisions: tuple[int, 
     u = window_directions(q, qpos, k, kpos, window, kw.get("q_from", 0)) if qar else None
     drop = precisions[0] == 0   # eviction: layer_damage's extra last column, moved to the front
     stored = precisions[drop:]
-    dvs = [dv * math.sqrt(v_weight) for dv in roundtrip_deltas(e, v, 1, stored)]
+    dvs = roundtrip_deltas(e, v, 1, stored)
+    if v_weight != 1.0:
+        dvs = [dv * math.sqrt(v_weight) for dv in dvs]
     d, n_later = layer_damage(q, qpos, k, v, kpos, roundtrip_deltas(e, k, 0, stored, u), dvs, window, drop=drop, **kw)
     if drop:
         d = np.concatenate([d[:, -1:], d[:, :-1]], 1)
@@ -252,9 +254,17 @@ def decided_damage(e: Engine, n: int, window: int, precisions: tuple[int, ...] =
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """engine_layer_damage of every layer's decided rows (position < n - window) of the last decode of n
     tokens, stacked layer after layer: (damage [rows, len(precisions) - 1], positions, layers)."""
+    return decided_rows(e, n, window, lambda il: engine_layer_damage(e, il, window, precisions)[::2])
+
+
+def decided_rows(e: Engine, n: int, window: int, layer_fn: Callable[[int], tuple[np.ndarray, np.ndarray]],
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """layer_fn(il) -> (values [n_keys, ...], key positions) of each layer, kept for the decided rows
+    (position < n - window) of the last decode of n tokens and stacked layer after layer: (values,
+    positions, layers)."""
     dm, pos, lay = [], [], []
     for il in range(e.dims.n_layer):
-        d, _, kpos = engine_layer_damage(e, il, window, precisions)
+        d, kpos = layer_fn(il)
         sel = kpos < n - window
         dm.append(d[sel])
         pos.append(kpos[sel])

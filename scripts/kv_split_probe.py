@@ -22,7 +22,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kvq_cli.runtime.kv import KvqOptions  # noqa: E402
-from kvq_cli.train import EFF_BITS_OF, layer_damage, roundtrip_deltas  # noqa: E402
+from kvq_cli.train import EFF_BITS_OF, decided_rows, layer_damage, roundtrip_deltas  # noqa: E402
 from probe_common import add_kl_args, allocation_kl, oracle_refs, run, shipped_controller, write_json  # noqa: E402
 
 W = 128
@@ -30,19 +30,15 @@ W = 128
 
 def split_damage(e, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """K-only and V-only damage [rows, 3] (2/4/8 bits) of every layer's decided rows; positions; layers."""
-    dk_all, dv_all, pos, lay = [], [], [], []
-    for il in range(e.dims.n_layer):
+    def layer(il: int) -> tuple[np.ndarray, np.ndarray]:
         q, qpos = e.queries(il)
         k, v, kpos, _ = e.read_layer(il)
         dks, dvs = roundtrip_deltas(e, k, 0), roundtrip_deltas(e, v, 1)
         zk, zv = [np.zeros_like(k)] * len(dks), [np.zeros_like(v)] * len(dvs)
-        d, _ = layer_damage(q, qpos, k, v, kpos, list(dks) + zk, zv + list(dvs), W)
-        sel = kpos < n - W
-        dk_all.append(d[sel, :len(dks)])
-        dv_all.append(d[sel, len(dks):])
-        pos.append(kpos[sel])
-        lay.append(np.full(int(sel.sum()), il))
-    return np.concatenate(dk_all), np.concatenate(dv_all), np.concatenate(pos), np.concatenate(lay)
+        return layer_damage(q, qpos, k, v, kpos, list(dks) + zk, zv + list(dvs), W)[0], kpos
+
+    d, pos, lay = decided_rows(e, n, W, layer)
+    return d[:, :3], d[:, 3:], pos, lay
 
 
 def main() -> int:
