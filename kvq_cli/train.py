@@ -114,7 +114,8 @@ def k_center_of(model: str | Path, chunks: list[list[int]], n_threads: int | Non
 def roundtrip_deltas(engine: Engine, x: np.ndarray, side: int = 0,
                      precisions: tuple[int, ...] = PRECISIONS, u: np.ndarray | None = None) -> list[np.ndarray]:
     """x stored by each pool of `precisions` but the last (f16) minus x: what the pools do to
-    these rows, K rows (side 0) or V rows (side 1); a k4v2 pool round-trips K at 4 bits, V at 2.
+    these rows, K rows (side 0) or V rows (side 1, with least-squares scales: the runtime's v_unbias
+    rescale is not in the damage); a k4v2 pool round-trips K at 4 bits, V at 2.
     With u (window_directions), K rows are rounded query-aware, as the runtime stores them."""
     bits = [SIDE_BITS.get(p, (p, p))[side] for p in precisions[:-1]]
     done = {b: engine.roundtrip(b, x, u if side == 0 else None) - x for b in dict.fromkeys(bits)}

@@ -382,18 +382,18 @@ def test_bad_window_bits_are_a_clear_error(runner, args, needle):
     assert_one_line_error(r, needle)
 
 
-def _layer_k(e, n):
-    """K of every layer [N_LAYER, n, N_EMBD_KV], rows in position order."""
+def _layer_k(e, n, side=0):
+    """K (side 1: V) of every layer [N_LAYER, n, N_EMBD_KV], rows in position order."""
     out = []
     for il in range(N_LAYER):
-        k, _, kpos, _ = e.read_layer(il)
-        assert len(kpos) == n
-        out.append(k[np.argsort(kpos)])
+        kv = e.read_layer(il)
+        assert len(kv[2]) == n
+        out.append(kv[side][np.argsort(kv[2])])
     return np.stack(out)
 
 
-def _assigned_logits(model, toks, bits, center=None, window=0, scale=None, **kw):
-    """(logits, K of every layer read back); with record_q=True also each layer's queries in position order."""
+def _assigned_logits(model, toks, bits, center=None, window=0, scale=None, side=0, **kw):
+    """(logits, K (side 1: V) of every layer read back); with record_q=True also each layer's queries in position order."""
     # 16-token ubatches: rows are stored at their precision after each ubatch (inside it they are f16)
     with Engine(model, kv=ASSIGN, n_ctx=512, n_batch=16, n_ubatch=16, logits_all=True,
                 kvq=KvqOptions(window=window, **kw)) as e:
@@ -403,7 +403,7 @@ def _assigned_logits(model, toks, bits, center=None, window=0, scale=None, **kw)
             e.set_k_scale(scale)
         e.set_assignment(bits)
         e.llm.eval(toks)
-        out = (np.array(e.llm.scores[:len(toks)], dtype=np.float64), _layer_k(e, len(toks)))
+        out = (np.array(e.llm.scores[:len(toks)], dtype=np.float64), _layer_k(e, len(toks), side))
         if kw.get("record_q"):
             qs = [e.queries(il) for il in range(N_LAYER)]
             out += ([q[np.argsort(qpos)] for q, qpos in qs],)
@@ -511,6 +511,29 @@ def test_k_center_travels_in_the_gguf(runner, model_path, tmp_path):
     assert_one_line_error(r, "--kv-center must be auto, on or off")
     r = runner.invoke(app, ["chat", "--kv", "stock-f16", "--kv-center", "on", "-p", "hi"])
     assert_one_line_error(r, "apply to kvq policies")
+
+
+def test_v_unbias_keeps_each_v_head_projection(model_path):
+    """v_unbias (on for mixed-precision caches): a 2-bit V head decodes with its projection on the
+    original exact, where the least-squares block scale shrinks it by its relative error (~11%),
+    a shrink the attention output would add up. On an all-2-bit cache the logits get closer to f16."""
+    n, window = 256, 16
+    with Engine(model_path, kv=parse_kv("f16"), n_ctx=512) as e:
+        toks = e.tokenize(TEXT)[:n]
+    ref, V = _assigned_logits(model_path, toks, np.full(n, 16, np.int32), side=1)
+    two = np.full(n, 2, np.int32)
+    got = {unb: _assigned_logits(model_path, toks, two, window=window, side=1, v_unbias=unb) for unb in (False, True)}
+    stored = slice(0, n - window)      # rows that left the window into the 2-bit pool
+    v = V[0, stored].reshape(-1, 64).astype(np.float64)   # layer 0: its V does not depend on the cache
+    proj = {}
+    for unb, (_, Vx) in got.items():
+        vx = Vx[0, stored].reshape(-1, 64).astype(np.float64)
+        proj[unb] = float(np.median((vx * v).sum(1) / (v * v).sum(1)))
+    scored = slice(2 * window, None)
+    kls = {unb: kl(ref[scored], logits[scored]) for unb, (logits, _) in got.items()}
+    print("v_unbias test:", proj, kls)
+    assert proj[False] < 0.93 and abs(proj[True] - 1.0) < 0.002, proj
+    assert kls[True] < kls[False], kls
 
 
 def test_query_aware_rounding_protects_the_attending_direction(model_path):

@@ -39,6 +39,7 @@ class KvqParams(ctypes.Structure):
         ("k_center", c_int32),
         ("qar_mu", c_float),
         ("window_bits", c_int32),
+        ("v_unbias", c_int32),
     ]
 
 

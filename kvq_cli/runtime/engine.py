@@ -155,6 +155,7 @@ class Engine:
         if opts.price_step is not None:
             p.price_step = float(opts.price_step)
         p.k_center = int(opts.k_center_for(kv))
+        p.v_unbias = int(opts.v_unbias_for(kv))
         if opts.qar_mu is not None:
             p.qar_mu = float(opts.qar_mu)
         if kv.kvq == "static":
@@ -336,7 +337,8 @@ class Engine:
         return k, v, pos, prec
 
     def roundtrip(self, bits: int, x, u=None):
-        """Rows x [n, n_embd_kv] stored at `bits` as a pool stores them, decoded back. With u (same shape:
+        """Rows x [n, n_embd_kv] stored at `bits` as a pool stores K rows, decoded back (V rows too: without
+        the unbiased scales of KvqOptions.v_unbias, which the training damage predates). With u (same shape:
         per row the window queries' direction, sum of p^2 q per KV head), K rows rounded query-aware as
         they leave the window (KvqOptions.qar_mu > 0, 2 and 4 bits; otherwise plain)."""
         import numpy as np

@@ -124,9 +124,16 @@ class KvqOptions:
     # precision of the window rows: 16 (f16) or 8 (q8_0, 8.5 bits); None: 8 where the window feeds
     # decisions (rule, adaptive: the bits saved go to the decided rows), else 16
     window_bits: int | None = None
+    # V rows of the 2/4-bit pools stored with block scales that leave each block's projection on the
+    # original exact (the least-squares scale shrinks it by its relative error, ~11% at 2 bits, and
+    # attention adds that shrink up). None: on for mixed-precision policies, off for static ones
+    v_unbias: bool | None = None
 
     def k_center_for(self, policy: KvPolicy) -> bool:
         return self.k_center if self.k_center is not None else policy.kvq != "static"
+
+    def v_unbias_for(self, policy: KvPolicy) -> bool:
+        return self.v_unbias if self.v_unbias is not None else policy.kvq != "static"
 
     def budget_for(self, policy: KvPolicy) -> float | None:
         """The policy's own budget (`rule@3`), else --kv-bits; None for stock caches."""
