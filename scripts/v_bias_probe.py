@@ -53,7 +53,8 @@ def layer_stats(e: Engine, il: int) -> dict[str, list[float]]:
     sel = qpos >= Q_FROM
     out = {name: [0.0, 0.0, 0.0] for name in variants}
     for h in range(d.n_head):
-        s = slice((h // (d.n_head // d.n_head_kv)) * HD, (h // (d.n_head // d.n_head_kv) + 1) * HD)
+        g = h // (d.n_head // d.n_head_kv)   # the query head's KV head
+        s = slice(g * HD, (g + 1) * HD)
         a = _attention(q[:, h], k[:, s], causal, 1.0 / np.sqrt(HD))[sel]
         o = a @ v[:, s]
         for name, x in variants.items():

@@ -382,7 +382,7 @@ def test_bad_window_bits_are_a_clear_error(runner, args, needle):
     assert_one_line_error(r, needle)
 
 
-def _layer_k(e, n, side=0):
+def _layer_rows(e, n, side=0):
     """K (side 1: V) of every layer [N_LAYER, n, N_EMBD_KV], rows in position order."""
     out = []
     for il in range(N_LAYER):
@@ -403,7 +403,7 @@ def _assigned_logits(model, toks, bits, center=None, window=0, scale=None, side=
             e.set_k_scale(scale)
         e.set_assignment(bits)
         e.llm.eval(toks)
-        out = (np.array(e.llm.scores[:len(toks)], dtype=np.float64), _layer_k(e, len(toks), side))
+        out = (np.array(e.llm.scores[:len(toks)], dtype=np.float64), _layer_rows(e, len(toks), side))
         if kw.get("record_q"):
             qs = [e.queries(il) for il in range(N_LAYER)]
             out += ([q[np.argsort(qpos)] for q, qpos in qs],)
@@ -495,7 +495,7 @@ def test_k_center_travels_in_the_gguf(runner, model_path, tmp_path):
     for name, kv in (("plain", parse_kv("f16")), ("static", parse_kv("f16")), ("assign", ASSIGN)):
         with Engine(model_path if name == "plain" else path, kv=kv, n_ctx=128, kvq=KvqOptions(window=0)) as e:
             e.llm.eval(toks)
-            ks[name] = _layer_k(e, len(toks))
+            ks[name] = _layer_rows(e, len(toks))
     np.testing.assert_array_equal(ks["static"], ks["plain"])
     assert np.abs(ks["assign"] - (ks["plain"] - mu[:, None])).max() < 0.02 * np.abs(ks["plain"]).max()
     ctrl.k_center = mu[:, :64].tolist()
