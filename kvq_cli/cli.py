@@ -430,6 +430,7 @@ def train_cmd(
     pools: Annotated[str, typer.Option("--pools", help="The controller's output classes, in bits: 2,4,8,16; 2,3,4,8,16 with the k4v2 pool (K at 4 bits, V at 2; 3.375 bits/element); or 0,2,4,8,16 with eviction (0: the row is left out).")] = "2,4,8,16",
     layer_weights: Annotated[int, typer.Option("--layer-weights", help="Measure how much KL a unit of damage costs in each layer on N chunks of --chunk-len tokens of the calibration text (N x (layers + 1) decodes) and ship its square root as the controller's layer weights (token_layer only); 0: every layer weighs 1.")] = 0,
     damage_rounding: Annotated[str, typer.Option("--damage-rounding", help="How the damage targets round K at 2 and 4 bits: plain, or qar (query-aware, from the queries that attend to each row in the window, as the runtime stores it). The shipped controller uses plain: qar decoded wikitext-2 worse (README).")] = "plain",
+    damage_v_scales: Annotated[str, typer.Option("--damage-v-scales", help="How the damage targets store V at 2 and 4 bits: least-squares block scales, or unbiased (each block's projection on the original kept exact, as the runtime stores V rows of rule/adaptive caches).")] = "least-squares",
     v_weight: Annotated[float, typer.Option("--v-weight", help="Weight of the V errors in the damage targets (they enter scaled by its square root); 1: the first-order damage as measured. The shipped controller uses the default: the first-order damage undervalues V errors (README).")] = 10.0,
     threads: ThreadsOpt = None,
 ) -> None:
@@ -461,6 +462,8 @@ def train_cmd(
     check_ensemble(ensemble, objective)
     if damage_rounding not in ("plain", "qar"):
         raise BadOption(f"--damage-rounding must be plain or qar, got {damage_rounding}")
+    if damage_v_scales not in ("least-squares", "unbiased"):
+        raise BadOption(f"--damage-v-scales must be least-squares or unbiased, got {damage_v_scales}")
     if not (v_weight > 0 and math.isfinite(v_weight)):
         raise BadOption(f"--v-weight must be a positive number, got {v_weight:g}")
     if chunks < 3 or prompts < 20 or chunk_len < 4 * window + 64 or window < 1:
@@ -480,7 +483,8 @@ def train_cmd(
                                         n_prompts=prompts, chunk_len=chunk_len, window=window, n_threads=threads,
                                         on_chunk=lambda i, n: progress.update(task, completed=i, total=n),
                                         k_center=k_center, precisions=POOL_SETS[pools.replace(" ", "")],
-                                        qar=damage_rounding == "qar", v_weight=v_weight)
+                                        qar=damage_rounding == "qar", v_weight=v_weight,
+                                        v_unbias=damage_v_scales == "unbiased")
         fit_task = progress.add_task("fit", total=epochs)
         spec, report = train(data, budget=budget, per_layer=granularity == "token_layer", hidden=hidden,
                              seed=seed, epochs=epochs, val_chunks=n_held, objective=objective, ensemble=ensemble,
@@ -495,6 +499,7 @@ def train_cmd(
             spec.validate()
     spec.extra.update({"calib": Path(calib).name, "regime": regime,
                        **({"damage_rounding": damage_rounding} if damage_rounding != "plain" else {}),
+                       **({"damage_v_scales": damage_v_scales} if damage_v_scales != "least-squares" else {}),
                        "v_weight": v_weight,
                        **({"layer_weights": {"chunks": layer_weights, "layer_kl": ls.kl.tolist(), "layer_damage": ls.damage.tolist()}} if layer_weights else {}),
                        **({} if regime == "prompt" else {"chunks": chunks, "chunk_len": chunk_len, "window": window}),

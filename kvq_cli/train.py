@@ -7,7 +7,8 @@
 2. Damage. For each (token, layer) and each precision p in {2, 4, 8} (--pools 2,3,4,8,16: also
    3, the k4v2 pool, whose K takes the 4-bit change and V the 2-bit one) the rows are stored and
    decoded exactly as the pool would (llama_kvq_roundtrip; with --damage-rounding qar, K as the
-   runtime's query-aware rounding stores it, llama_kvq_roundtrip_qar), and the first-order change of
+   runtime's query-aware rounding stores it, llama_kvq_roundtrip_qar; with --damage-v-scales unbiased,
+   V as the runtime's v_unbias stores it, llama_kvq_roundtrip_v), and the first-order change of
    the attention output that the *later* queries (those past the f16 window) would see is
    measured. Per query q and head, with a the attention weight of the token, s = q.dK * scale:
        do_q = a * (dV + s * (V - o_q))            (softmax derivative)
@@ -112,13 +113,14 @@ def k_center_of(model: str | Path, chunks: list[list[int]], n_threads: int | Non
 
 
 def roundtrip_deltas(engine: Engine, x: np.ndarray, side: int = 0,
-                     precisions: tuple[int, ...] = PRECISIONS, u: np.ndarray | None = None) -> list[np.ndarray]:
+                     precisions: tuple[int, ...] = PRECISIONS, u: np.ndarray | None = None,
+                     v_unbias: bool = False) -> list[np.ndarray]:
     """x stored by each pool of `precisions` but the last (f16) minus x: what the pools do to
-    these rows, K rows (side 0) or V rows (side 1, with least-squares scales: the runtime's v_unbias
-    rescale is not in the damage); a k4v2 pool round-trips K at 4 bits, V at 2.
+    these rows, K rows (side 0) or V rows (side 1: with least-squares block scales, or with v_unbias as
+    the runtime stores them, Engine.roundtrip(v=True)); a k4v2 pool round-trips K at 4 bits, V at 2.
     With u (window_directions), K rows are rounded query-aware, as the runtime stores them."""
     bits = [SIDE_BITS.get(p, (p, p))[side] for p in precisions[:-1]]
-    done = {b: engine.roundtrip(b, x, u if side == 0 else None) - x for b in dict.fromkeys(bits)}
+    done = {b: engine.roundtrip(b, x, u if side == 0 else None, v=side == 1 and v_unbias) - x for b in dict.fromkeys(bits)}
     return [done[b] for b in bits]
 
 
@@ -231,18 +233,20 @@ def layer_damage(q: np.ndarray, qpos: np.ndarray, k: np.ndarray, v: np.ndarray, 
 
 
 def engine_layer_damage(e: Engine, il: int, window: int, precisions: tuple[int, ...] = PRECISIONS,
-                        qar: bool = False, v_weight: float = 1.0, **kw) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                        qar: bool = False, v_weight: float = 1.0, v_unbias: bool = False,
+                        **kw) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """layer_damage of the rows held for layer il on an oracle engine (record_q), with the pools'
     own round trips, plain or (`qar`, with the engine's qar_mu > 0) K rounded query-aware from the
     window's queries as the runtime stores it: (damage [n_keys, len(precisions) - 1], later-query
     counts, key positions). With v_weight w, the V errors enter scaled by sqrt(w), so the V part of
-    the damage weighs w times (scripts/kv_split_probe.py)."""
+    the damage weighs w times (scripts/kv_split_probe.py); with v_unbias, V rows are stored with unbiased
+    block scales (roundtrip_deltas)."""
     q, qpos = e.queries(il)
     k, v, kpos, _ = e.read_layer(il)
     u = window_directions(q, qpos, k, kpos, window, kw.get("q_from", 0)) if qar else None
     drop = precisions[0] == 0   # eviction: layer_damage's extra last column, moved to the front
     stored = precisions[drop:]
-    dvs = roundtrip_deltas(e, v, 1, stored)
+    dvs = roundtrip_deltas(e, v, 1, stored, v_unbias=v_unbias)
     if v_weight != 1.0:
         dvs = [dv * math.sqrt(v_weight) for dv in dvs]
     d, n_later = layer_damage(q, qpos, k, v, kpos, roundtrip_deltas(e, k, 0, stored, u), dvs, window, drop=drop, **kw)
@@ -355,11 +359,12 @@ def layer_sensitivity(model: str | Path, text: str, *, k_center: np.ndarray | No
 def collect(model: str | Path, chunks: list[list[int]], *, window: int = 32, n_ubatch: int = 32,
             n_threads: int | None = None, on_chunk: Callable[[int, int], None] | None = None,
             k_center: np.ndarray | None = None, precisions: tuple[int, ...] = PRECISIONS,
-            qar: bool = False, v_weight: float = 1.0) -> Collected:
+            qar: bool = False, v_weight: float = 1.0, v_unbias: bool = False) -> Collected:
     """Run the oracle over each chunk and measure features and damage of every decided (token, layer) row
     (K stored centered by k_center when given, as the runtime will store it; K damage with
-    query-aware rounding with `qar`, else plain; the V part weighted by v_weight, engine_layer_damage)."""
-    rows = _Rows(precisions, qar, v_weight)
+    query-aware rounding with `qar`, else plain; the V part weighted by v_weight, V rows with unbiased
+    scales with v_unbias, engine_layer_damage)."""
+    rows = _Rows(precisions, qar, v_weight, v_unbias)
     n_ctx = max(len(c) for c in chunks)
     opts = KvqOptions(window=window, trace=True, per_layer=True, record_q=True)
     with Engine(model, kv=ORACLE, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ubatch, n_threads=n_threads, kvq=opts) as e:
@@ -376,12 +381,14 @@ def collect(model: str | Path, chunks: list[list[int]], *, window: int = 32, n_u
 class _Rows:
     """Decided (token, layer) rows of the oracle chunks seen so far: features from the trace, damage per precision."""
 
-    def __init__(self, precisions: tuple[int, ...] = PRECISIONS, qar: bool = False, v_weight: float = 1.0):
+    def __init__(self, precisions: tuple[int, ...] = PRECISIONS, qar: bool = False, v_weight: float = 1.0,
+                 v_unbias: bool = False):
         self.parts: list[tuple] = []
         self.names: list[str] = []
         self.precisions = precisions
         self.qar = qar
         self.v_weight = v_weight
+        self.v_unbias = v_unbias
 
     def add_chunk(self, e: Engine, ci: int, *, window: int, min_future: int, q_stride: int = 2, q_from: int = 0,
                   pos_below: int | None = None) -> None:
@@ -391,7 +398,7 @@ class _Rows:
         self.names = tr.names
         for il in range(e.dims.n_layer):
             d, n_later, kpos = engine_layer_damage(e, il, window, self.precisions, self.qar, self.v_weight,
-                                                   q_stride=q_stride, q_from=q_from)
+                                                   self.v_unbias, q_stride=q_stride, q_from=q_from)
             sel = tr.layer == il
             if pos_below is not None:
                 sel &= tr.pos < pos_below
@@ -428,12 +435,13 @@ def prompt_chunks(engine: Engine, text: str, n_chunks: int, *, min_ctx: int = PR
 
 def collect_prompts(model: str | Path, pairs: list[tuple[list[int], list[int]]], *, n_threads: int | None = None,
                     on_chunk: Callable[[int, int], None] | None = None, k_center: np.ndarray | None = None,
-                    precisions: tuple[int, ...] = PRECISIONS, qar: bool = False, v_weight: float = 1.0) -> Collected:
+                    precisions: tuple[int, ...] = PRECISIONS, qar: bool = False, v_weight: float = 1.0,
+                    v_unbias: bool = False) -> Collected:
     """The prompt regime (multiple choice, `kvq eval --kv-window 0`): each prompt is prefilled in one
     ubatch and every row is decided right after it (W = 0), from the attention of the prompt's own
     queries; damage is measured with the queries of the continuation only, which are the ones
     that see the stored rows (K query-aware from the prompt's own later queries with `qar`)."""
-    rows = _Rows(precisions, qar, v_weight)
+    rows = _Rows(precisions, qar, v_weight, v_unbias)
     n_ctx = max(len(a) + len(b) for a, b in pairs)
     opts = KvqOptions(window=0, trace=True, per_layer=True, record_q=True)
     with Engine(model, kv=ORACLE, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=n_threads, kvq=opts) as e:
@@ -796,7 +804,7 @@ def calibration_data(model: str | Path, text: str, *, regime: str, cache: Path |
                      chunk_len: int, window: int, n_threads: int | None = None,
                      on_chunk: Callable[[int, int], None] | None = None,
                      k_center: bool = True, precisions: tuple[int, ...] = PRECISIONS,
-                     qar: bool = False, v_weight: float = 1.0) -> tuple[Collected, int]:
+                     qar: bool = False, v_weight: float = 1.0, v_unbias: bool = False) -> tuple[Collected, int]:
     """The training rows of a regime (decode, prompt or both) and how many chunks are held out.
 
     With k_center, K is centered by its mean per layer over the decode chunks (k_center_of) in
@@ -815,7 +823,7 @@ def calibration_data(model: str | Path, text: str, *, regime: str, cache: Path |
         where = cache.with_name(f"{cache.stem}.{r}.npz") if cache is not None and regime == "both" else cache
         got[r] = collect_cached(model, text, cache=where, n_chunks=n_chunks if r == "decode" else n_prompts,
                                 chunk_len=chunk_len, window=window, regime=r, n_threads=n_threads, on_chunk=on_chunk,
-                                k_center=center, precisions=precisions, qar=qar, v_weight=v_weight)
+                                k_center=center, precisions=precisions, qar=qar, v_weight=v_weight, v_unbias=v_unbias)
     if regime == "both":
         return merge_regimes(got["decode"], got["prompt"], held["decode"], held["prompt"])
     return got[regime], held[regime]
@@ -824,7 +832,8 @@ def calibration_data(model: str | Path, text: str, *, regime: str, cache: Path |
 def collect_cached(model: str | Path, text: str, *, cache: Path | None, n_chunks: int, chunk_len: int,
                    window: int, regime: str = "decode", n_threads: int | None = None,
                    on_chunk: Callable[[int, int], None] | None = None, k_center: np.ndarray | None = None,
-                   precisions: tuple[int, ...] = PRECISIONS, qar: bool = False, v_weight: float = 1.0) -> Collected:
+                   precisions: tuple[int, ...] = PRECISIONS, qar: bool = False, v_weight: float = 1.0,
+                   v_unbias: bool = False) -> Collected:
     """collect() (regime decode) or collect_prompts() (regime prompt) over the calibration text,
     read from / written to an NPZ cache when given."""
     if regime not in ("decode", "prompt"):
@@ -843,6 +852,8 @@ def collect_cached(model: str | Path, text: str, *, cache: Path | None, n_chunks
         meta["qar_mu"] = round(float(kvq_lib().llama_kvq_default_params().qar_mu), 6)
     if v_weight != 1.0:   # V errors weighted (caches of weight 1 carry no key)
         meta["v_weight"] = float(v_weight)
+    if v_unbias:   # V damage with unbiased block scales (least-squares caches carry no key)
+        meta["v_unbias"] = True
     if cache is not None and cache.is_file():
         try:
             z = np.load(cache, allow_pickle=False)
@@ -859,12 +870,12 @@ def collect_cached(model: str | Path, text: str, *, cache: Path | None, n_chunks
         with Engine(model, kv=KvPolicy("f16", kvq="static"), n_ctx=PROMPT_MAX + PROMPT_CONT) as tok:
             pairs = prompt_chunks(tok, text, n_chunks)
         c = collect_prompts(model, pairs, n_threads=n_threads, on_chunk=on_chunk, k_center=k_center, precisions=precisions,
-                            qar=qar, v_weight=v_weight)
+                            qar=qar, v_weight=v_weight, v_unbias=v_unbias)
     else:
         with Engine(model, kv=KvPolicy("f16", kvq="static"), n_ctx=chunk_len) as tok:
             chunks = calibration_chunks(tok, text, chunk_len, n_chunks)
         c = collect(model, chunks, window=window, n_threads=n_threads, on_chunk=on_chunk, k_center=k_center,
-                    precisions=precisions, qar=qar, v_weight=v_weight)
+                    precisions=precisions, qar=qar, v_weight=v_weight, v_unbias=v_unbias)
     if cache is not None:
         from kvq_cli.gguf_write import atomic_output
 

@@ -534,6 +534,10 @@ def test_v_unbias_keeps_each_v_head_projection(model_path):
     print("v_unbias test:", proj, kls)
     assert proj[False] < 0.93 and abs(proj[True] - 1.0) < 0.002, proj
     assert kls[True] < kls[False], kls
+    # the training round trip of V rows (Engine.roundtrip(v=True)) stores them exactly as the pool did
+    for unb, (_, Vx) in got.items():
+        with Engine(model_path, kv=ASSIGN, n_ctx=512, kvq=KvqOptions(v_unbias=unb)) as e:
+            np.testing.assert_array_equal(e.roundtrip(2, V[0, stored], v=True), Vx[0, stored])
 
 
 def test_query_aware_rounding_protects_the_attending_direction(model_path):

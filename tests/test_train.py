@@ -136,7 +136,8 @@ def test_prompt_regime_decides_after_the_prefill_and_scores_with_the_continuatio
     with Engine(model_path, kv=parse_kv("f16"), n_ctx=256) as e:
         pairs = prompt_chunks(e, CALIB.read_text(encoding="utf-8"), 5, min_ctx=20, max_ctx=40, cont_len=8)
     assert len(pairs) == 5 and all(20 <= len(a) <= 40 and len(b) == 8 for a, b in pairs)
-    c = collect_prompts(model_path, pairs, qar=True)   # (--damage-rounding qar; plain is the fixture's)
+    # (--damage-rounding qar, --damage-v-scales unbiased; plain and least-squares are the fixture's)
+    c = collect_prompts(model_path, pairs, qar=True, v_unbias=True)
     # every prompt row of every layer is decided (W = 0), none of the continuation's
     for ci, (ctx, _) in enumerate(pairs):
         got = c.chunk == ci
@@ -152,8 +153,11 @@ def test_prompt_regime_decides_after_the_prefill_and_scores_with_the_continuatio
         # K rounded query-aware from the prompt's own queries (those before the continuation)
         u = window_directions(q, qpos, k, kpos, 0, q_from=len(ctx))
         assert (np.abs(u[:len(ctx) - 1]).sum(1) > 0).all() and not u[len(ctx) - 1:].any()
-        d, n_later = layer_damage(q, qpos, k, v, kpos, roundtrip_deltas(e, k, u=u), roundtrip_deltas(e, v, 1), 0,
-                                  q_stride=1, q_from=len(ctx))
+        dv = roundtrip_deltas(e, v, 1, v_unbias=True)   # V as the runtime stores it (the oracle engine's v_unbias)
+        ls = roundtrip_deltas(e, v, 1)
+        assert np.abs(dv[0] - ls[0]).max() > 0 and np.abs(dv[1] - ls[1]).max() > 0   # 2 and 4 bits: not least squares
+        np.testing.assert_array_equal(dv[2], ls[2])                                    # q8_0 keeps its scales
+        d, n_later = layer_damage(q, qpos, k, v, kpos, roundtrip_deltas(e, k, u=u), dv, 0, q_stride=1, q_from=len(ctx))
     assert (n_later[:len(ctx)] == len(cont)).all()
     mine = (c.chunk == 0) & (c.layer == 3)
     np.testing.assert_allclose(c.damage[mine, :3], d[c.pos[mine]], rtol=1e-3)
@@ -417,6 +421,8 @@ def test_train_cli_end_to_end_and_errors(runner, tmp_path, model_path):
     assert_one_line_error(r, "was collected with")   # plain K damage in it
     r = runner.invoke(app, args[:-4] + ["--out", str(tmp_path / "n.json"), "--cache", str(cache), "--v-weight", "1"])
     assert_one_line_error(r, "was collected with")   # V errors weighted V_WEIGHT in it
+    r = runner.invoke(app, args[:-4] + ["--out", str(tmp_path / "n.json"), "--cache", str(cache), "--damage-v-scales", "unbiased"])
+    assert_one_line_error(r, "was collected with")   # least-squares V damage in it
     # --v-weight w: the V errors enter the damage scaled by sqrt(w), so the V part weighs w times
     # (K errors dominate the 2-bit damage ~20x, results/kv_split_probe.json: a larger, not a 10x larger mean)
     assert spec.extra["v_weight"] == V_WEIGHT == 10
@@ -452,6 +458,7 @@ def test_train_cli_end_to_end_and_errors(runner, tmp_path, model_path):
     for bad, needle in ((["--regime", "chat"], "--regime must be one of"), (["--objective", "mse"], "--objective must be one of"),
                         (["--pools", "2,3,4"], "--pools must be one of"),
                         (["--damage-rounding", "round"], "--damage-rounding must be plain or qar"),
+                        (["--damage-v-scales", "lsq"], "--damage-v-scales must be least-squares or unbiased"),
                         (["--v-weight", "0"], "--v-weight must be a positive number")):
         r = runner.invoke(app, ["train", "--calib", str(CALIB), *bad, "--out", str(tmp_path / "x.json")])
         assert_one_line_error(r, needle)

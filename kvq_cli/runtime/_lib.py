@@ -93,6 +93,8 @@ _PROTOTYPES = {
     "llama_kvq_get_queries": (c_int64, [c_void_p, c_int32, _P_f32, _P_i32, c_int64]),
     # int32_t llama_kvq_roundtrip(const struct llama_context * ctx, int32_t bits, const float * x, float * y, int64_t n_rows);
     "llama_kvq_roundtrip": (c_int32, [c_void_p, c_int32, _P_f32, _P_f32, c_int64]),
+    # int32_t llama_kvq_roundtrip_v(const struct llama_context * ctx, int32_t bits, const float * x, float * y, int64_t n_rows);
+    "llama_kvq_roundtrip_v": (c_int32, [c_void_p, c_int32, _P_f32, _P_f32, c_int64]),
     # int32_t llama_kvq_roundtrip_qar(const struct llama_context * ctx, int32_t bits, const float * x, const float * u,
     #                                 float * y, int64_t n_rows);
     "llama_kvq_roundtrip_qar": (c_int32, [c_void_p, c_int32, _P_f32, _P_f32, _P_f32, c_int64]),

@@ -336,18 +336,21 @@ class Engine:
         lib.llama_kvq_read_layer(ctx, il, _ptr(k), _ptr(v), _ptr(pos), _ptr(prec), n)
         return k, v, pos, prec
 
-    def roundtrip(self, bits: int, x, u=None):
-        """Rows x [n, n_embd_kv] stored at `bits` as a pool stores K rows, decoded back (V rows too: without
-        the unbiased scales of KvqOptions.v_unbias, which the training damage predates). With u (same shape:
-        per row the window queries' direction, sum of p^2 q per KV head), K rows rounded query-aware as
-        they leave the window (KvqOptions.qar_mu > 0, 2 and 4 bits; otherwise plain)."""
+    def roundtrip(self, bits: int, x, u=None, v: bool = False):
+        """Rows x [n, n_embd_kv] stored at `bits` as a pool stores K rows, decoded back. With v, as it stores
+        V rows (with unbiased block scales where this engine has KvqOptions.v_unbias on; otherwise the
+        same). With u (same shape: per row the window queries' direction, sum of p^2 q per KV head), K rows
+        rounded query-aware as they leave the window (KvqOptions.qar_mu > 0, 2 and 4 bits; otherwise plain)."""
         import numpy as np
 
         x = np.ascontiguousarray(x, np.float32)
         y = np.empty_like(x)
         if u is None:
-            self._check(self._kvq().llama_kvq_roundtrip(self.llm.ctx, int(bits), _ptr(x), _ptr(y), len(x)), "roundtrip")
+            fn = self._kvq().llama_kvq_roundtrip_v if v else self._kvq().llama_kvq_roundtrip
+            self._check(fn(self.llm.ctx, int(bits), _ptr(x), _ptr(y), len(x)), "roundtrip")
             return y
+        if v:
+            raise ValueError("query-aware rounding is for K rows")
         u = np.ascontiguousarray(u, np.float32)
         if u.shape != x.shape:
             raise ValueError(f"u has shape {u.shape}, x {x.shape}")
