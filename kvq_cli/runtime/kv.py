@@ -33,7 +33,8 @@ STOCK_POLICIES: dict[str, KvPolicy] = {
     "stock-q4_0": KvPolicy("stock-q4_0", "Q4_0", 18 * 8 / 32, True),
     "stock-q2_0": KvPolicy("stock-q2_0", "Q2_0", 18 * 8 / 64, True),
 }
-# kvq pools: f16, q8_0, q4_0, kvq2 (64 x 2 bit + f16 scale: 18 B / 64 = 2.25 bits), and
+# kvq pools: f16, q8_0, q4_0, kvq2 (per 64 values one f16 step and 16 bytes, each group of 4 one of
+# 256 codewords: 18 B / 64 = 2.25 bits), and
 # k4v2 (bits 3): K in q4_0, V in kvq2, 3.375 bits/element (K errors move every score, V errors one
 # output term: at 2 bits the K side does ~5x the damage, results/pool_candidates.txt).
 KVQ_POLICIES: dict[str, KvPolicy] = {

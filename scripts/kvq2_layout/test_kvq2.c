@@ -11,7 +11,6 @@
 void quantize_row_kvq2_ref(const float *x, void *y, int64_t k);
 void dequantize_row_kvq2(const void *x, float *y, int64_t k);
 void ggml_vec_dot_kvq2_q8_0(int n, float *s, size_t bs, const void *vx, size_t bx, const void *vy, size_t by, int nrc);
-void ggml_vec_dot_kvq2_q8_0_generic(int n, float *s, size_t bs, const void *vx, size_t bx, const void *vy, size_t by, int nrc);
 
 static int fails = 0;
 #define CHECK(c, ...) do { if (!(c)) { fails++; printf("FAIL: " __VA_ARGS__); printf("\n"); } else { printf("ok:   " __VA_ARGS__); printf("\n"); } } while (0)
@@ -57,7 +56,9 @@ int main(void) {
     float *x = malloc(sizeof(float)*NR*N);
     const char *dn[3] = {"gauss","laplace","t4"};
     const enum ggml_type types[3] = {GGML_TYPE_KVQ2, GGML_TYPE_Q2_0, GGML_TYPE_Q4_0};
-    const double expect_h[3] = {0.1129, 0.1101, 0.1079}; // layout C of the candidate simulation (sim.c)
+    // scalar 2-bit codes with one step per 64 values (layout C of sim.c, exhaustive step search), the
+    // layout before the 4-value codebook
+    const double expect_h[3] = {0.1129, 0.1101, 0.1079};
     printf("%-6s", "type");
     for (int h=0;h<2;h++) for (int d=0;d<3;d++) printf(" %10s%s", dn[d], h?"+H":"  ");
     printf("\n");
@@ -71,7 +72,7 @@ int main(void) {
         }
         printf("\n");
     }
-    for (int d=0; d<3; d++) CHECK(fabs(nm[0][1][d]/expect_h[d] - 1) < 0.03, "kvq2 %s+H nmse %.5f within 3%% of the simulated layout (exhaustive search) %.4f", dn[d], nm[0][1][d], expect_h[d]);
+    for (int d=0; d<3; d++) CHECK(nm[0][1][d] < 0.9*expect_h[d], "kvq2 %s+H nmse %.5f more than 10%% below scalar 2-bit codes' %.4f (sim.c layout C)", dn[d], nm[0][1][d], expect_h[d]);
 
     // ---- 3. from_float == ref bytes; quantize_chunk == ref; validate ----
     printf("== byte equality\n");
@@ -92,27 +93,27 @@ int main(void) {
         float e[3*64]; uint8_t qb[54]; float r[3*64];
         for (int i=0;i<64;i++){ e[i]=0; e[64+i]=1.25f; e[128+i] = (i==7) ? 1000.f : 0.01f*(i%5); }
         quantize_row_kvq2_ref(e, qb, 3*64); dequantize_row_kvq2(qb, r, 3*64);
-        // symmetric codes cannot keep a lone 1000x outlier exact (the Hadamard rotation spreads such
-        // spikes before rows reach the type); the least-squares step puts it at 1.5 d = 125
+        // no codeword keeps a lone 1000x outlier exact (the Hadamard rotation spreads such spikes
+        // before rows reach the type): it stays the block's largest value at its least-squares step
         int okz=1, okc=1, okmax=1; double eo=0, xo=0;
         for (int i=0;i<64;i++){ okz &= r[i]==0.f; okc &= fabsf(r[64+i]-1.25f) < 1e-3f; okmax &= r[128+i] <= r[128+7];
                                 eo += (r[128+i]-e[128+i])*(r[128+i]-e[128+i]); xo += e[128+i]*e[128+i]; }
         if (!(okz && okc && okmax)) printf("  zero %d const %d (%.4f) max %d\n", okz, okc, r[64], okmax);
-        CHECK(okz && okc && okmax && fabsf(r[128+7]-125.f) < 1.0f && eo < 0.9*xo,
+        CHECK(okz && okc && okmax && eo < 0.9*xo,
               "edge cases: zero block exact, constant block to f16 rounding of its step; outlier block at its least-squares step (%.2f, err %.2f of |x|^2)", r[128+7], eo/xo);
     }
 
-    // ---- 4. vec_dot: generic and SIMD vs float dot of dequantized values ----
+    // ---- 4. vec_dot (one generic implementation since the codebook) vs float dot of dequantized values ----
     printf("== vec_dot (kvq2 x q8_0)\n");
     {
         const int sizes[3] = {64, 128, 4096};
         const struct ggml_type_traits_cpu *t8 = ggml_get_type_traits_cpu(GGML_TYPE_Q8_0);
-        double maxrel_g = 0, maxrel_s = 0, maxgs = 0;
+        double maxrel = 0;
         for (int si=0; si<3; si++) for (int trial=0; trial<200; trial++) {
             int n = sizes[si];
             float *k = malloc(sizeof(float)*n), *q = malloc(sizeof(float)*n), *kd = malloc(sizeof(float)*n), *qd = malloc(sizeof(float)*n);
             gen(k, n, trial%3, 1); gen(q, n, 0, 0);
-            if (trial % 7 == 0) for (int i=0;i<n;i++) k[i] += 0.5f;  // exercise the offset
+            if (trial % 7 == 0) for (int i=0;i<n;i++) k[i] += 0.5f;  // blocks with a common offset
             uint8_t *kq = malloc(ggml_row_size(T, n)), *qq = malloc(ggml_row_size(GGML_TYPE_Q8_0, n));
             tc->from_float(k, kq, n); t8->from_float(q, qq, n);
             dequantize_row_kvq2(kq, kd, n);
@@ -120,16 +121,13 @@ int main(void) {
             for (int b=0; b<n/32; b++) { const uint8_t *blk = qq + 34*b; uint16_t dh; memcpy(&dh, blk, 2);
                 float d = ggml_fp16_to_fp32(dh); for (int j=0;j<32;j++) qd[32*b+j] = d*(int8_t)blk[2+j]; }
             double ref = 0, aref = 0; for (int i=0;i<n;i++){ ref += (double)kd[i]*qd[i]; aref += fabs((double)kd[i]*qd[i]); }
-            float rg, rs;
-            ggml_vec_dot_kvq2_q8_0_generic(n, &rg, 0, kq, 0, qq, 0, 1);
+            float rs;
             ggml_vec_dot_kvq2_q8_0(n, &rs, 0, kq, 0, qq, 0, 1);
             double den = fmax(fabs(ref), 1e-2*aref); // guard near-zero dots
-            maxrel_g = fmax(maxrel_g, fabs(rg-ref)/den); maxrel_s = fmax(maxrel_s, fabs(rs-ref)/den); maxgs = fmax(maxgs, fabs(rs-rg)/den);
+            maxrel = fmax(maxrel, fabs(rs-ref)/den);
             free(k); free(q); free(kd); free(qd); free(kq); free(qq);
         }
-        CHECK(maxrel_g < 1e-3, "generic vec_dot vs float dot of dequantized: max rel err %.2e", maxrel_g);
-        CHECK(maxrel_s < 1e-3, "dispatched (AVX2) vec_dot vs float dot of dequantized: max rel err %.2e", maxrel_s);
-        CHECK(maxgs < 1e-4, "generic vs AVX2: max rel diff %.2e", maxgs);
+        CHECK(maxrel < 1e-3, "vec_dot vs float dot of dequantized: max rel err %.2e", maxrel);
     }
 
     // ---- 5. dot-product error of quantized K ----
@@ -173,7 +171,7 @@ int main(void) {
         const struct ggml_type_traits_cpu *t8 = ggml_get_type_traits_cpu(GGML_TYPE_Q8_0);
         uint8_t vq[34*4]; t8->from_float(vd, vq, K);
         for (int r=0;r<R;r++) {
-            float e; ggml_vec_dot_kvq2_q8_0_generic(K, &e, 0, (uint8_t*)a->data + r*ggml_row_size(T,K), 0, vq, 0, 1);
+            float e; ggml_vec_dot_kvq2_q8_0(K, &e, 0, (uint8_t*)a->data + r*ggml_row_size(T,K), 0, vq, 0, 1);
             double f = 0, af = 0; for (int j=0;j<K;j++){ f += (double)deq[r*K+j]*vd[j]; af += fabs((double)deq[r*K+j]*vd[j]); }
             float got = ((float*)mm->data)[r];
             maxrel_exact = fmax(maxrel_exact, fabs(got - e)/fmax(fabs(e),1e-6));
