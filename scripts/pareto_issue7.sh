@@ -29,8 +29,10 @@ resume() { [ -f "$1" ] && echo --resume || true; }
 # only the mixed-precision rows (adaptive, rule, oracle) run again after the controller changes
 # (WIKI_ADAPTIVE / WIKI_ORACLE / WIKI_ORACLE_K4V2: the budgets of step 2). k4v2 is the static
 # pool of K in q4_0 and V in kvq2 (3.375 bits); oracle+k4v2 the oracle with that pool among its choices.
+# SEED_EXCEPT (a comma list, e.g. q2,k4v2 after a change to kvq2): static rows not seeded, so scored again.
 if step 2; then
-  [ -f results/pareto_wikitext2.json ] && .venv/bin/python scripts/seed_records.py results/pareto_wikitext2.json results/pareto_wikitext2.json wikitext2
+  [ -f results/pareto_wikitext2.json ] && .venv/bin/python scripts/seed_records.py results/pareto_wikitext2.json \
+    results/pareto_wikitext2.json wikitext2 ${SEED_EXCEPT:+--except "$SEED_EXCEPT"}
   adaptive=$(for b in ${WIKI_ADAPTIVE:-3 3.5 4 4.5 5 6}; do printf ',adaptive@%s' "$b"; done)
   oracle=$(for b in ${WIKI_ORACLE:-3 3.5 4}; do printf ',oracle@%s' "$b"; done)
   oracle_k4v2=$(for b in ${WIKI_ORACLE_K4V2:-3 3.5}; do printf ',oracle+k4v2@%s' "$b"; done)
@@ -60,7 +62,7 @@ fi
 # the seeded static rows have no KL (so there would be nothing to compare it with), and re-scoring f16 for it would cost
 # another policy's time; the side-by-side KL of the tuning is on the dev splits (results/README.md).
 if step 4; then
-  .venv/bin/python scripts/seed_records.py results/eval_statics.json results/pareto_mc.json mc
+  .venv/bin/python scripts/seed_records.py results/eval_statics.json results/pareto_mc.json mc ${SEED_EXCEPT:+--except "$SEED_EXCEPT"}
   mc=$(for kv in ${MC_POLICIES:-adaptive@3 adaptive@3.5 adaptive@4 adaptive@5 rule@3 rule@4 oracle@3}; do printf ',%s' "$kv"; done)
   $kvq eval --task openbookqa,arc-challenge,arc-easy,hellaswag --limit hellaswag=2000 --data "$data" \
     --kv-window 0 --ref f16 --no-mc-kl --json results/pareto_mc.json --resume --kv stock-f16,f16,q8,q4,q2$mc

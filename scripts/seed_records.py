@@ -1,6 +1,6 @@
 """Seed a `kvq eval --json` file with the complete records of the controller-independent policies.
 
-    python scripts/seed_records.py SRC.json DST.json {mc,wikitext2}
+    python scripts/seed_records.py SRC.json DST.json {mc,wikitext2} [--except KV,...]
 
 A run that includes a mixed-precision policy (adaptive, rule, oracle) evaluates the GGUF copy with
 the shipped controller embedded, whose file name (with the controller's hash) is part of each
@@ -10,7 +10,9 @@ with an earlier controller) would not be found by --resume and would be scored a
 copies SRC's complete records of the static and stock policies, of the multiple-choice tasks or
 of wikitext-2, into DST under the current copy's name. DST keeps its
 own records of that copy; records of other copies (an earlier controller) are dropped. SRC may
-be DST. Scoring is deterministic: re-running the static policies against the copy gave the same
+be DST. --except leaves the named static policies out (DST's records of them dropped too), for when
+the runtime under them changed (q2 and k4v2 store kvq2: a new kvq2 layout needs them scored again).
+Scoring is deterministic: re-running the static policies against the copy gave the same
 per-item results on every item compared.
 """
 import json
@@ -32,14 +34,15 @@ def key(r: dict) -> tuple:
     return (r["task"], r["kv"], r["split"], r["ctx"], r["kv_bits"], r["kv_window"])
 
 
-def main(src: str, dst: str, group: str) -> None:
+def main(src: str, dst: str, group: str, skip: frozenset[str] = frozenset()) -> None:
     name = gguf_for(resolve(None), [parse_kv("adaptive")]).name
     tasks = GROUPS[group]
     seeds = [dict(r, model=name) for r in json.load(open(src))
-             if r["task"] in tasks and r.get("complete") and parse_kv(r["kv"]).kvq not in MIXED]
+             if r["task"] in tasks and r.get("complete") and parse_kv(r["kv"]).kvq not in MIXED
+             and r["kv"] not in skip]
     seeded = {key(r) for r in seeds}
     old = json.load(open(dst)) if os.path.exists(dst) else []
-    kept = [r for r in old if r["model"] == name and key(r) not in seeded]
+    kept = [r for r in old if r["model"] == name and key(r) not in seeded and r["kv"] not in skip]
     dropped = sum(1 for r in old if r["model"] != name and key(r) not in seeded)
     tmp = dst + ".tmp"
     with open(tmp, "w") as f:
@@ -50,6 +53,11 @@ def main(src: str, dst: str, group: str) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 4 or not os.path.isfile(sys.argv[1]) or sys.argv[3] not in GROUPS:
-        sys.exit("usage: seed_records.py SRC.json DST.json {mc,wikitext2} (SRC must exist)")
-    main(*sys.argv[1:])
+    args = sys.argv[1:]
+    skip: frozenset[str] = frozenset()
+    if len(args) == 5 and args[3] == "--except" and args[4]:
+        skip = frozenset(args[4].split(","))
+        args = args[:3]
+    if len(args) != 3 or not os.path.isfile(args[0]) or args[2] not in GROUPS:
+        sys.exit("usage: seed_records.py SRC.json DST.json {mc,wikitext2} [--except KV,...] (SRC must exist)")
+    main(*args, skip)
