@@ -8,6 +8,7 @@ from typing import Annotated, Any, Callable, Optional
 
 import typer
 
+from kvq_cli.controller import DAMAGE_FLOOR_PERCENTILE
 from kvq_cli.errors import KvqError
 
 app = typer.Typer(
@@ -432,6 +433,7 @@ def train_cmd(
     damage_rounding: Annotated[str, typer.Option("--damage-rounding", help="How the damage targets round K at 2 and 4 bits: plain, or qar (query-aware, from the queries that attend to each row in the window, as the runtime stores it). The shipped controller uses plain: qar decoded wikitext-2 worse (README).")] = "plain",
     damage_v_scales: Annotated[str, typer.Option("--damage-v-scales", help="How the damage targets store V at 2 and 4 bits: least-squares block scales, or unbiased (each block's projection on the original kept exact, as the runtime stores V rows of rule/adaptive caches).")] = "least-squares",
     v_weight: Annotated[float, typer.Option("--v-weight", help="Weight of the V errors in the damage targets (they enter scaled by its square root); 1: the first-order damage as measured. The shipped controller uses the default: the first-order damage undervalues V errors (README).")] = 10.0,
+    damage_floor_pct: Annotated[float, typer.Option("--damage-floor", help="Damage objectives: the percentile (of the training rows) of each ratio of a row's damage at one precision to its damage at the next one; the controller projects its estimates onto them before deciding, so a row never looks cheaper at fewer bits than the calibration rows allow. 0: no projection.")] = DAMAGE_FLOOR_PERCENTILE,
     threads: ThreadsOpt = None,
 ) -> None:
     """Learn a precision controller from the runtime's oracle on calibration text.
@@ -488,7 +490,7 @@ def train_cmd(
         fit_task = progress.add_task("fit", total=epochs)
         spec, report = train(data, budget=budget, per_layer=granularity == "token_layer", hidden=hidden,
                              seed=seed, epochs=epochs, val_chunks=n_held, objective=objective, ensemble=ensemble,
-                             on_epoch=lambda e, n, loss: progress.update(
+                             floor_percentile=damage_floor_pct, on_epoch=lambda e, n, loss: progress.update(
                                  fit_task, completed=e, description=f"fit (held-out loss {loss:.3f})"))
         if layer_weights:
             sens_task = progress.add_task("layer sensitivity", total=1)

@@ -27,6 +27,15 @@ For a row of layer l both heads' damage part is multiplied by layer_weight[l]:
     logits = -w_l * exp(w2 @ h + b2) - eff_bits                   (log_damage head)
 Per-token decisions (granularity "token") use weight 1. `kvq train --layer-weights N` measures
 them (train.layer_sensitivity); the shipped controller has none (they decoded wikitext-2 worse, README).
+
+Damage floor (optional field `damage_floor`, [n_precisions - 1], precisions ascending): a storage
+precision never does less damage than a higher one, and on the calibration rows the damage at one
+precision is never far below a fixed multiple of the next one's (`kvq train` stores the 1st percentile
+of each ratio). A regressor's estimates can break both where it extrapolates (negative damage at 2 bits:
+such a row would stay at 2 bits at every budget). With the field the estimates d (d = -(out + eff_bits)
+for the logits head, exp(out) for log_damage) are projected before the decision,
+    d[-1] = max(d[-1], 0);   d[o] = max(d[o], damage_floor[o] * d[o + 1])   for o from n - 2 down to 0
+    logits = -w_l * d - eff_bits
 """
 from __future__ import annotations
 
@@ -58,6 +67,9 @@ PRECISION_BITS = (0, 2, 3, 4, 8, 16)
 EFF_BITS_OF = {0: 0.0, 2: 2.25, 3: 3.375, 4: 4.5, 8: 8.5, 16: 16.0}   # effective bits/element of each pool, block scales included
 HEADS = ("logits", "log_damage")   # how the MLP's outputs become logits (module docstring)
 GRANULARITIES = ("token", "token_layer")   # one decision per token (features averaged over layers), or per layer too
+# kvq train's damage floor: each ratio of a row's damage at one precision to its damage at the next one, at
+# this percentile of the training rows (ControllerSpec.damage_floor)
+DAMAGE_FLOOR_PERCENTILE = 0.1
 
 
 @dataclass
@@ -79,6 +91,7 @@ class ControllerSpec:
     k_center: list[list[float]] | None = None   # [n_layer][n_embd_kv] or None
     head: str = "logits"
     layer_weight: list[float] | None = None     # [n_layer] damage weight per layer, or None (all 1)
+    damage_floor: list[float] | None = None     # [n_precisions - 1] damage projection (module docstring), or None
 
     @property
     def hidden(self) -> int:
@@ -134,6 +147,14 @@ class ControllerSpec:
                 raise ControllerError("controller layer_weight must be a non-empty list of finite values > 0")
             if self.k_center is not None and len(lw) != len(self.k_center):
                 raise ControllerError(f"controller layer_weight has {len(lw)} values for {len(self.k_center)} layers")
+        if self.damage_floor is not None:
+            df = self.damage_floor
+            if len(df) != npr - 1:
+                raise ControllerError(f"controller damage_floor has {len(df)} values, expected {npr - 1}")
+            if not all(isinstance(x, (int, float)) and math.isfinite(x) and x >= 0 for x in df):
+                raise ControllerError("controller damage_floor must be finite and >= 0")
+            if any(b <= a for a, b in zip(self.precisions, self.precisions[1:])):
+                raise ControllerError("controller damage_floor needs the precisions in ascending order")
         return self
 
     # -- decisions (NumPy reference of the C forward pass) ------------------------
@@ -159,6 +180,9 @@ class ControllerSpec:
         out = h @ np.asarray(self.w2, np.float32).T + np.asarray(self.b2, np.float32)
         eb = np.asarray([EFF_BITS_OF[p] for p in self.precisions], np.float32)
         w = self.weights(np.full(len(out), -1) if layer is None else layer)[:, None]
+        if self.damage_floor is not None:
+            d = np.exp(out) if self.head == "log_damage" else -(out + eb)
+            return -w * project_damage(d, self.damage_floor) - eb
         if self.head == "log_damage":
             return -w * np.exp(out) - eb
         return np.where(w == 1, out, w * (out + eb) - eb)   # weight 1: the plain logits, bit for bit
@@ -177,6 +201,7 @@ class ControllerSpec:
                 "b1": self.b1, "w2": self.w2, "b2": self.b2, "feature_mean": self.feature_mean,
                 "feature_std": self.feature_std, **({"k_center": self.k_center} if self.k_center is not None else {}),
                 **({"layer_weight": self.layer_weight} if self.layer_weight is not None else {}),
+                **({"damage_floor": self.damage_floor} if self.damage_floor is not None else {}),
                 **({"extra": self.extra} if self.extra else {})}
 
     @classmethod
@@ -193,7 +218,8 @@ class ControllerSpec:
                        granularity=str(d.get("granularity", "token")), head=str(d.get("head", "logits")),
                        extra=dict(d.get("extra", {})),
                        k_center=None if d.get("k_center") is None else [[float(x) for x in r] for r in d["k_center"]],
-                       layer_weight=None if d.get("layer_weight") is None else [float(x) for x in d["layer_weight"]])
+                       layer_weight=None if d.get("layer_weight") is None else [float(x) for x in d["layer_weight"]],
+                       damage_floor=None if d.get("damage_floor") is None else [float(x) for x in d["damage_floor"]])
         except KeyError as e:
             raise ControllerError(f"controller file lacks field {e.args[0]!r}") from None
         except (TypeError, ValueError) as e:
@@ -219,7 +245,8 @@ class ControllerSpec:
             (K.GRANULARITY, self.granularity, "str"),
             (K.HEAD, self.head, "str"),
         ] + ([(K.K_CENTER, flat(self.k_center), "f32[]")] if self.k_center is not None else []) \
-          + ([(K.LAYER_WEIGHT, [float(x) for x in self.layer_weight], "f32[]")] if self.layer_weight is not None else [])
+          + ([(K.LAYER_WEIGHT, [float(x) for x in self.layer_weight], "f32[]")] if self.layer_weight is not None else []) \
+          + ([(K.DAMAGE_FLOOR, [float(x) for x in self.damage_floor], "f32[]")] if self.damage_floor is not None else [])
 
     @classmethod
     def from_gguf_fields(cls, get) -> "ControllerSpec | None":
@@ -256,9 +283,24 @@ class ControllerSpec:
                 n_layer = get(Llm.BLOCK_COUNT.format(arch=get(Llm.ARCHITECTURE)))
                 if n_layer and len(lw) != int(n_layer):
                     raise ControllerError(f"{K.LAYER_WEIGHT} has {len(lw)} values for {n_layer} layers")
+            df = get(K.DAMAGE_FLOOR)
+            if df is not None:
+                spec.damage_floor = [float(x) for x in df]
         except (TypeError, ValueError) as e:
             raise ControllerError(f"GGUF controller metadata is incomplete or malformed ({e})") from None
         return spec.validate()
+
+
+def project_damage(d, floor):
+    """Damage estimates [n, n_precisions] (ascending precisions) projected as `damage_floor` says
+    (module docstring), in d's dtype."""
+    import numpy as np
+
+    d = np.array(d)
+    d[:, -1] = np.maximum(d[:, -1], 0)
+    for o in range(d.shape[1] - 2, -1, -1):
+        d[:, o] = np.maximum(d[:, o], d.dtype.type(floor[o]) * d[:, o + 1])
+    return d
 
 
 def default_controller_path(alias: str) -> Path | None:

@@ -42,7 +42,7 @@ from typing import Callable
 
 import numpy as np
 
-from kvq_cli.controller import EFF_BITS_OF, KNOWN_FEATURES, ControllerSpec
+from kvq_cli.controller import DAMAGE_FLOOR_PERCENTILE, EFF_BITS_OF, KNOWN_FEATURES, ControllerSpec, project_damage
 from kvq_cli.errors import BadOption
 from kvq_cli.runtime.engine import Engine
 from kvq_cli.runtime.kv import KvPolicy, KvqOptions
@@ -551,6 +551,7 @@ class FitReport:
     static_damage: float         # ... of the best static mix at the same bits (interpolated)
     importance: dict[str, float] = field(default_factory=dict)   # held-out rise when a feature is shuffled
     importance_metric: str = "held-out cross-entropy rise when shuffled"
+    train_bits: float | None = None   # mean effective bits of its choices at price 0 on the training rows
 
 
 def fit(x: np.ndarray, y: np.ndarray, val: np.ndarray, *, budget: float, hidden: int = 16, seed: int = 0,
@@ -691,6 +692,17 @@ def _logits(params, z, head: str, costs: np.ndarray = EFF_BITS) -> np.ndarray:
     return -np.exp(out) - costs if head == "log_damage" else out
 
 
+def damage_floor(damage: np.ndarray, percentile: float) -> list[float]:
+    """ControllerSpec.damage_floor from training rows' damage [n, n_precisions] (ascending precisions): per
+    adjacent pair the `percentile` of damage[:, o] / damage[:, o + 1] over rows with damage[:, o + 1] > 0
+    (1, monotonicity only, where there are none: the damage of f16 is 0)."""
+    out = []
+    for o in range(damage.shape[1] - 1):
+        m = damage[:, o + 1] > 0
+        out.append(float(np.percentile(damage[m, o] / damage[m, o + 1], percentile)) if m.any() else 1.0)
+    return out
+
+
 def check_ensemble(ensemble: int, objective: str) -> None:
     """An ensemble averages regressors: N >= 1, and 1 for the labels objective (a classifier)."""
     if ensemble < 1 or (ensemble > 1 and objective == "labels"):
@@ -699,15 +711,20 @@ def check_ensemble(ensemble: int, objective: str) -> None:
 
 def train(c: Collected, *, budget: float, per_layer: bool, hidden: int = 16, seed: int = 0, epochs: int = 60,
           val_chunks: int = 2, features: list[str] | None = None, objective: str = "labels", ensemble: int = 1,
+          floor_percentile: float = DAMAGE_FLOOR_PERCENTILE,
           on_epoch: Callable[[int, int, float], None] | None = None) -> tuple[ControllerSpec, FitReport]:
     """The MLP and a report. objective "labels": cross-entropy to the oracle's labels at `budget` bits
     per decided row; "damage": regression of each row's damage per precision, with the price per
     bit that puts the training rows at `budget` folded into the output layer; "log_damage": the same
     regression on log damage (a few rows carry most of the damage; in log space they no longer dominate
     the fit), for the runtime's "log_damage" head. With `ensemble` > 1 the regression objectives fit that
-    many MLPs (seeds seed, seed + 1, ...) and ship their mean as one MLP of ensemble * hidden units."""
+    many MLPs (seeds seed, seed + 1, ...) and ship their mean as one MLP of ensemble * hidden units.
+    The regression objectives' controller carries the damage floor of the training rows at `floor_percentile`
+    (0: none), which projects its estimates onto physical ones (ControllerSpec.damage_floor)."""
     if objective not in OBJECTIVES:
         raise BadOption(f"--objective must be one of {', '.join(OBJECTIVES)}, got {objective}")
+    if not 0 <= floor_percentile < 50:
+        raise BadOption(f"--damage-floor must be a percentile in [0, 50), got {floor_percentile:g}")
     check_ensemble(ensemble, objective)
     data = c if per_layer else per_token(c)
     names = features or [n for n in data.names if n in KNOWN_FEATURES and n not in NOT_TRANSFERABLE
@@ -720,20 +737,24 @@ def train(c: Collected, *, budget: float, per_layer: bool, hidden: int = 16, see
     if len(chunks) <= val_chunks:
         raise BadOption(f"need more than {val_chunks} calibration chunks (got {len(chunks)}): raise --chunks")
     val = np.isin(data.chunk, chunks[-val_chunks:])
+    floor = damage_floor(data.damage[~val], floor_percentile) if objective != "labels" and floor_percentile > 0 else None
+
+    def decided(pred):   # estimates [n, n_precisions - 1] and f16's 0, projected with the floor: what decides
+        d = np.concatenate([pred, np.zeros((len(pred), 1))], 1)
+        return d if floor is None else project_damage(d, floor)
+
     if objective == "damage":
         scale = float(data.damage[~val, 0].mean()) or 1.0
         reg, mean, std, ep = fit_damage_ensemble(x, data.damage[:, :-1] / scale, val, members=ensemble, hidden=hidden,
                                                  seed=seed, epochs=epochs, on_epoch=on_epoch)
-        pred = _forward(reg, (x[~val] - mean) / std)[2]
-        lam = price_for(np.concatenate([pred, np.zeros((len(pred), 1))], 1), budget, costs)
+        lam = price_for(decided(_forward(reg, (x[~val] - mean) / std)[2]), budget, costs)
         params = damage_logits(reg, lam, costs)
     elif objective == "log_damage":
         scale = float(data.damage[~val, 0].mean()) or 1.0
         reg, mean, std, ep = fit_damage_ensemble(x, np.log(data.damage[:, :-1] / scale + LOG_FLOOR), val,
                                                  members=ensemble, hidden=hidden, seed=seed, epochs=epochs,
                                                  on_epoch=on_epoch)
-        pred = np.exp(_forward(reg, (x[~val] - mean) / std)[2])
-        lam = price_for(np.concatenate([pred, np.zeros((len(pred), 1))], 1), budget, costs)
+        lam = price_for(decided(np.exp(_forward(reg, (x[~val] - mean) / std)[2])), budget, costs)
         params = log_damage_head(reg, lam)
     else:
         params, mean, std, ep = fit(x, y, val, budget=budget, hidden=hidden, seed=seed, epochs=epochs,
@@ -744,9 +765,15 @@ def train(c: Collected, *, budget: float, per_layer: bool, hidden: int = 16, see
                           budget_bits=float(budget), granularity="token_layer" if per_layer else "token",
                           extra={"seed": seed, "objective": objective, **({"ensemble": ensemble} if ensemble > 1 else {})},
                           k_center=None if c.k_center is None else c.k_center.tolist(),
-                          head="log_damage" if objective == "log_damage" else "logits").validate()
+                          head="log_damage" if objective == "log_damage" else "logits",
+                          damage_floor=floor).validate()
     zv = (x[val] - mean) / std
-    logits = _logits(params, zv, spec.head, costs)
+
+    def decision_logits(z):   # with the floor, the projected damage decides
+        lg = _logits(params, z, spec.head, costs)
+        return lg if spec.damage_floor is None else -project_damage(-(lg + costs), spec.damage_floor) - costs
+
+    logits = decision_logits(zv)
     pred = logits.argmax(1)
     lp = logits - logits.max(1, keepdims=True)
     lp = lp - np.log(np.exp(lp).sum(1, keepdims=True))
@@ -758,7 +785,7 @@ def train(c: Collected, *, budget: float, per_layer: bool, hidden: int = 16, see
     for j, n in enumerate(names):
         zs = zv.copy()
         zs[:, j] = zs[rng.permutation(len(zs)), j]
-        lps = _logits(params, zs, spec.head, costs)
+        lps = decision_logits(zs)
         if objective != "labels":   # relative rise of the decisions' damage (the logits are not probabilities)
             importance[n] = float(dv[rows, lps.argmax(1)].mean() / max(dv[rows, pred].mean(), 1e-30) - 1)
             continue
@@ -774,7 +801,8 @@ def train(c: Collected, *, budget: float, per_layer: bool, hidden: int = 16, see
         oracle_damage_same_bits=float(dv[rows, allocate(dv, pred_bits, costs)].mean()),
         static_damage=_static_damage(dv, pred_bits, costs), importance=importance,
         importance_metric="held-out damage rise when shuffled, relative" if objective != "labels"
-        else "held-out cross-entropy rise when shuffled")
+        else "held-out cross-entropy rise when shuffled",
+        train_bits=float(costs[decision_logits((x[~val] - mean) / std).argmax(1)].mean()))
     return spec, report
 
 

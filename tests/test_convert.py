@@ -285,6 +285,8 @@ def test_interrupted_conversion_leaves_no_file(hf_checkpoint, tmp_path):
     (lambda d: d.update(features=["token_freq", "quality", "attn_var", "moon_phase"]), "unknown feature"),
     (lambda d: d.update(head="softmax"), "controller head 'softmax' must be one of logits, log_damage"),
     (lambda d: d.update(layer_weight=[1.0, -0.5]), "layer_weight must be a non-empty list of finite values > 0"),
+    (lambda d: d.update(damage_floor=[4.0, float("inf"), 1.0]), "damage_floor must be finite and >= 0"),
+    (lambda d: d.update(damage_floor=[4.0, 1.0, 1.0], precisions=[2, 8, 4, 16]), "precisions in ascending order"),
     (lambda d: d.pop("w2"), "lacks field 'w2'"),
 ])
 def test_malformed_controller_is_rejected(runner, converted_f16, tmp_path, mutate, needle):

@@ -347,6 +347,32 @@ def test_layer_weights_scale_the_damage_of_each_layer_in_c_as_in_numpy(model_pat
         np.testing.assert_array_equal(c_bits, bits)
 
 
+def test_damage_floor_projects_the_estimates_in_c_as_in_numpy(model_path, tmp_path):
+    """kvq.controller.damage_floor: the C decisions of an online decode equal ControllerSpec.decide with
+    the projection, llama_kvq_controller_eval gives the same bits, and the projection changes decisions."""
+    from kvq_cli.controller import controller_from_reader, load_controller, project_damage
+    from kvq_cli.gguf_info import read_gguf
+
+    base = load_controller(GOLDEN / "controller_handmade.json")
+    ctrl = load_controller(GOLDEN / "controller_handmade.json")
+    ctrl.damage_floor = [30.0, 30.0, 1.0]
+    ctrl.validate()
+    path = _controller_gguf(tmp_path, model_path, ctrl.gguf_items())
+    assert controller_from_reader(read_gguf(path)).damage_floor == ctrl.damage_floor
+    tr, x = _adaptive_trace(path, ctrl)
+    n, bits = len(tr.bits), tr.bits
+    np.testing.assert_array_equal(bits, ctrl.decide(x))        # C online == NumPy
+    assert (bits != base.decide(x)).any()                       # the projection matters
+    eb = np.array([2.25, 4.5, 8.5, 16.0], np.float32)
+    d = -(ctrl.logits(x) + eb)                                  # what decided: physical estimates
+    assert (d[:, -1] >= 0).all() and (d[:, :-1] >= np.float32(30.0) * d[:, 1:] - 1e-6)[:, :2].all()
+    np.testing.assert_allclose(d, project_damage(-(base.logits(x) + eb), ctrl.damage_floor), rtol=1e-6, atol=1e-6)
+    with Engine(path, kv=parse_kv("adaptive"), n_ctx=64) as e:
+        c_bits = np.zeros(n, np.int32)
+        assert kvq_lib().llama_kvq_controller_eval(e.llm.model, _ptr(tr.features), None, n, _ptr(c_bits, ctypes.c_int32)) == 0
+        np.testing.assert_array_equal(c_bits, bits)
+
+
 def test_adaptive_without_controller_is_a_clear_error(runner, model_path):
     with pytest.raises(ControllerError, match="has no kvq controller"):
         Engine(model_path, kv=parse_kv("adaptive"), n_ctx=128)
@@ -362,6 +388,8 @@ def test_adaptive_without_controller_is_a_clear_error(runner, model_path):
     ({"kvq.controller.head": "softmax"}, "must be one of logits, log_damage"),
     ({"kvq.controller.layer_weight": [1.0, 0.0]}, "layer_weight must be"),
     ({"kvq.controller.layer_weight": [1.0] * 29}, "layer_weight has 29 values for 30 layers"),
+    ({"kvq.controller.damage_floor": [4.0, -1.0, 1.0]}, "damage_floor must be"),
+    ({"kvq.controller.damage_floor": [4.0, 1.0]}, "damage_floor has 2 values, expected 3"),
 ])
 def test_malformed_controller_metadata_is_a_clear_error(runner, model_path, tmp_path, change, needle):
     from kvq_cli.controller import load_controller
