@@ -45,7 +45,7 @@ def combine(specs: list[ControllerSpec]) -> ControllerSpec:
                           w1=w1.tolist(), b1=b1.tolist(), w2=w2.tolist(), b2=b2.tolist(),
                           feature_mean=[0.0] * nf, feature_std=[1.0] * nf, budget_bits=last.budget_bits,
                           granularity=first.granularity, extra={"combined": len(specs)},
-                          k_center=last.k_center, head=first.head).validate()
+                          k_center=last.k_center, head=first.head, damage_floor=last.damage_floor).validate()
 
 
 def main() -> int:
