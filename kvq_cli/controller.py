@@ -30,8 +30,8 @@ them (train.layer_sensitivity); the shipped controller has none (they decoded wi
 
 Damage floor (optional field `damage_floor`, [n_precisions - 1], precisions ascending): a storage
 precision never does less damage than a higher one, and on the calibration rows the damage at one
-precision is never far below a fixed multiple of the next one's (`kvq train` stores the 1st percentile
-of each ratio). A regressor's estimates can break both where it extrapolates (negative damage at 2 bits:
+precision is never far below a fixed multiple of the next one's (`kvq train --damage-floor P` stores the
+P-th percentile of each ratio, 0.1 by default). A regressor's estimates can break both where it extrapolates (negative damage at 2 bits:
 such a row would stay at 2 bits at every budget). With the field the estimates d (d = -(out + eff_bits)
 for the logits head, exp(out) for log_damage) are projected before the decision,
     d[-1] = max(d[-1], 0);   d[o] = max(d[o], damage_floor[o] * d[o + 1])   for o from n - 2 down to 0
