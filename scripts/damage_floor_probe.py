@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kvq_cli.controller import EFF_BITS_OF, controller_from_reader, project_damage  # noqa: E402
 from kvq_cli.gguf_info import read_gguf  # noqa: E402
-from kvq_cli.train import PRECISIONS, PROMPT_HELD_OUT, Collected, damage_floor, merge_regimes  # noqa: E402
+from kvq_cli.train import PRECISIONS, PROMPT_HELD_OUT, Collected, allocate, damage_floor, merge_regimes  # noqa: E402
 from probe_common import run, write_json  # noqa: E402
 
 
@@ -35,20 +35,6 @@ def load(path: Path) -> Collected:
     z = np.load(path, allow_pickle=False)
     return Collected(z["features"], z["damage"], z["layer"], z["pos"], z["chunk"], [str(n) for n in z["names"]],
                      int(z["n_layer"]), None, PRECISIONS)
-
-
-def choose(d: np.ndarray, costs: np.ndarray, budget: float) -> np.ndarray:
-    """Class per row minimising d + (1 + price) * costs, the price bisected so the rows average `budget` bits."""
-    lo, hi = -1.0, 1.0
-    while costs[np.argmin(d + (1 + hi) * costs, 1)].mean() > budget:
-        hi *= 2
-    for _ in range(100):
-        mid = (lo + hi) / 2
-        if costs[np.argmin(d + (1 + mid) * costs, 1)].mean() > budget:
-            lo = mid
-        else:
-            hi = mid
-    return np.argmin(d + (1 + hi) * costs, 1)
 
 
 def main() -> int:
@@ -91,7 +77,7 @@ def main() -> int:
         d = est if floor is None else project_damage(est, floor)
         arm = {"floor": floor, "budgets": {}}
         for b in budgets:
-            c = choose(d, costs, b)
+            c = allocate(d, b, costs)
             arm["budgets"][f"{b:g}"] = {"damage": float(true[np.arange(len(c)), c].mean()),
                                         "bits": float(costs[c].mean()), "share_2bit": float((c == 0).mean())}
         out["arms"][f"P={p:g}"] = arm
