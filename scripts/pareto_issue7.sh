@@ -61,8 +61,13 @@ fi
 # endings, is the non-causal bound at the bar's budget, about twice an adaptive run). --no-mc-kl:
 # the seeded static rows have no KL (so there would be nothing to compare it with), and re-scoring f16 for it would cost
 # another policy's time; the side-by-side KL of the tuning is on the dev splits (results/README.md).
+# MC_SEED: the file the static rows are seeded from (results/eval_statics.json by default; after
+# a run with SEED_EXCEPT=q2 scored q2 again, results/pareto_mc.json itself keeps that new row).
+# Give MC_POLICIES at least one mixed policy: the seeded rows are keyed to the copy with the
+# controller, and a run of static policies alone evaluates the plain GGUF, so it scores them all again.
 if step 4; then
-  .venv/bin/python scripts/seed_records.py results/eval_statics.json results/pareto_mc.json mc ${SEED_EXCEPT:+--except "$SEED_EXCEPT"}
+  .venv/bin/python scripts/seed_records.py "${MC_SEED:-results/eval_statics.json}" results/pareto_mc.json mc \
+    ${SEED_EXCEPT:+--except "$SEED_EXCEPT"}
   mc=$(for kv in ${MC_POLICIES:-adaptive@3 adaptive@3.5 adaptive@4 adaptive@5 rule@3 rule@4 oracle@3}; do printf ',%s' "$kv"; done)
   $kvq eval --task openbookqa,arc-challenge,arc-easy,hellaswag --limit hellaswag=2000 --data "$data" \
     --kv-window 0 --ref f16 --no-mc-kl --json results/pareto_mc.json --resume --kv stock-f16,f16,q8,q4,q2$mc

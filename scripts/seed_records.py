@@ -37,10 +37,13 @@ def key(r: dict) -> tuple:
 def main(src: str, dst: str, group: str, skip: frozenset[str] = frozenset()) -> None:
     name = gguf_for(resolve(None), [parse_kv("adaptive")]).name
     tasks = GROUPS[group]
-    seeds = [dict(r, model=name) for r in json.load(open(src))
-             if r["task"] in tasks and r.get("complete") and parse_kv(r["kv"]).kvq not in MIXED
-             and r["kv"] not in skip]
-    seeded = {key(r) for r in seeds}
+    seeds, seeded = [], set()
+    for r in json.load(open(src)):
+        # a key once: SRC may hold the same policy scored against two copies (identical verdicts)
+        if (r["task"] in tasks and r.get("complete") and parse_kv(r["kv"]).kvq not in MIXED
+                and r["kv"] not in skip and key(r) not in seeded):
+            seeds.append(dict(r, model=name))
+            seeded.add(key(r))
     old = json.load(open(dst)) if os.path.exists(dst) else []
     kept = [r for r in old if r["model"] == name and key(r) not in seeded and r["kv"] not in skip]
     dropped = sum(1 for r in old if r["model"] != name and key(r) not in seeded)
