@@ -1,14 +1,21 @@
 #!/usr/bin/env python3
-"""Build the kvq llama.cpp runtime wheel: pinned llama-cpp-python sdist + our patch series.
+"""Build the kvq llama.cpp runtime wheel: pinned llama-cpp-python sdist + our patch series
++ our new llama.cpp sources.
 
-Steps (each cached, so a patch change rebuilds in seconds):
+Inputs (patches/llama.cpp/): UPSTREAM (pins), 000N-*.patch (changes to upstream files: the
+ggml kvq2 type, the hooks), src/** (new files, e.g. llama-kvq*.cpp/.h, edited as plain files).
+
+Steps (each cached, so a source change rebuilds in seconds):
   1. download the pinned sdist with pip and check its sha256 (patches/llama.cpp/UPSTREAM);
-  2. extract it to a staging dir and apply patches/llama.cpp/000N-*.patch in order;
+  2. extract it to a staging dir, apply patches/llama.cpp/000N-*.patch in order, then copy
+     patches/llama.cpp/src/** into vendor/llama.cpp/src/ (an error if that would overwrite a
+     file the sdist or a patch already has: upstream files change through patches only);
   3. sync staging into a *stable* source dir, copying only files whose bytes changed, so
-     mtimes of untouched files survive and CMake rebuilds only what a patch touched;
+     mtimes of untouched files survive and CMake rebuilds only what changed;
   4. build a wheel with a kept scikit-build-core build dir and ccache;
   5. keep the wheel under wheels/<series-hash>/ and print its path (the only stdout line).
 
+The series hash covers the recipe, UPSTREAM, every patch and every src/ file (path + bytes).
 The wheel version gets a local label (0.3.36+kvq.<hash>) so pip reinstalls it when the
 series changes. Cache root: $KVQ_BUILD_CACHE or ~/.cache/kvq-build (outside the repo, so a
 fresh clone on the same machine reuses it).
@@ -28,8 +35,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PATCH_DIR = ROOT / "patches" / "llama.cpp"
+SRC_DIR = PATCH_DIR / "src"             # new files, copied to vendor/llama.cpp/src/
+SRC_DEST = Path("vendor") / "llama.cpp" / "src"
 # Bump when the build recipe itself changes in a way that changes the wheel.
-RECIPE = "1"
+RECIPE = "2"
 CMAKE_ARGS = [
     "-DLLAVA_BUILD=OFF",
     "-DLLAMA_BUILD_TESTS=OFF",
@@ -80,7 +89,14 @@ def patch_series() -> list[Path]:
     return patches
 
 
-def series_key(upstream: dict[str, str], patches: list[Path]) -> str:
+def source_files() -> list[tuple[str, Path]]:
+    """patches/llama.cpp/src/**: (path relative to src/, posix; file), sorted by path."""
+    if not SRC_DIR.is_dir():
+        return []
+    return sorted((p.relative_to(SRC_DIR).as_posix(), p) for p in SRC_DIR.rglob("*") if p.is_file())
+
+
+def series_key(upstream: dict[str, str], patches: list[Path], sources: list[tuple[str, Path]]) -> str:
     h = hashlib.sha256()
     h.update(f"recipe={RECIPE}\n".encode())
     h.update(" ".join(CMAKE_ARGS).encode())
@@ -89,6 +105,8 @@ def series_key(upstream: dict[str, str], patches: list[Path]) -> str:
         h.update(f"{k}={upstream[k]}\n".encode())
     for p in patches:
         h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
+    for rel, p in sources:
+        h.update(b"src/" + rel.encode() + b"\0" + p.read_bytes() + b"\0")
     return h.hexdigest()[:16]
 
 
@@ -123,7 +141,7 @@ def fetch_sdist(cache: Path, upstream: dict[str, str]) -> Path:
     return sdist
 
 
-def stage(sdist: Path, patches: list[Path], work: Path, version_label: str) -> Path:
+def stage(sdist: Path, patches: list[Path], sources: list[tuple[str, Path]], work: Path, version_label: str) -> Path:
     with tarfile.open(sdist) as tf:
         tf.extractall(work, filter="data")
     (src,) = [p for p in work.iterdir() if p.is_dir()]
@@ -133,6 +151,13 @@ def stage(sdist: Path, patches: list[Path], work: Path, version_label: str) -> P
         if r.returncode != 0:
             detail = (r.stdout + r.stderr).strip().splitlines()
             raise BuildError(f"patch {p.name} does not apply: {detail[0] if detail else 'patch failed'}")
+    for rel, p in sources:
+        dest = src / SRC_DEST / rel
+        if dest.exists() or dest.is_symlink():
+            raise BuildError(f"patches/llama.cpp/src/{rel} would overwrite {SRC_DEST.as_posix()}/{rel}, which the sdist"
+                             " or a patch already has: rename the new file, or change that file with a patch")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(p, dest)
     init = src / "llama_cpp" / "__init__.py"
     text = init.read_text()
     base = text.split('__version__ = "', 1)[1].split('"', 1)[0]
@@ -198,7 +223,8 @@ def main() -> int:
     try:
         upstream = read_upstream()
         patches = patch_series()
-        key = series_key(upstream, patches)
+        sources = source_files()
+        key = series_key(upstream, patches, sources)
         out = cache / "wheels" / key
         cached = list(out.glob("*.whl")) if out.is_dir() else []
         if cached:
@@ -208,10 +234,10 @@ def main() -> int:
         cache.mkdir(parents=True, exist_ok=True)
         out.parent.mkdir(parents=True, exist_ok=True)
         sdist = fetch_sdist(cache, upstream)
-        log(f"applying {len(patches)} patch(es) to llama-cpp-python {upstream['LLAMA_CPP_PYTHON_VERSION']}"
-            f" (llama.cpp {upstream['LLAMA_CPP_COMMIT']})")
+        log(f"applying {len(patches)} patch(es) and {len(sources)} new source file(s) to llama-cpp-python"
+            f" {upstream['LLAMA_CPP_PYTHON_VERSION']} (llama.cpp {upstream['LLAMA_CPP_COMMIT']})")
         with tempfile.TemporaryDirectory(dir=cache, prefix=".stage-") as work:
-            staged = stage(sdist, patches, Path(work), key)
+            staged = stage(sdist, patches, sources, Path(work), key)
             n = sync_tree(staged, cache / "src")
         log(f"{n} source file(s) changed; building (kept build dir {cache / 'build'})")
         wheel = build_wheel(cache / "src", cache / "build", out)

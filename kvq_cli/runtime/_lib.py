@@ -40,6 +40,7 @@ class KvqParams(ctypes.Structure):
         ("qar_mu", c_float),
         ("window_bits", c_int32),
         ("v_unbias", c_int32),
+        ("controller_path", c_char_p),
     ]
 
 
@@ -76,8 +77,6 @@ _PROTOTYPES = {
     "llama_kvq_set_assignment": (c_int32, [c_void_p, _P_i32, c_int64]),
     # int32_t llama_kvq_set_k_center(struct llama_context * ctx, const float * k_mu, int64_t n);
     "llama_kvq_set_k_center": (c_int32, [c_void_p, _P_f32, c_int64]),
-    # int32_t llama_kvq_set_k_scale(struct llama_context * ctx, const float * k_sc, int64_t n);
-    "llama_kvq_set_k_scale": (c_int32, [c_void_p, _P_f32, c_int64]),
     # int32_t llama_kvq_get_stats(const struct llama_context * ctx, struct llama_kvq_stats * out);
     "llama_kvq_get_stats": (c_int32, [c_void_p, POINTER(KvqStats)]),
     # int32_t llama_kvq_n_features(void);
@@ -100,9 +99,8 @@ _PROTOTYPES = {
     "llama_kvq_roundtrip_qar": (c_int32, [c_void_p, c_int32, _P_f32, _P_f32, _P_f32, c_int64]),
     # int32_t llama_kvq_model_controller(const struct llama_model * model);
     "llama_kvq_model_controller": (c_int32, [c_void_p]),
-    # int32_t llama_kvq_controller_eval(const struct llama_model * model, const float * x, const int32_t * layer,
-    #                                   int64_t n, int32_t * bits);
-    "llama_kvq_controller_eval": (c_int32, [c_void_p, _P_f32, _P_i32, c_int64, _P_i32]),
+    # int32_t llama_kvq_controller_eval(const struct llama_model * model, const float * x, int64_t n, int32_t * bits);
+    "llama_kvq_controller_eval": (c_int32, [c_void_p, _P_f32, c_int64, _P_i32]),
     # int64_t llama_kvq_read_layer(const struct llama_context * ctx, int32_t il, float * k, float * v,
     #                              int32_t * pos, int32_t * prec, int64_t cap);
     "llama_kvq_read_layer": (c_int64, [c_void_p, c_int32, _P_f32, _P_f32, _P_i32, _P_i32, c_int64]),
