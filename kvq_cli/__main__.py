@@ -1,3 +1,3 @@
-from kvq_cli.cli import main
+from kvq_cli.cli.app import main
 
 main()

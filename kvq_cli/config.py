@@ -5,6 +5,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvq_cli.errors import BadOption
+
 
 def kvq_home() -> Path:
     """Where kvq keeps converted models: $KVQ_HOME or ~/.cache/kvq."""
@@ -37,12 +39,8 @@ class GenerationConfig:
     top_p: float = 0.9
     seed: int = 0
 
-
-@dataclass(frozen=True)
-class RuntimeConfig:
-    """How to open a model: context size, KV policy, threads."""
-
-    n_ctx: int = 2048
-    kv: str = "stock-f16"
-    n_threads: int | None = None
-    flash_attn: bool = False
+    def __post_init__(self) -> None:
+        if self.max_tokens <= 0:
+            raise BadOption(f"--max-tokens must be > 0, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise BadOption(f"--temp must be >= 0, got {self.temperature:g}")

@@ -57,3 +57,16 @@ class ContextOverflow(KvqError):
 
 class OutputError(KvqError):
     """An output file could not be written (permissions, disk full, bad path)."""
+
+
+def run_script(main) -> int:
+    """A script's main() with expected failures (kvq errors, unreadable files) as one stderr line and exit 1."""
+    import sys
+
+    try:
+        return main()
+    except KvqError as e:
+        print(f"error: {e.one_line()}", file=sys.stderr)
+    except (OSError, KeyError, ValueError) as e:
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+    return 1

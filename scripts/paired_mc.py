@@ -14,7 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from plot_pareto_mc import average_diff, correct  # noqa: E402
-from probe_common import run  # noqa: E402
+from kvq_cli.errors import run_script  # noqa: E402
 
 
 def main() -> int:
@@ -35,4 +35,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run(main))
+    sys.exit(run_script(main))

@@ -5,7 +5,7 @@
 import json
 import sys
 
-from kvq_cli.bench import BenchRecord, plot
+from kvq_cli.eval.bench import BenchRecord, plot
 
 if __name__ == "__main__":
     src, dst = sys.argv[1], sys.argv[2]

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Issue 7: train the shipped controller on calibration text, then wikitext-2 (test) perplexity
-# and KL vs stock f16 for every policy family at several budgets, side by side in one run.
-# Usage: bash scripts/pareto_issue7.sh DATA_DIR [STEP...]   (steps 1 2 3 by default, 4-9 on request;
+# The accuracy results: train the shipped controller on calibration text, then wikitext-2 (test)
+# perplexity and KL vs stock f16 for every policy family at several budgets, side by side in one run,
+# and the multiple-choice Pareto.
+# Usage: bash scripts/reproduce_accuracy.sh DATA_DIR [STEP...]   (steps 1 2 3 by default, 4-6 on request;
 # steps 1-3 about 2.5 h on 2 cores, step 4 about 25 min per policy; the eval JSONs are rewritten
 # at checkpoints and a rerun resumes them)
 set -euo pipefail
-data=${1:?usage: pareto_issue7.sh DATA_DIR [STEP...]}
+data=${1:?usage: reproduce_accuracy.sh DATA_DIR [STEP...]}
 shift
 steps=" ${*:-1 2 3} "
 step() { [[ $steps == *" $1 "* ]]; }
@@ -17,7 +18,7 @@ cache="$KVQ_HOME/calib-oracle.npz"
 # 1. the shipped default controller (per token and layer) and a per-token one for comparison
 if step 1; then
   $kvq train --calib "$calib" --budget 3.5 --granularity token_layer --cache "$cache" \
-  --out kvq_cli/controllers/smollm2-135m-instruct.json | tee results/train_token_layer.txt
+  --out kvq_cli/controller/shipped/smollm2-135m-instruct.json | tee results/train_token_layer.txt
   $kvq train --calib "$calib" --budget 3.5 --granularity token --cache "$cache" \
   --out results/controller_per_token.json --embed "$KVQ_HOME/per-token.gguf" | tee results/train_token.txt
 fi
@@ -41,7 +42,7 @@ if step 2; then
 fi
 # 3. per-token decisions (same chunks, same reference)
 if step 3; then
-  [ -f "$KVQ_HOME/per-token.gguf" ] || $kvq embed "$(.venv/bin/python -c 'from kvq_cli.models import embedded_path; print(embedded_path())')" \
+  [ -f "$KVQ_HOME/per-token.gguf" ] || $kvq embed "$(.venv/bin/python -c 'from kvq_cli.models.registry import embedded_path; print(embedded_path())')" \
     results/controller_per_token.json --out "$KVQ_HOME/per-token.gguf"
   $kvq eval "$KVQ_HOME/per-token.gguf" "${common[@]}" --json results/pareto_per_token.json $(resume results/pareto_per_token.json) \
     --kv stock-f16,adaptive@3,adaptive@3.5,adaptive@4,adaptive@5
@@ -51,7 +52,7 @@ if step 2 || step 3; then
   .venv/bin/python scripts/plot_pareto.py results/pareto_wikitext2.json results/pareto_wikitext2_uncentered.json \
     results/pareto_per_token.json results/pareto_wikitext2.png
 fi
-# 4. multiple-choice accuracy of the adaptive policy on the items of issue 6. Items are short
+# 4. multiple-choice accuracy of the adaptive policy on the items of the static-cache run (reproduce_statics.sh). Items are short
 # (tens of tokens), so W = 0: every context row is decided when the context has been prefilled,
 # from the attention it received there (with W = 32 most rows of an item would stay f16).
 # The static rows (the paired reference) are those of results/eval_statics.json, copied in by
@@ -88,37 +89,4 @@ if step 6; then
     --kv f16,q4,adaptive@4
   $kvq eval --task openbookqa --data "$data" --kv-window 0 --ref f16 --json results/obqa_ending_ubatch.json \
     --resume --ending-ubatch 1 --kv f16,q4,adaptive@4
-fi
-# 7. the log-damage objective (kvq train --objective log_damage, the runtime's log_damage head) vs
-# the shipped damage objective, trained on the same cached rows: wikitext-2 adaptive rows on step 2's
-# chunks (its own stock f16 reference), then online vs global allocation of both controllers on
-# held-out calibration chunks (scripts/online_probe.py, about 16 min).
-if step 7; then
-  $kvq train --calib "$calib" --budget 3.5 --granularity token_layer --cache "$cache" --objective log_damage \
-    --out results/controller_log_damage.json --embed "$KVQ_HOME/log.gguf" | tee results/train_log_damage.txt
-  $kvq eval "$KVQ_HOME/log.gguf" "${common[@]}" --json results/pareto_log_damage.json \
-    $(resume results/pareto_log_damage.json) --kv stock-f16,adaptive@3,adaptive@3.5,adaptive@4
-  $kvq embed "$(.venv/bin/python -c 'from kvq_cli.models import embedded_path; print(embedded_path())')" \
-    kvq_cli/controllers/smollm2-135m-instruct.json --out "$KVQ_HOME/shipped.gguf"
-  .venv/bin/python scripts/online_probe.py "$calib" --gguf shipped="$KVQ_HOME/shipped.gguf" \
-    --gguf log="$KVQ_HOME/log.gguf" --kl-chunks 3 --json results/online_probe.json
-fi
-# 8. a controller with the k4v2 pool among its classes (kvq train --pools 2,3,4,8,16; its own cache of
-# calibration rows, which carry the k4v2 damage), measured as step 7 does: wikitext-2 adaptive rows on
-# step 2's chunks with their own stock f16 reference.
-if step 8; then
-  $kvq train --calib "$calib" --budget 3.5 --granularity token_layer --cache "$KVQ_HOME/calib-oracle-k4v2.npz" \
-    --pools 2,3,4,8,16 --out results/controller_k4v2.json --embed "$KVQ_HOME/k4v2.gguf" | tee results/train_k4v2.txt
-  $kvq eval "$KVQ_HOME/k4v2.gguf" "${common[@]}" --json results/pareto_k4v2.json \
-    $(resume results/pareto_k4v2.json) --kv stock-f16,adaptive@3,adaptive@3.5,adaptive@4
-fi
-# 9. damage targets with the runtime's query-aware K rounding (kvq train --damage-rounding qar; its own
-# cache of calibration rows), measured as step 7 does: wikitext-2 adaptive rows on step 2's chunks
-# with their own stock f16 reference.
-if step 9; then
-  $kvq train --calib "$calib" --budget 3.5 --granularity token_layer --cache "$KVQ_HOME/calib-oracle-qar.npz" \
-    --damage-rounding qar --out results/controller_qar_damage.json --embed "$KVQ_HOME/qar.gguf" \
-    | tee results/train_qar_damage.txt
-  $kvq eval "$KVQ_HOME/qar.gguf" "${common[@]}" --json results/pareto_qar_damage.json \
-    $(resume results/pareto_qar_damage.json) --kv stock-f16,adaptive@3,adaptive@3.5,adaptive@4
 fi

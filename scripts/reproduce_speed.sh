@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The benchmark runs quoted in README.md and results/README.md (issue 4): decode/prefill
+# The benchmark runs quoted in README.md and results/README.md: decode/prefill
 # of every policy against stock llama.cpp, side by side in one run per command.
-# Usage: bash scripts/bench_issue4.sh DATA_DIR [STEP...]   (steps 1 2 3 by default; about
+# Usage: bash scripts/reproduce_speed.sh DATA_DIR [STEP...]   (steps 1 2 3 by default; about
 # 70 + 35 min on 2 cores)
 set -euo pipefail
-data=${1:?usage: bench_issue4.sh DATA_DIR [STEP...]}
+data=${1:?usage: reproduce_speed.sh DATA_DIR [STEP...]}
 shift
 steps=" ${*:-1 2 3} "
 step() { [[ $steps == *" $1 "* ]]; }

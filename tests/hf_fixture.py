@@ -66,20 +66,68 @@ def build_hf_checkpoint(gguf_path: Path, out: Path, dtype=np.float16) -> Path:
         tensors[name] = np.ascontiguousarray(arr.astype(dtype))
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = {
+        "hidden_size": get("llama.embedding_length"), "intermediate_size": get("llama.feed_forward_length"),
+        "num_hidden_layers": n_layer, "num_attention_heads": n_head, "num_key_value_heads": n_head_kv,
+        "max_position_embeddings": get("llama.context_length"),
+        "rms_norm_eps": float(get("llama.attention.layer_norm_rms_epsilon")),
+        "rope_theta": float(get("llama.rope.freq_base")), "tie_word_embeddings": "lm_head.weight" not in tensors,
+    }
+    _write_config_and_tokenizer(r, out, config)
+    return out
 
+
+def build_tiny_checkpoint(gguf_path: Path, out: Path, *, n_layer: int = 3, n_head: int = 4, n_head_kv: int = 2,
+                          head_dim: int = 64, n_ff: int = 512, seed: int = 0) -> Path:
+    """A tiny random llama checkpoint (GQA, head_dim 64) with the real model's tokenizer: fast runtime tests.
+
+    Weights are random, with Q/K scaled so that attention is far from uniform (scores of a few units):
+    the KV cache and its kernels see varied attention, not the flat one of an untrained model."""
+    import gguf
+    from safetensors.numpy import save_file
+
+    r = gguf.GGUFReader(gguf_path)
+    n_vocab = len(r.fields["tokenizer.ggml.tokens"].contents())
+    n_embd = n_head * head_dim
+    rng = np.random.default_rng(seed)
+
+    def w(rows, cols, std):
+        return (rng.standard_normal((rows, cols)) * std).astype(np.float16)
+
+    tensors = {"model.embed_tokens.weight": w(n_vocab, n_embd, 0.1), "model.norm.weight": np.ones(n_embd, np.float16)}
+    for i in range(n_layer):
+        pre = f"model.layers.{i}."
+        tensors.update({
+            pre + "input_layernorm.weight": np.ones(n_embd, np.float16),
+            pre + "post_attention_layernorm.weight": np.ones(n_embd, np.float16),
+            pre + "self_attn.q_proj.weight": w(n_embd, n_embd, 0.25 / np.sqrt(n_embd) * 8),
+            pre + "self_attn.k_proj.weight": w(n_head_kv * head_dim, n_embd, 0.25 / np.sqrt(n_embd) * 8),
+            pre + "self_attn.v_proj.weight": w(n_head_kv * head_dim, n_embd, 1 / np.sqrt(n_embd)),
+            pre + "self_attn.o_proj.weight": w(n_embd, n_embd, 0.5 / np.sqrt(n_embd)),
+            pre + "mlp.gate_proj.weight": w(n_ff, n_embd, 1 / np.sqrt(n_embd)),
+            pre + "mlp.up_proj.weight": w(n_ff, n_embd, 1 / np.sqrt(n_embd)),
+            pre + "mlp.down_proj.weight": w(n_embd, n_ff, 0.5 / np.sqrt(n_ff)),
+        })
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = {"hidden_size": n_embd, "intermediate_size": n_ff, "num_hidden_layers": n_layer,
+              "num_attention_heads": n_head, "num_key_value_heads": n_head_kv, "max_position_embeddings": 4096,
+              "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": True}
+    _write_config_and_tokenizer(r, out, config)
+    return out
+
+
+def _write_config_and_tokenizer(r, out: Path, dims: dict) -> None:
+    """config.json (llama, with `dims`), tokenizer.json and tokenizer_config.json of the GGUF's tokenizer."""
+    get = lambda k: r.fields[k].contents()  # noqa: E731
     tokens, types = get("tokenizer.ggml.tokens"), get("tokenizer.ggml.token_type")
     bos, eos = get("tokenizer.ggml.bos_token_id"), get("tokenizer.ggml.eos_token_id")
     unk, pad = get("tokenizer.ggml.unknown_token_id"), get("tokenizer.ggml.padding_token_id")
     config = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct",
-        "hidden_size": get("llama.embedding_length"), "intermediate_size": get("llama.feed_forward_length"),
-        "num_hidden_layers": n_layer, "num_attention_heads": n_head, "num_key_value_heads": n_head_kv,
-        "max_position_embeddings": get("llama.context_length"),
-        "rms_norm_eps": float(get("llama.attention.layer_norm_rms_epsilon")),
-        "rope_theta": float(get("llama.rope.freq_base")), "rope_scaling": None,
-        "vocab_size": len(tokens), "tie_word_embeddings": "lm_head.weight" not in tensors,
-        "bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad, "torch_dtype": "float16",
+        "_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct", **dims, "rope_scaling": None,
+        "vocab_size": len(tokens), "bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad,
+        "torch_dtype": "float16",
     }
     (out / "config.json").write_text(json.dumps(config, indent=2))
     added = [{"id": i, "content": tok, "single_word": False, "lstrip": False, "rstrip": False,
@@ -99,4 +147,3 @@ def build_hf_checkpoint(gguf_path: Path, out: Path, dtype=np.float16) -> Path:
         "unk_token": tokens[unk], "pad_token": tokens[pad], "model_max_length": config["max_position_embeddings"],
         "chat_template": get("tokenizer.chat_template"), "tokenizer_class": "GPT2Tokenizer",
     }, indent=2))
-    return out

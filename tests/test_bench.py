@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from kvq_cli.cli import app
+from kvq_cli.cli.app import app
 
 from .test_errors import assert_one_line_error
 

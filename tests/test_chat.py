@@ -5,8 +5,8 @@ import re
 
 import pytest
 
-from kvq_cli.chat import ChatSession
-from kvq_cli.cli import app
+from kvq_cli.runtime.chat import ChatSession
+from kvq_cli.cli.app import app
 from kvq_cli.config import GenerationConfig
 from kvq_cli.errors import ContextOverflow
 from kvq_cli.runtime.engine import Engine

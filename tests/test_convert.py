@@ -10,14 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kvq_cli.cli import app
-from kvq_cli.controller import controller_from_reader, load_controller
-from kvq_cli.gguf_info import read_gguf
+from kvq_cli.cli.app import app
+from kvq_cli.controller.spec import controller_from_reader, load_controller
+from kvq_cli.gguf.read import read_gguf
 
-from .conftest import GOLDEN, SHARED_DATA
+from .conftest import GOLDEN, TEXT
 from .test_errors import assert_one_line_error
 
-TEXT_SOURCE = SHARED_DATA / "wikitext2" / "wiki.test.nonempty-lf.raw"
 TOKENIZER_PROBE = "Hello 12345 wörld <|im_start|>user\n ÷ 🎉 x=3.14;  tabs\tand  spaces, CamelCase 2026-11-22"
 
 
@@ -28,7 +27,7 @@ def _llama(path, **kw):
 
 
 def _logits(path, n_tokens=256):
-    text = TEXT_SOURCE.read_text(encoding="utf-8")[:4000]
+    text = TEXT[:4000]
     llm = _llama(path, n_ctx=512, logits_all=True)
     try:
         toks = llm.tokenize(text.encode(), add_bos=False, special=False)[:n_tokens]
@@ -267,7 +266,7 @@ def test_disk_full_leaves_no_partial_file(runner, hf_checkpoint, tmp_path, monke
 
 
 def test_interrupted_conversion_leaves_no_file(hf_checkpoint, tmp_path):
-    from kvq_cli.convert import convert
+    from kvq_cli.models.convert import convert
 
     def interrupt(name, i, n):
         if i == 5:
@@ -284,7 +283,6 @@ def test_interrupted_conversion_leaves_no_file(hf_checkpoint, tmp_path):
     (lambda d: d.update(version=7), "unsupported controller version 7"),
     (lambda d: d.update(features=["token_freq", "quality", "attn_var", "moon_phase"]), "unknown feature"),
     (lambda d: d.update(head="softmax"), "controller head 'softmax' must be one of logits, log_damage"),
-    (lambda d: d.update(layer_weight=[1.0, -0.5]), "layer_weight must be a non-empty list of finite values > 0"),
     (lambda d: d.update(damage_floor=[4.0, float("inf"), 1.0]), "damage_floor must be finite and >= 0"),
     (lambda d: d.update(damage_floor=[4.0, 1.0, 1.0], precisions=[2, 8, 4, 16]), "precisions in ascending order"),
     (lambda d: d.pop("w2"), "lacks field 'w2'"),
@@ -307,7 +305,7 @@ def test_embed_refuses_in_place(runner, converted_f16):
 
 
 def test_malformed_controller_in_gguf_is_reported(runner, tmp_path):
-    from kvq_cli.gguf_keys import Controller as K
+    from kvq_cli.gguf.keys import Controller as K
 
     from .conftest import write_tiny_gguf
 
@@ -320,7 +318,7 @@ def test_malformed_controller_in_gguf_is_reported(runner, tmp_path):
 
 
 def test_bf16_safetensors_are_read_exactly(tmp_path):
-    from kvq_cli.safetensors_io import SafetensorsFile
+    from kvq_cli.models.safetensors_io import SafetensorsFile
 
     vals = np.array([1.0, -2.5, 3.140625, 1e-3], dtype=np.float32)
     bf16 = (vals.view(np.uint32) >> 16).astype(np.uint16)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvq_cli.cli import app
+from kvq_cli.cli.app import app
 
 
 def assert_one_line_error(result, *needles: str) -> str:
@@ -69,7 +69,7 @@ def test_bad_numbers(runner):
 def test_atomic_output_leaves_nothing_on_failure_and_uses_umask_mode(tmp_path):
     import os
 
-    from kvq_cli.gguf_write import atomic_output
+    from kvq_cli.gguf.write import atomic_output
 
     out = tmp_path / "o.json"
     with pytest.raises(RuntimeError):

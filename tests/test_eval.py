@@ -7,12 +7,12 @@ import json
 import numpy as np
 import pytest
 
-from kvq_cli.cli import app
+from kvq_cli.cli.app import app
 from kvq_cli.errors import BadOption
-from kvq_cli.evaluate import (EvalConfig, EvalRun, Scorer, bootstrap_ci, encode_pair, mc_correct)
+from kvq_cli.eval.scoring import (EvalConfig, EvalRun, Scorer, bootstrap_ci, encode_pair, mc_correct)
 from kvq_cli.runtime.engine import Engine
 from kvq_cli.runtime.kv import parse_kv, parse_kv_list
-from kvq_cli.tasks import McItem, load_mc_task
+from kvq_cli.eval.tasks import McItem, load_mc_task
 
 from .conftest import SHARED_DATA
 from .test_errors import assert_one_line_error
@@ -115,7 +115,8 @@ def test_first_token_is_predicted_from_the_decided_context(w0_engine):
     computation, bit for bit. A rule/adaptive policy decides rows after each ubatch: within the
     context's ubatch the context is still f16, so the two differ, by far more than rounding.
     """
-    from kvq_cli.evaluate import _log_softmax, mean_kl
+    from kvq_cli.eval.scoring import mean_kl
+    from kvq_cli.train.oracle import log_softmax as _log_softmax
 
     e = w0_engine
     scorer = Scorer(e)
@@ -234,7 +235,7 @@ def test_ending_ubatch_is_part_of_the_resume_key(model_path):
 def test_window_bits_are_part_of_the_resume_key(model_path):
     """A rule/adaptive record with the q8_0 window (the default since it was added) is not resumed
     from one with the f16 window, whose key (kv_window_bits None) is that of records made before."""
-    from kvq_cli.evaluate import window_bits_key
+    from kvq_cli.eval.scoring import window_bits_key
     from kvq_cli.runtime.kv import KvqOptions
 
     rule, q4, stock = parse_kv("rule@3"), parse_kv("q4"), parse_kv("stock-f16")
@@ -256,10 +257,11 @@ def test_oracle_on_multiple_choice(model_path):
     """oracle@B on multiple choice: each item's context rows get the damage-optimal bits for that
     item's endings; the cache as the last ending leaves it holds B bits (the ending rows, used
     at f16 inside their ubatch, get 2); at the static 4-bit cache's bits it has lower KL."""
+    from kvq_cli.runtime.inspector import Inspector
     from kvq_cli.runtime.kv import KvqOptions
-    from kvq_cli.train import oracle_mc_assignment
+    from kvq_cli.train.oracle import oracle_mc_assignment
 
-    cfg = EvalConfig(model=model_path, policies=tuple(parse_kv_list("f16,q4,oracle@4.5")), tasks=("openbookqa",),
+    cfg = EvalConfig(model=model_path, policies=tuple(parse_kv_list("f16,q4,oracle@4.5", online=False)), tasks=("openbookqa",),
                      data=SHARED_DATA, split="dev", limit=6, ref="f16", kvq=KvqOptions(window=0))
     f16, q4, oracle = EvalRun(cfg).run()
     assert oracle.n == 6 and oracle.complete and oracle.bits_per_elem == pytest.approx(4.5, abs=0.05)
@@ -267,7 +269,7 @@ def test_oracle_on_multiple_choice(model_path):
     assert q4.bits_per_elem == pytest.approx(4.5) and 0 < oracle.kl < 0.5 * q4.kl   # measured 0.013 vs 0.086
     item = load_mc_task(SHARED_DATA, "openbookqa", split="dev", limit=1)[0]
     opts = KvqOptions(window=0, per_layer=True, record_q=True)
-    with Engine(model_path, kv=parse_kv("oracle@3"), n_ctx=512, kvq=opts) as e:
+    with Inspector(model_path, kv=parse_kv("oracle@3"), n_ctx=512, kvq=opts) as e:
         pairs = [encode_pair(e, item.context, " " + c) for c in item.choices]
         ctx, seqs = pairs[0][0], [pairs[0][0][-1:] + cont[:-1] for _, cont in pairs]
         bits = oracle_mc_assignment(e, ctx[:-1], seqs, 3.0)
@@ -296,7 +298,7 @@ def test_mc_kl_when_the_reference_was_scored_earlier(model_path, monkeypatch):
     again = EvalRun(EvalConfig(**{**base, "limit": 6}, policies=tuple(parse_kv_list("f16,q2"))), previous=old).run()
     assert again[1].n == 6 and again[1].state["kl"] is None and again[1].kl is None
     # --no-mc-kl: the reference is not scored again for items it has, and no KL is reported
-    import kvq_cli.evaluate as ev
+    import kvq_cli.eval.scoring as ev
 
     calls = []
     score = ev.Scorer.score_item_lps
@@ -342,7 +344,7 @@ def test_eval_bad_data_and_resume_file(runner, tmp_path):
 
 def test_interrupt_keeps_every_record_of_the_resumed_file(runner, tmp_path, monkeypatch):
     """Ctrl-C writes the scored items and keeps the resumed file's records of other tasks."""
-    import kvq_cli.evaluate as ev
+    import kvq_cli.eval.scoring as ev
 
     out = tmp_path / "r.json"
     args = ["eval", "--data", str(SHARED_DATA), "--kv", "q4", "--ref", "none", "--json", str(out)]

@@ -13,12 +13,11 @@ import pytest
 
 from kvq_cli.runtime import _lib as L
 from kvq_cli.runtime._lib import kvq_lib
-from kvq_cli.runtime.engine import Engine
+from kvq_cli.runtime.inspector import Inspector
 from kvq_cli.runtime.kv import KvPolicy, KvqOptions, parse_kv
 
-from .conftest import SHARED_DATA
+from .conftest import TEXT
 
-TEXT = (SHARED_DATA / "wikitext2" / "wiki.test.nonempty-lf.raw").read_text(encoding="utf-8")[:8000]
 N_LAYER, N_HEAD, HD = 30, 9, 64
 ASSIGN = KvPolicy("assign", kvq="assign")
 
@@ -41,7 +40,7 @@ def _ptr(a, t=ctypes.c_float):
 
 def _engine(model_path, case, *, n=160):
     kv, opts, seed = CASES[case]
-    e = Engine(model_path, kv=parse_kv(kv) if isinstance(kv, str) else kv, n_ctx=512, kvq=opts, n_threads=1)
+    e = Inspector(model_path, kv=parse_kv(kv) if isinstance(kv, str) else kv, n_ctx=512, kvq=opts, n_threads=1)
     if seed is not None:
         bits = np.random.default_rng(seed).choice([16, 8, 4, 3, 2], size=n).astype(np.int32)
         assert kvq_lib().llama_kvq_set_assignment(e.llm.ctx, _ptr(bits, ctypes.c_int32), n) == 0
@@ -120,7 +119,7 @@ def test_fused_attention_matches_reference(model_path, case):
 
 def _logits(model_path, kv, *, n=96, threads=1, ubatch=512, opts=None):
     policy = parse_kv(kv) if isinstance(kv, str) else kv
-    with Engine(model_path, kv=policy, n_ctx=256, logits_all=True, n_threads=threads, n_batch=ubatch,
+    with Inspector(model_path, kv=policy, n_ctx=256, logits_all=True, n_threads=threads, n_batch=ubatch,
                 n_ubatch=ubatch, kvq=None if policy.is_stock else (opts or KvqOptions())) as e:
         e.llm.eval(e.tokenize(TEXT)[:n])
         return np.array(e.llm.scores[:n], np.float64)
@@ -188,7 +187,7 @@ def test_window_features_match_reference(model_path):
     got = {}
     for ref in (False, True):
         opts = KvqOptions(window=8, trace=True, attn_ref=ref, qar_mu=0.0)
-        with Engine(model_path, kv=parse_kv("rule"), n_ctx=256, kvq=opts, n_batch=32, n_ubatch=8, n_threads=1) as e:
+        with Inspector(model_path, kv=parse_kv("rule"), n_ctx=256, kvq=opts, n_batch=32, n_ubatch=8, n_threads=1) as e:
             e.llm.eval(e.tokenize(TEXT)[:96])
             tr = e.trace()
             order = np.argsort(tr.pos)

@@ -32,8 +32,8 @@ def test_lm_eval_task_matches_kvq_eval(tmp_path, monkeypatch, model_path):
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    from kvq_cli.evaluate import EvalConfig, EvalRun
-    from kvq_cli.lm_eval_adapter import KvqLM
+    from kvq_cli.eval.scoring import EvalConfig, EvalRun
+    from kvq_cli.eval.lm_eval_adapter import KvqLM
     from kvq_cli.runtime.kv import parse_kv_list
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
@@ -62,7 +62,7 @@ def test_lm_eval_task_matches_kvq_eval(tmp_path, monkeypatch, model_path):
 def test_rolling_and_generation(model_path):
     from lm_eval.api.instance import Instance
 
-    from kvq_cli.lm_eval_adapter import KvqLM
+    from kvq_cli.eval.lm_eval_adapter import KvqLM
 
     import numpy as np
 

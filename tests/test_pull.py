@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from kvq_cli.cli import app
-from kvq_cli.hub import ALLOW_PATTERNS
+from kvq_cli.cli.app import app
+from kvq_cli.models.hub import ALLOW_PATTERNS
 
 from .test_errors import assert_one_line_error
 
@@ -97,7 +97,7 @@ def test_pull_embedded_downloads_nothing(runner, monkeypatch, model_path):
 def test_rich_progress_bridge_counts():
     from rich.progress import Progress
 
-    from kvq_cli.hub import rich_tqdm_class
+    from kvq_cli.models.hub import rich_tqdm_class
 
     with Progress(disable=True) as progress:
         bar = rich_tqdm_class(progress)(total=10, desc="model.safetensors")

@@ -7,16 +7,15 @@ import json
 import numpy as np
 import pytest
 
-from kvq_cli.cli import app
+from kvq_cli.cli.app import app
 from kvq_cli.errors import BadOption, ControllerError
 from kvq_cli.runtime._lib import kvq_lib
-from kvq_cli.runtime.engine import Engine
+from kvq_cli.runtime.inspector import Inspector
 from kvq_cli.runtime.kv import KvPolicy, KvqOptions, parse_kv
 
-from .conftest import GOLDEN, SHARED_DATA
+from .conftest import GOLDEN, TEXT
 from .test_errors import assert_one_line_error
 
-TEXT = (SHARED_DATA / "wikitext2" / "wiki.test.nonempty-lf.raw").read_text(encoding="utf-8")[:8000]
 N_LAYER, N_EMBD_KV = 30, 192
 # one token-layer K (or V) row, 3 heads x 64; k4v2: the mean of its q4_0 K row and kvq2 V row
 ROW_BYTES = {"f16": 384, "q8": 204, "q4": 108, "k4v2": 81, "q2": 54}
@@ -30,7 +29,7 @@ def _ptr(a, t=ctypes.c_float):
 def run_logits(model, kv: str | KvPolicy, n_tokens=512, flash=None, n_ctx=1024, **kw):
     """Logits of the first n_tokens of TEXT, and the KV stats after."""
     policy = parse_kv(kv) if isinstance(kv, str) else kv
-    with Engine(model, kv=policy, n_ctx=n_ctx, logits_all=True, flash_attn=flash, **kw) as e:
+    with Inspector(model, kv=policy, n_ctx=n_ctx, logits_all=True, flash_attn=flash, **kw) as e:
         toks = e.tokenize(TEXT)[:n_tokens]
         assert len(toks) == n_tokens
         e.llm.eval(toks)
@@ -91,7 +90,7 @@ def test_kvq2_codebook_beats_scalar_2bit_codes(model_path):
     # error ~0.097 on Gaussian rows, where scalar 2-bit codes with the same f16 step per 64 values (the
     # layout before it) reach 0.113 at best (scripts/kvq2_layout/sim.c, layout C)
     x = np.random.default_rng(0).standard_normal((512, N_EMBD_KV)).astype(np.float32)
-    with Engine(model_path, kv=parse_kv("q2"), n_ctx=256) as e:
+    with Inspector(model_path, kv=parse_kv("q2"), n_ctx=256) as e:
         y = e.roundtrip(2, x)
     assert 0.09 < float(((y - x) ** 2).sum() / (x ** 2).sum()) < 0.10
 
@@ -107,7 +106,7 @@ def test_k4v2_puts_the_bits_on_k(converted_f16, f16_ref):
     lib = kvq_lib()
     kv = {}
     for name in ("k4v2", "q4", "q2"):
-        with Engine(converted_f16, kv=parse_kv(name), n_ctx=256) as e:
+        with Inspector(converted_f16, kv=parse_kv(name), n_ctx=256) as e:
             e.llm.eval(e.tokenize(TEXT)[:64])
             K, V = np.zeros((64, N_EMBD_KV), np.float32), np.zeros((64, N_EMBD_KV), np.float32)
             assert lib.llama_kvq_read_layer(e.llm.ctx, 0, _ptr(K), _ptr(V), None, None, 64) == 64
@@ -156,12 +155,12 @@ def test_window_rows_in_q8_0(model_path, converted_f16, f16_ref):
     # who gets which window by default; a bad value is one clear error
     assert [KvqOptions().window_bits_for(parse_kv(k)) for k in ("rule", "adaptive", "q4", "oracle")] == [8, 8, 16, 16]
     with pytest.raises(BadOption, match="window bits must be 16 or 8"):
-        Engine(model_path, kv=parse_kv("rule"), n_ctx=64, kvq=KvqOptions(window_bits=4))
+        Inspector(model_path, kv=parse_kv("rule"), n_ctx=64, kvq=KvqOptions(window_bits=4))
 
 
 def _assigned_engine(model_path, n=200, seed=0):
     lib = kvq_lib()
-    e = Engine(model_path, kv=ASSIGN, n_ctx=512, kvq=KvqOptions(window=0))
+    e = Inspector(model_path, kv=ASSIGN, n_ctx=512, kvq=KvqOptions(window=0))
     bits = np.random.default_rng(seed).choice([16, 8, 4, 3, 2, 0], size=n).astype(np.int32)
     bits[0] = 16   # (0 leaves the row out; position 0's query must see its own row below)
     assert lib.llama_kvq_set_assignment(e.llm.ctx, _ptr(bits, ctypes.c_int32), n) == 0
@@ -222,7 +221,7 @@ def test_mixed_assignment_attention_matches_numpy(model_path, il):
 
 def test_prefix_reuse_drops_removed_positions(model_path):
     toks = None
-    with Engine(model_path, kv=parse_kv("q4"), n_ctx=512, logits_all=True) as e:
+    with Inspector(model_path, kv=parse_kv("q4"), n_ctx=512, logits_all=True) as e:
         toks = e.tokenize(TEXT)[:160]
         other = toks[:80] + e.tokenize(" The quick brown fox jumps over the lazy dog." * 8)[:80]
         e.llm.eval(toks)
@@ -230,7 +229,7 @@ def test_prefix_reuse_drops_removed_positions(model_path):
         e.llm.eval(other[80:])
         reused = np.array(e.llm.scores[80:160])
         assert e.kv_stats().tokens == 160
-    with Engine(model_path, kv=parse_kv("q4"), n_ctx=512, logits_all=True) as e:
+    with Inspector(model_path, kv=parse_kv("q4"), n_ctx=512, logits_all=True) as e:
         e.llm.eval(other)
         fresh = np.array(e.llm.scores[80:160])
     np.testing.assert_allclose(reused, fresh, atol=1e-4)
@@ -240,7 +239,7 @@ def test_prefix_reuse_drops_removed_positions(model_path):
 def test_budget_is_never_exceeded(model_path, kv, budget):
     n_ctx = 256
     opts = KvqOptions(budget_bits=budget, window=4)
-    with Engine(model_path, kv=parse_kv(kv), n_ctx=n_ctx, kvq=opts, n_batch=64, n_ubatch=16) as e:
+    with Inspector(model_path, kv=parse_kv(kv), n_ctx=n_ctx, kvq=opts, n_batch=64, n_ubatch=16) as e:
         toks = e.tokenize(TEXT)[: n_ctx - 8]
         cap = budget / 8 * n_ctx * 11520
         for i in range(0, len(toks), 16):
@@ -256,7 +255,7 @@ def test_budget_is_never_exceeded(model_path, kv, budget):
 def test_rule_policy_keeps_sinks_and_traces_features(model_path):
     lib = kvq_lib()
     opts = KvqOptions(window=8, trace=True)
-    with Engine(model_path, kv=parse_kv("rule"), n_ctx=256, kvq=opts, n_batch=32, n_ubatch=8) as e:
+    with Inspector(model_path, kv=parse_kv("rule"), n_ctx=256, kvq=opts, n_batch=32, n_ubatch=8) as e:
         e.llm.eval(e.tokenize(TEXT)[:96])
         st = e.kv_stats()
         assert st.rows["window"] == 8 * N_LAYER and st.rows["f16"] >= 4 * N_LAYER
@@ -281,8 +280,8 @@ def test_rule_policy_keeps_sinks_and_traces_features(model_path):
 
 
 def _controller_gguf(tmp_path, model_path, items):
-    from kvq_cli.gguf_info import read_gguf
-    from kvq_cli.gguf_write import copy_with_metadata
+    from kvq_cli.gguf.read import read_gguf
+    from kvq_cli.gguf.write import copy_with_metadata
 
     out = tmp_path / "ctrl.gguf"
     copy_with_metadata(read_gguf(model_path), out, drop=lambda k: False, add=items)
@@ -292,7 +291,7 @@ def _controller_gguf(tmp_path, model_path, items):
 def _adaptive_trace(path, ctrl):
     """The decisions an adaptive decode of 64 tokens of TEXT made (W = 8, ubatches of 8) and the
     controller's features of each, in its own order."""
-    with Engine(path, kv=parse_kv("adaptive"), n_ctx=256, kvq=KvqOptions(window=8, trace=True),
+    with Inspector(path, kv=parse_kv("adaptive"), n_ctx=256, kvq=KvqOptions(window=8, trace=True),
                 n_batch=32, n_ubatch=8) as e:
         e.llm.eval(e.tokenize(TEXT)[:64])
         tr = e.trace()
@@ -300,7 +299,7 @@ def _adaptive_trace(path, ctrl):
 
 
 def test_adaptive_with_embedded_controller(runner, model_path, tmp_path):
-    from kvq_cli.controller import load_controller
+    from kvq_cli.controller.spec import load_controller
 
     ctrl = load_controller(GOLDEN / "controller_handmade.json")
     path = _controller_gguf(tmp_path, model_path, ctrl.gguf_items())
@@ -308,50 +307,19 @@ def test_adaptive_with_embedded_controller(runner, model_path, tmp_path):
     tr, x = _adaptive_trace(path, ctrl)
     n, bits = len(tr.bits), tr.bits
     np.testing.assert_array_equal(bits, ctrl.decide(x))   # C decisions == NumPy decisions
-    with Engine(path, kv=parse_kv("adaptive"), n_ctx=64) as e:
+    with Inspector(path, kv=parse_kv("adaptive"), n_ctx=64) as e:
         c_bits = np.zeros(n, np.int32)
-        assert lib.llama_kvq_controller_eval(e.llm.model, _ptr(tr.features), None, n, _ptr(c_bits, ctypes.c_int32)) == 0
+        assert lib.llama_kvq_controller_eval(e.llm.model, _ptr(tr.features), n, _ptr(c_bits, ctypes.c_int32)) == 0
         np.testing.assert_array_equal(c_bits, bits)
     r = runner.invoke(app, ["chat", str(path), "--kv", "adaptive", "-p", "Hi!", "--max-tokens", "8", "--ctx", "128"])
     assert r.exit_code == 0 and r.stdout.strip(), r.output
 
 
-def test_layer_weights_scale_the_damage_of_each_layer_in_c_as_in_numpy(model_path, tmp_path):
-    """A token-layer controller with per-layer damage weights (kvq.controller.layer_weight): the C
-    decisions of an online decode equal ControllerSpec.decide(x, layer), llama_kvq_controller_eval with
-    the layers gives the same bits, and the weights change decisions (they are not ignored)."""
-    from kvq_cli.controller import load_controller
-
-    base = load_controller(GOLDEN / "controller_handmade.json")
-    base.granularity = "token_layer"
-    n_layer = 30
-    ctrl = load_controller(GOLDEN / "controller_handmade.json")
-    ctrl.granularity = "token_layer"
-    ctrl.layer_weight = [0.05 if il % 2 else 20.0 for il in range(n_layer)]
-    ctrl.validate()
-    path = _controller_gguf(tmp_path, model_path, ctrl.gguf_items())
-    lib = kvq_lib()
-    tr, x = _adaptive_trace(path, ctrl)
-    n, bits = len(tr.bits), tr.bits
-    assert n > 0 and set(tr.layer.tolist()) == set(range(n_layer))
-    np.testing.assert_array_equal(bits, ctrl.decide(x, tr.layer))        # C online == NumPy
-    assert (ctrl.decide(x, tr.layer) != base.decide(x)).any()            # the weights matter
-    from kvq_cli.gguf_info import read_gguf
-    from kvq_cli.controller import controller_from_reader
-    assert controller_from_reader(read_gguf(path)).layer_weight == pytest.approx(ctrl.layer_weight)
-    with Engine(path, kv=parse_kv("adaptive"), n_ctx=64) as e:
-        c_bits = np.zeros(n, np.int32)
-        layer = np.ascontiguousarray(tr.layer, np.int32)
-        assert lib.llama_kvq_controller_eval(e.llm.model, _ptr(tr.features), _ptr(layer, ctypes.c_int32), n,
-                                             _ptr(c_bits, ctypes.c_int32)) == 0
-        np.testing.assert_array_equal(c_bits, bits)
-
-
 def test_damage_floor_projects_the_estimates_in_c_as_in_numpy(model_path, tmp_path):
     """kvq.controller.damage_floor: the C decisions of an online decode equal ControllerSpec.decide with
     the projection, llama_kvq_controller_eval gives the same bits, and the projection changes decisions."""
-    from kvq_cli.controller import controller_from_reader, load_controller, project_damage
-    from kvq_cli.gguf_info import read_gguf
+    from kvq_cli.controller.spec import controller_from_reader, load_controller, project_damage
+    from kvq_cli.gguf.read import read_gguf
 
     base = load_controller(GOLDEN / "controller_handmade.json")
     ctrl = load_controller(GOLDEN / "controller_handmade.json")
@@ -367,15 +335,15 @@ def test_damage_floor_projects_the_estimates_in_c_as_in_numpy(model_path, tmp_pa
     d = -(ctrl.logits(x) + eb)                                  # what decided: physical estimates
     assert (d[:, -1] >= 0).all() and (d[:, :-1] >= np.float32(30.0) * d[:, 1:] - 1e-6)[:, :2].all()
     np.testing.assert_allclose(d, project_damage(-(base.logits(x) + eb), ctrl.damage_floor), rtol=1e-6, atol=1e-6)
-    with Engine(path, kv=parse_kv("adaptive"), n_ctx=64) as e:
+    with Inspector(path, kv=parse_kv("adaptive"), n_ctx=64) as e:
         c_bits = np.zeros(n, np.int32)
-        assert kvq_lib().llama_kvq_controller_eval(e.llm.model, _ptr(tr.features), None, n, _ptr(c_bits, ctypes.c_int32)) == 0
+        assert kvq_lib().llama_kvq_controller_eval(e.llm.model, _ptr(tr.features), n, _ptr(c_bits, ctypes.c_int32)) == 0
         np.testing.assert_array_equal(c_bits, bits)
 
 
 def test_adaptive_without_controller_is_a_clear_error(runner, model_path):
     with pytest.raises(ControllerError, match="has no kvq controller"):
-        Engine(model_path, kv=parse_kv("adaptive"), n_ctx=128)
+        Inspector(model_path, kv=parse_kv("adaptive"), n_ctx=128)
     # a GGUF given by path gets no shipped controller (kvq ships them per registry alias)
     r = runner.invoke(app, ["chat", str(model_path), "--kv", "adaptive", "-p", "hi"])
     assert_one_line_error(r, "has no kvq controller", "kvq embed")
@@ -386,21 +354,19 @@ def test_adaptive_without_controller_is_a_clear_error(runner, model_path):
     ({"kvq.controller.b2": [0.0, float("nan"), 0.0, 0.0]}, "non-finite"),
     ({"kvq.controller.version": 9}, "unsupported controller version 9"),
     ({"kvq.controller.head": "softmax"}, "must be one of logits, log_damage"),
-    ({"kvq.controller.layer_weight": [1.0, 0.0]}, "layer_weight must be"),
-    ({"kvq.controller.layer_weight": [1.0] * 29}, "layer_weight has 29 values for 30 layers"),
     ({"kvq.controller.damage_floor": [4.0, -1.0, 1.0]}, "damage_floor must be"),
     ({"kvq.controller.damage_floor": [4.0, 1.0]}, "damage_floor has 2 values, expected 3"),
 ])
 def test_malformed_controller_metadata_is_a_clear_error(runner, model_path, tmp_path, change, needle):
-    from kvq_cli.controller import load_controller
+    from kvq_cli.controller.spec import load_controller
 
     items = [(k, change.get(k, v), kind) for k, v, kind in load_controller(GOLDEN / "controller_handmade.json").gguf_items()]
     items += [(k, v, "f32[]") for k, v in change.items() if k not in {i[0] for i in items}]   # optional keys
     path = _controller_gguf(tmp_path, model_path, items)
     with pytest.raises(ControllerError, match=needle):
-        Engine(path, kv=parse_kv("adaptive"), n_ctx=128)
+        Inspector(path, kv=parse_kv("adaptive"), n_ctx=128)
     # other policies still work on that file
-    with Engine(path, kv=parse_kv("q4"), n_ctx=128) as e:
+    with Inspector(path, kv=parse_kv("q4"), n_ctx=128) as e:
         e.llm.eval(e.tokenize("Hello there")[:3])
     r = runner.invoke(app, ["chat", str(path), "--kv", "adaptive", "-p", "hi"])
     assert_one_line_error(r, needle)
@@ -430,15 +396,13 @@ def _layer_rows(e, n, side=0):
     return np.stack(out)
 
 
-def _assigned_logits(model, toks, bits, center=None, window=0, scale=None, side=0, **kw):
+def _assigned_logits(model, toks, bits, center=None, window=0, side=0, **kw):
     """(logits, K (side 1: V) of every layer read back); with record_q=True also each layer's queries in position order."""
     # 16-token ubatches: rows are stored at their precision after each ubatch (inside it they are f16)
-    with Engine(model, kv=ASSIGN, n_ctx=512, n_batch=16, n_ubatch=16, logits_all=True,
+    with Inspector(model, kv=ASSIGN, n_ctx=512, n_batch=16, n_ubatch=16, logits_all=True,
                 kvq=KvqOptions(window=window, **kw)) as e:
         if center is not None:
             e.set_k_center(center)
-        if scale is not None:
-            e.set_k_scale(scale)
         e.set_assignment(bits)
         e.llm.eval(toks)
         out = (np.array(e.llm.scores[:len(toks)], dtype=np.float64), _layer_rows(e, len(toks), side))
@@ -454,7 +418,7 @@ def test_k_center_keeps_attention_and_lowers_quantized_damage(converted_f16):
     f16 weights: no activation quantization to amplify f16 rounding (see the test above)."""
     model_path = converted_f16
     n = 200
-    with Engine(model_path, kv=parse_kv("f16"), n_ctx=512) as e:
+    with Inspector(model_path, kv=parse_kv("f16"), n_ctx=512) as e:
         toks = e.tokenize(TEXT)[:n]
     f16 = np.full(n, 16, np.int32)
     ref, K = _assigned_logits(model_path, toks, f16)
@@ -469,7 +433,7 @@ def test_k_center_keeps_attention_and_lowers_quantized_damage(converted_f16):
     plain = kl(ref, _assigned_logits(model_path, toks, two)[0])
     centered = kl(ref, _assigned_logits(model_path, toks, two, center=mu)[0])
     assert centered < 0.8 * plain, (centered, plain)
-    with Engine(model_path, kv=ASSIGN, n_ctx=64) as e:
+    with Inspector(model_path, kv=ASSIGN, n_ctx=64) as e:
         with pytest.raises(BadOption, match="n_layer x n_embd_kv = 5760"):
             e.set_k_center(mu[:2])
         e.llm.eval(toks[:4])
@@ -477,48 +441,12 @@ def test_k_center_keeps_attention_and_lowers_quantized_damage(converted_f16):
             e.set_k_center(mu)
 
 
-def test_k_scale_keeps_attention(converted_f16):
-    """K/Q channel scales (llama_kvq_set_k_scale, the hook of scripts/kq_scale_probe.py): K is stored as
-    s * (K - mu) and queries attend as q / s, so f16 logits stay those of plain K; rows read back and
-    recorded queries are the scaled ones."""
-    model_path = converted_f16
-    n = 120
-    with Engine(model_path, kv=parse_kv("f16"), n_ctx=512) as e:
-        toks = e.tokenize(TEXT)[:n]
-    f16 = np.full(n, 16, np.int32)
-    ref, K, Q = _assigned_logits(model_path, toks, f16, record_q=True)
-    mu = K[:, 1:].mean(1)
-    sc = np.exp(np.random.default_rng(0).normal(0, 0.5, mu.shape)).astype(np.float32)
-    got, Ks, Qs = _assigned_logits(model_path, toks, f16, center=mu, scale=sc, record_q=True)
-    assert kl(ref, got) < 1e-4 and (ref.argmax(-1) == got.argmax(-1)).mean() > 0.99
-    assert np.abs(Ks - sc[:, None] * (K - mu[:, None])).max() < 0.02 * np.abs(K).max()   # f16 rounding only
-    hd = Q[0].shape[-1]
-    group = Q[0].shape[1] // (sc.shape[1] // hd)
-    for il in (0, N_LAYER - 1):
-        inv = np.repeat(1.0 / sc[il].reshape(-1, hd), group, 0)   # [n_head, hd]: each query head's KV head
-        want = Q[il] * inv[None]
-        if il == 0:   # the first layer's queries do not depend on the cache: exact
-            np.testing.assert_allclose(Qs[il], want, rtol=1e-5, atol=1e-6)
-        else:         # later ones carry the f16 rounding of the scaled rows through the layers below
-            assert np.abs(Qs[il] - want).max() < 0.005 * np.abs(want).max()
-    with Engine(model_path, kv=ASSIGN, n_ctx=64) as e:
-        with pytest.raises(BadOption, match="n_layer x n_embd_kv = 5760"):
-            e.set_k_scale(sc[:2])
-        bad = sc.copy()
-        bad[3, 5] = 0.0
-        with pytest.raises(BadOption, match="finite and > 0"):
-            e.set_k_scale(bad)
-        e.llm.eval(toks[:4])
-        with pytest.raises(BadOption, match="before any row is stored"):
-            e.set_k_scale(sc)
-
-
 def test_k_center_travels_in_the_gguf(runner, model_path, tmp_path):
     """kvq.controller.k_center: written by embed, read back by Python and by the runtime (mixed-precision
     policies center K with it; static ones store K as is); a wrong shape is one clear line."""
-    from kvq_cli.controller import controller_from_reader, load_controller
-    from kvq_cli.embed import embed
-    from kvq_cli.gguf_info import read_gguf
+    from kvq_cli.controller.spec import controller_from_reader, load_controller
+    from kvq_cli.controller.embed import embed
+    from kvq_cli.gguf.read import read_gguf
 
     mu = np.random.default_rng(0).normal(size=(N_LAYER, N_EMBD_KV)).astype(np.float32)
     ctrl = load_controller(GOLDEN / "controller_handmade.json")
@@ -527,11 +455,11 @@ def test_k_center_travels_in_the_gguf(runner, model_path, tmp_path):
     embed(model_path, ctrl, path)
     back = controller_from_reader(read_gguf(path))
     np.testing.assert_array_equal(np.array(back.k_center, np.float32), mu)
-    with Engine(model_path, kv=parse_kv("f16"), n_ctx=128) as e:
+    with Inspector(model_path, kv=parse_kv("f16"), n_ctx=128) as e:
         toks = e.tokenize(TEXT)[:16]
     ks = {}
     for name, kv in (("plain", parse_kv("f16")), ("static", parse_kv("f16")), ("assign", ASSIGN)):
-        with Engine(model_path if name == "plain" else path, kv=kv, n_ctx=128, kvq=KvqOptions(window=0)) as e:
+        with Inspector(model_path if name == "plain" else path, kv=kv, n_ctx=128, kvq=KvqOptions(window=0)) as e:
             e.llm.eval(toks)
             ks[name] = _layer_rows(e, len(toks))
     np.testing.assert_array_equal(ks["static"], ks["plain"])
@@ -556,7 +484,7 @@ def test_v_unbias_keeps_each_v_head_projection(model_path):
     original exact, where the least-squares block scale shrinks it by its relative error (~11%),
     a shrink the attention output would add up. On an all-2-bit cache the logits get closer to f16."""
     n, window = 256, 16
-    with Engine(model_path, kv=parse_kv("f16"), n_ctx=512) as e:
+    with Inspector(model_path, kv=parse_kv("f16"), n_ctx=512) as e:
         toks = e.tokenize(TEXT)[:n]
     ref, V = _assigned_logits(model_path, toks, np.full(n, 16, np.int32), side=1)
     two = np.full(n, 2, np.int32)
@@ -574,7 +502,7 @@ def test_v_unbias_keeps_each_v_head_projection(model_path):
     assert kls[True] < kls[False], kls
     # the training round trip of V rows (Engine.roundtrip(v=True)) stores them exactly as the pool did
     for unb, (_, Vx) in got.items():
-        with Engine(model_path, kv=ASSIGN, n_ctx=512, kvq=KvqOptions(v_unbias=unb)) as e:
+        with Inspector(model_path, kv=ASSIGN, n_ctx=512, kvq=KvqOptions(v_unbias=unb)) as e:
             np.testing.assert_array_equal(e.roundtrip(2, V[0, stored], v=True), Vx[0, stored])
 
 
@@ -584,7 +512,7 @@ def test_query_aware_rounding_protects_the_attending_direction(model_path):
     same all-2-bit cache: the later queries' attention-weighted score error of the 2-bit rows is
     much lower, their plain squared error only a little higher, and the logits are closer to f16."""
     n, window = 256, 16
-    with Engine(model_path, kv=parse_kv("f16"), n_ctx=512) as e:
+    with Inspector(model_path, kv=parse_kv("f16"), n_ctx=512) as e:
         toks = e.tokenize(TEXT)[:n]
     ref, K = _assigned_logits(model_path, toks, np.full(n, 16, np.int32))
     two = np.full(n, 2, np.int32)

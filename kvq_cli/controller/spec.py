@@ -19,15 +19,6 @@ pool), which moves all of a query's scores by the same q.mu and so leaves attent
 while the quantized pools code K - mu, a smaller signal than K. The controller
 is trained with it (its features and damage are those of centered rows), so the two travel together.
 
-Layer weights (optional field `layer_weight`, [n_layer], each > 0): the damage the MLP predicts is
-relative to its layer's output, and a unit of it costs very different KL in different layers
-(layers 0 and 1 of SmolLM2-135M 75x and 57x the median layer; results/layer_sensitivity_probe.json).
-For a row of layer l both heads' damage part is multiplied by layer_weight[l]:
-    logits = w_l * (w2 @ h + b2 + eff_bits) - eff_bits            (logits head)
-    logits = -w_l * exp(w2 @ h + b2) - eff_bits                   (log_damage head)
-Per-token decisions (granularity "token") use weight 1. `kvq train --layer-weights N` measures
-them (train.layer_sensitivity); the shipped controller has none (they decoded wikitext-2 worse, README).
-
 Damage floor (optional field `damage_floor`, [n_precisions - 1], precisions ascending): a storage
 precision never does less damage than a higher one, and on the calibration rows the damage at one
 precision is never far below a fixed multiple of the next one's (`kvq train --damage-floor P` stores the
@@ -35,7 +26,7 @@ P-th percentile of each ratio, 0.1 by default). A regressor's estimates can brea
 such a row would stay at 2 bits at every budget). With the field the estimates d (d = -(out + eff_bits)
 for the logits head, exp(out) for log_damage) are projected before the decision,
     d[-1] = max(d[-1], 0);   d[o] = max(d[o], damage_floor[o] * d[o + 1])   for o from n - 2 down to 0
-    logits = -w_l * d - eff_bits
+    logits = -d - eff_bits
 """
 from __future__ import annotations
 
@@ -47,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from kvq_cli.errors import ControllerError
-from kvq_cli.gguf_keys import Controller as K, Llm
+from kvq_cli.gguf.keys import Controller as K, Llm
 
 CONTROLLER_VERSION = 1
 # Features the runtime computes per token, by name (order in a controller is its own).
@@ -67,6 +58,11 @@ PRECISION_BITS = (0, 2, 3, 4, 8, 16)
 EFF_BITS_OF = {0: 0.0, 2: 2.25, 3: 3.375, 4: 4.5, 8: 8.5, 16: 16.0}   # effective bits/element of each pool, block scales included
 HEADS = ("logits", "log_damage")   # how the MLP's outputs become logits (module docstring)
 GRANULARITIES = ("token", "token_layer")   # one decision per token (features averaged over layers), or per layer too
+# kvq train's V weight: the V part of the damage targets weighs V_WEIGHT times. The first-order damage
+# undervalues V errors: allocating damage_K + alpha * damage_V, the oracle's KL at 3 bits on held-out
+# calibration chunks falls from 0.0100 (alpha 1) to 0.0089/0.0088/0.0088 at alpha 10/30/100
+# (results/kv_split_probe*.json); the shipped controller is trained with it.
+V_WEIGHT = 10.0
 # kvq train's damage floor: each ratio of a row's damage at one precision to its damage at the next one, at
 # this percentile of the training rows (ControllerSpec.damage_floor)
 DAMAGE_FLOOR_PERCENTILE = 0.1
@@ -90,7 +86,6 @@ class ControllerSpec:
     extra: dict[str, Any] = field(default_factory=dict)
     k_center: list[list[float]] | None = None   # [n_layer][n_embd_kv] or None
     head: str = "logits"
-    layer_weight: list[float] | None = None     # [n_layer] damage weight per layer, or None (all 1)
     damage_floor: list[float] | None = None     # [n_precisions - 1] damage projection (module docstring), or None
 
     @property
@@ -141,12 +136,6 @@ class ControllerSpec:
                 raise ControllerError("controller k_center must be a non-empty n_layer x n_embd_kv matrix")
             if not all(isinstance(x, (int, float)) and math.isfinite(x) for r in kc for x in r):
                 raise ControllerError("controller k_center has non-finite values")
-        if self.layer_weight is not None:
-            lw = self.layer_weight
-            if not lw or not all(isinstance(x, (int, float)) and math.isfinite(x) and x > 0 for x in lw):
-                raise ControllerError("controller layer_weight must be a non-empty list of finite values > 0")
-            if self.k_center is not None and len(lw) != len(self.k_center):
-                raise ControllerError(f"controller layer_weight has {len(lw)} values for {len(self.k_center)} layers")
         if self.damage_floor is not None:
             df = self.damage_floor
             if len(df) != npr - 1:
@@ -157,21 +146,19 @@ class ControllerSpec:
                 raise ControllerError("controller damage_floor needs the precisions in ascending order")
         return self
 
+    def check_model(self, dims, name: str = "the model") -> "ControllerSpec":
+        """Refuse a controller whose K centering was made for another model (dims: gguf.read.ModelDims)."""
+        if self.k_center is not None:
+            got = (len(self.k_center), len(self.k_center[0]))
+            want = (dims.n_layer, dims.n_head_kv * dims.head_dim)
+            if got != want:
+                raise ControllerError(f"controller k_center is {got[0]}x{got[1]}, but {name} needs n_layer x n_embd_kv = "
+                                      f"{want[0]}x{want[1]}", hint="train the controller on this model")
+        return self
+
     # -- decisions (NumPy reference of the C forward pass) ------------------------
-    def weights(self, layer):
-        """Damage weight [n] of rows of the given layers (-1: a per-token decision, weight 1)."""
-        import numpy as np
-
-        layer = np.asarray(layer)
-        if self.layer_weight is None:
-            return np.ones(layer.shape, np.float32)
-        lw = np.asarray(self.layer_weight, np.float32)
-        ok = (layer >= 0) & (layer < len(lw))
-        return np.where(ok, lw[np.where(ok, layer, 0)], np.float32(1.0)).astype(np.float32)
-
-    def logits(self, x, layer=None):
-        """Output logits for a [n, n_features] feature matrix, its rows of layers `layer` ([n] or None:
-        weight 1)."""
+    def logits(self, x):
+        """Output logits for a [n, n_features] feature matrix."""
         import numpy as np
 
         z = (np.asarray(x, np.float32) - np.asarray(self.feature_mean, np.float32)) \
@@ -179,19 +166,18 @@ class ControllerSpec:
         h = np.maximum(z @ np.asarray(self.w1, np.float32).T + np.asarray(self.b1, np.float32), 0)
         out = h @ np.asarray(self.w2, np.float32).T + np.asarray(self.b2, np.float32)
         eb = np.asarray([EFF_BITS_OF[p] for p in self.precisions], np.float32)
-        w = self.weights(np.full(len(out), -1) if layer is None else layer)[:, None]
         if self.damage_floor is not None:
             d = np.exp(out) if self.head == "log_damage" else -(out + eb)
-            return -w * project_damage(d, self.damage_floor) - eb
+            return -project_damage(d, self.damage_floor) - eb
         if self.head == "log_damage":
-            return -w * np.exp(out) - eb
-        return np.where(w == 1, out, w * (out + eb) - eb)   # weight 1: the plain logits, bit for bit
+            return -np.exp(out) - eb
+        return out
 
-    def decide(self, x, layer=None):
-        """Chosen precision in bits per row of `x` (rows of layers `layer`, or None: weight 1)."""
+    def decide(self, x):
+        """Chosen precision in bits per row of `x`."""
         import numpy as np
 
-        return np.asarray(self.precisions)[np.argmax(self.logits(x, layer), axis=-1)]
+        return np.asarray(self.precisions)[np.argmax(self.logits(x), axis=-1)]
 
     # -- file format --------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
@@ -200,7 +186,6 @@ class ControllerSpec:
                 "granularity": self.granularity, "head": self.head, "w1": self.w1,
                 "b1": self.b1, "w2": self.w2, "b2": self.b2, "feature_mean": self.feature_mean,
                 "feature_std": self.feature_std, **({"k_center": self.k_center} if self.k_center is not None else {}),
-                **({"layer_weight": self.layer_weight} if self.layer_weight is not None else {}),
                 **({"damage_floor": self.damage_floor} if self.damage_floor is not None else {}),
                 **({"extra": self.extra} if self.extra else {})}
 
@@ -218,7 +203,6 @@ class ControllerSpec:
                        granularity=str(d.get("granularity", "token")), head=str(d.get("head", "logits")),
                        extra=dict(d.get("extra", {})),
                        k_center=None if d.get("k_center") is None else [[float(x) for x in r] for r in d["k_center"]],
-                       layer_weight=None if d.get("layer_weight") is None else [float(x) for x in d["layer_weight"]],
                        damage_floor=None if d.get("damage_floor") is None else [float(x) for x in d["damage_floor"]])
         except KeyError as e:
             raise ControllerError(f"controller file lacks field {e.args[0]!r}") from None
@@ -245,7 +229,6 @@ class ControllerSpec:
             (K.GRANULARITY, self.granularity, "str"),
             (K.HEAD, self.head, "str"),
         ] + ([(K.K_CENTER, flat(self.k_center), "f32[]")] if self.k_center is not None else []) \
-          + ([(K.LAYER_WEIGHT, [float(x) for x in self.layer_weight], "f32[]")] if self.layer_weight is not None else []) \
           + ([(K.DAMAGE_FLOOR, [float(x) for x in self.damage_floor], "f32[]")] if self.damage_floor is not None else [])
 
     @classmethod
@@ -277,12 +260,6 @@ class ControllerSpec:
                     raise ControllerError(f"{K.K_CENTER} has {len(kc)} values, not one row per layer ({n_layer})")
                 per = len(kc) // int(n_layer)
                 spec.k_center = [kc[i * per:(i + 1) * per] for i in range(int(n_layer))]
-            lw = get(K.LAYER_WEIGHT)
-            if lw is not None:
-                spec.layer_weight = [float(x) for x in lw]
-                n_layer = get(Llm.BLOCK_COUNT.format(arch=get(Llm.ARCHITECTURE)))
-                if n_layer and len(lw) != int(n_layer):
-                    raise ControllerError(f"{K.LAYER_WEIGHT} has {len(lw)} values for {n_layer} layers")
             df = get(K.DAMAGE_FLOOR)
             if df is not None:
                 spec.damage_floor = [float(x) for x in df]
@@ -304,8 +281,8 @@ def project_damage(d, floor):
 
 
 def default_controller_path(alias: str) -> Path | None:
-    """The controller shipped in kvq_cli/controllers/ for a registry alias, if any."""
-    p = Path(__file__).parent / "controllers" / f"{alias}.json"
+    """The controller shipped in kvq_cli/controller/shipped/ for a registry alias, if any."""
+    p = Path(__file__).parent / "shipped" / f"{alias}.json"
     return p if p.is_file() else None
 
 
@@ -328,16 +305,3 @@ def controller_from_reader(reader) -> ControllerSpec | None:
         return None if f is None else f.contents()
 
     return ControllerSpec.from_gguf_fields(get)
-
-
-def model_k_center(path: str | os.PathLike) -> bool:
-    """Whether the GGUF at `path` carries a K centering (kvq.controller.k_center) the runtime would use."""
-    from kvq_cli.gguf_info import read_gguf
-
-    from kvq_cli.errors import KvqError
-
-    try:
-        spec = controller_from_reader(read_gguf(path))
-    except KvqError:   # no usable controller: the engines will say why where it matters
-        return False
-    return spec is not None and spec.k_center is not None

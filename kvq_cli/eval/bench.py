@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 
 from kvq_cli.errors import BadOption
-from kvq_cli.runtime.engine import Engine
+from kvq_cli.runtime.engine import Engine, ModelRef, as_model_ref
 from kvq_cli.runtime.kv import STOCK_POLICIES, KvPolicy, KvqOptions
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ def load_text(text_file: str | None, data_dir: str | None) -> tuple[str, str]:
             raise BadOption(f"no such text file: {p}")
         return p.read_text(encoding="utf-8", errors="replace"), p.name
     if data_dir:
-        from kvq_cli.evaluate import load_wikitext
+        from kvq_cli.eval.scoring import load_wikitext
 
         return load_wikitext(data_dir), "wikitext2-test"
     return default_text(), "python-stdlib-docstrings"
@@ -113,7 +113,7 @@ def _decode(e: Engine, first: int, n_gen: int) -> float:
     return time.perf_counter() - t0
 
 
-def _run_once(model: Path, policy: KvPolicy, ctx: int, prompt: list[int], n_gen: int,
+def _run_once(model: ModelRef, policy: KvPolicy, ctx: int, prompt: list[int], n_gen: int,
               kvq: KvqOptions | None, n_threads: int) -> dict:
     with Engine(model, kv=policy, n_ctx=ctx, n_batch=512, n_ubatch=512, n_threads=n_threads, kvq=kvq) as e:
         t0 = time.perf_counter()
@@ -131,7 +131,7 @@ class _Prefilled:
     """--reuse-prefill: one engine per policy, prefilled once; each repeat rolls the cache back
     to the prefill and decodes the same tokens again."""
 
-    def __init__(self, model: Path, policy: KvPolicy, ctx: int, prompt: list[int], kvq: KvqOptions | None,
+    def __init__(self, model: ModelRef, policy: KvPolicy, ctx: int, prompt: list[int], kvq: KvqOptions | None,
                  n_threads: int):
         self.engine = Engine(model, kv=policy, n_ctx=ctx, n_batch=512, n_ubatch=512, n_threads=n_threads, kvq=kvq)
         try:
@@ -162,7 +162,7 @@ class _Prefilled:
 def weight_bytes_per_token(model: str | Path) -> int:
     """Bytes of weights a decoded token reads: every tensor, except that only one row of the
     token embedding is gathered unless the output layer is tied to it."""
-    from kvq_cli.gguf_info import read_gguf
+    from kvq_cli.gguf.read import read_gguf
 
     reader = read_gguf(model)
     sizes = {t.name: int(t.n_bytes) for t in reader.tensors}
@@ -191,7 +191,7 @@ def measure_bandwidth(n_threads: int, mib: int = 512, trials: int = 5) -> float:
     return best
 
 
-def bench(model: str | Path, policies: list[KvPolicy], ctxs: list[int], *, n_gen: int = 32,
+def bench(model: str | Path | ModelRef, policies: list[KvPolicy], ctxs: list[int], *, n_gen: int = 32,
           repeats: int = 1, text: str, kvq: KvqOptions | None = None, n_threads: int | None = None,
           vs: list[str] | None = None, roofline: bool = False, reuse_prefill: bool = False,
           on_run: Callable[[str, int], None] | None = None) -> list[BenchRecord]:
@@ -205,7 +205,7 @@ def bench(model: str | Path, policies: list[KvPolicy], ctxs: list[int], *, n_gen
     """
     import os
 
-    model = Path(model)
+    model = as_model_ref(model)
     n_threads = n_threads or os.cpu_count() or 1
     if n_gen < 1 or repeats < 1:
         raise BadOption("--gen and --repeats must be >= 1")
@@ -214,7 +214,7 @@ def bench(model: str | Path, policies: list[KvPolicy], ctxs: list[int], *, n_gen
     if missing:
         raise BadOption(f"--vs {', '.join(missing)} is not among the --kv policies")
     bandwidth = measure_bandwidth(n_threads) if roofline else None
-    wbytes = weight_bytes_per_token(model) if roofline else None
+    wbytes = weight_bytes_per_token(model.path) if roofline else None
     with Engine(model, kv=STOCK_POLICIES["stock-f16"], n_ctx=64) as tok_engine:  # tokenizer only
         all_tokens = tok_engine.tokenize(text)
     records = []
@@ -307,8 +307,27 @@ def plot(records: list[BenchRecord], path: str | Path, title: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    from kvq_cli.gguf_write import atomic_output
+    from kvq_cli.gguf.write import atomic_output
 
     with atomic_output(path) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
+
+
+def parse_ctxs(value: str) -> list[int]:
+    """`--ctx 512,2048`: context lengths >= 2."""
+    try:
+        ctxs = [int(c) for c in value.split(",") if c.strip()]
+    except ValueError:
+        raise BadOption(f"--ctx takes comma-separated integers, got '{value}'") from None
+    if not ctxs or min(ctxs) < 2:
+        raise BadOption("--ctx needs context lengths >= 2")
+    return ctxs
+
+
+def check_plot(path: str | None) -> None:
+    """--plot needs matplotlib (kvq-cli[plot])."""
+    import importlib.util
+
+    if path and importlib.util.find_spec("matplotlib") is None:
+        raise BadOption("--plot needs matplotlib", hint="pip install 'kvq-cli[plot]'")

@@ -4,7 +4,7 @@ lm-eval has no plugin entry point for models, so this module registers the model
 `kvq` and then runs lm-eval's own command line:
 
     kvq-lm-eval --model kvq --model_args kv=q4,ctx=2048 --tasks arc_easy --limit 50
-    python -m kvq_cli.lm_eval_adapter --model kvq --model_args model=PATH.gguf,kv=adaptive ...
+    python -m kvq_cli.eval.lm_eval_adapter --model kvq --model_args model=PATH.gguf,kv=adaptive ...
 
 From Python: `lm_eval.simple_evaluate(model=KvqLM(kv="q4"), tasks=[...])`.
 model_args: model (registry alias, hub id or .gguf path; default the embedded model),
@@ -18,7 +18,7 @@ import sys
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
-from kvq_cli.evaluate import Scorer
+from kvq_cli.eval.scoring import Scorer
 from kvq_cli.runtime.engine import Engine
 from kvq_cli.runtime.kv import KvqOptions, parse_kv, require_online
 
@@ -34,12 +34,12 @@ class KvqLM(LM):
     def __init__(self, model: str | None = None, kv: str = "f16", kv_bits=None, kv_window=None,
                  ctx: int = 2048, threads=None, **kwargs):
         super().__init__()
-        from kvq_cli.models import resolve
+        from kvq_cli.models.registry import model_ref, resolve
 
         policy = parse_kv(kv)
         require_online([policy])   # oracle@B needs each item's endings in advance (kvq eval)
         opts = KvqOptions(window=_opt(kv_window, int), budget_bits=_opt(kv_bits, float))
-        self.engine = Engine(resolve(model).path, kv=policy, n_ctx=int(ctx), n_batch=int(ctx),
+        self.engine = Engine(model_ref(resolve(model), [policy], opts), kv=policy, n_ctx=int(ctx), n_batch=int(ctx),
                              n_threads=_opt(threads, int), kvq=opts)
         self.scorer = Scorer(self.engine)
         self.eot = self.engine.llm.token_eos()
@@ -109,10 +109,20 @@ class KvqLM(LM):
 
 
 def main() -> None:
-    """lm-eval's command line with the `kvq` model registered."""
+    """lm-eval's command line with the `kvq` model registered; kvq's errors are one line, as in `kvq`."""
+    import os
+
     from lm_eval.__main__ import cli_evaluate
 
-    sys.exit(cli_evaluate())
+    from kvq_cli.errors import KvqError
+
+    try:
+        sys.exit(cli_evaluate())
+    except KvqError as e:
+        if os.environ.get("KVQ_DEBUG"):
+            raise
+        print(f"kvq-lm-eval: error: {e.one_line()}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -27,34 +27,16 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from kvq_cli.controller import model_k_center
-from kvq_cli.errors import BadOption, ContextOverflow
-from kvq_cli.runtime.engine import Engine
+from kvq_cli.errors import BadOption, ContextOverflow, OutputError
+from kvq_cli.eval.tasks import MC_TASKS, McItem, load_mc_task
+from kvq_cli.runtime.engine import Engine, ModelRef, as_model_ref
+from kvq_cli.runtime.inspector import Inspector
 from kvq_cli.runtime.kv import KvPolicy, KvqOptions
-from kvq_cli.tasks import MC_TASKS, McItem, load_mc_task
+from kvq_cli.train.oracle import log_softmax, oracle_assignment, oracle_mc_assignment
 
 log = logging.getLogger(__name__)
 
 WIKITEXT_FILE = Path("wikitext2") / "wiki.test.nonempty-lf.raw"
-
-
-@dataclass
-class PplRecord:
-    """One policy's result on the wikitext-2 test text."""
-
-    task: str
-    kv: str
-    n_tokens: int
-    n_scored: int
-    n_ctx: int
-    ppl: float
-    nll: float
-    kl: float | None            # mean KL(reference || policy) over scored positions
-    kl_ref: str
-    top1_agree: float | None    # argmax agreement with the reference
-    bits_per_elem: float
-    seconds: float
-    extra: dict = field(default_factory=dict)
 
 
 def load_wikitext(data_dir: str | Path) -> str:
@@ -63,11 +45,6 @@ def load_wikitext(data_dir: str | Path) -> str:
     if not path.is_file():
         raise BadOption(f"no {WIKITEXT_FILE} under {data_dir}", hint="pass --data pointing at the evaluation data dir")
     return path.read_text(encoding="utf-8")
-
-
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
 def _ppl_chunk(engines: Sequence[Engine], chunk: list[int], reference: int) -> np.ndarray:
@@ -81,14 +58,12 @@ def _ppl_chunk(engines: Sequence[Engine], chunk: list[int], reference: int) -> n
         e = engines[i]
         t0 = time.perf_counter()
         if e.kv.kvq == "assign":
-            from kvq_cli.train import oracle_assignment
-
             oracle_assignment(e, chunk[:-1], e.kvq_opts.budget_for(e.kv))
         # logits at position j predict token j+1: score positions half-1 .. n-2
         logits = e.decode(chunk[:-1], 0, logits_from=half - 1)
         out[i, 3] = time.perf_counter() - t0
         out[i, 4] = e.kv_stats().bits_per_elem
-        lp = _log_softmax(logits.astype(np.float64))
+        lp = log_softmax(logits.astype(np.float64))
         del logits
         out[i, 0] = -lp[np.arange(len(targets)), targets].sum()
         if ref_lp is None:
@@ -96,42 +71,6 @@ def _ppl_chunk(engines: Sequence[Engine], chunk: list[int], reference: int) -> n
         out[i, 1] = (ref_p * (ref_lp - lp)).sum()
         out[i, 2] = (ref_lp.argmax(-1) == lp.argmax(-1)).sum()
     return out
-
-
-def perplexity(model: str | Path, policies: list[KvPolicy], text: str, *, n_tokens: int = 32768,
-               n_ctx: int = 512, n_ubatch: int = 512, kvq: KvqOptions | None = None,
-               n_threads: int | None = None, reference: int = 0,
-               on_chunk: Callable[[int, int], None] | None = None) -> list[PplRecord]:
-    """Perplexity and KL vs policies[reference] for each policy over the first n_tokens of text."""
-    if n_ctx % 2 or n_ctx < 16:
-        raise BadOption("--ctx must be an even number >= 16")
-    engines = [Engine(model, kv=p, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ubatch,
-                      n_threads=n_threads, kvq=kvq) for p in policies]
-    try:
-        tokens = engines[0].tokenize(text)[:n_tokens]
-        n_chunks = len(tokens) // n_ctx
-        if n_chunks == 0:
-            raise BadOption(f"the text has {len(tokens)} tokens, fewer than one chunk of {n_ctx}")
-        sums = np.zeros((len(policies), 5))
-        for c in range(n_chunks):
-            sums += _ppl_chunk(engines, tokens[c * n_ctx:(c + 1) * n_ctx], reference)
-            if on_chunk:
-                on_chunk(c + 1, n_chunks)
-        n_scored = n_chunks * (n_ctx // 2)
-        return [PplRecord(
-            task="wikitext2", kv=p.name, n_tokens=n_chunks * n_ctx, n_scored=n_scored, n_ctx=n_ctx,
-            ppl=math.exp(sums[i, 0] / n_scored), nll=sums[i, 0] / n_scored,
-            kl=None if i == reference else sums[i, 1] / n_scored, kl_ref=policies[reference].name,
-            top1_agree=None if i == reference else sums[i, 2] / n_scored,
-            bits_per_elem=sums[i, 4] / n_chunks, seconds=sums[i, 3]) for i, p in enumerate(policies)]
-    finally:
-        for e in engines:
-            e.close()
-
-
-def records_to_json(records) -> list[dict]:
-    """Plain dicts for --json output."""
-    return [asdict(r) for r in records]
 
 
 # -- multiple choice ----------------------------------------------------------------
@@ -228,7 +167,7 @@ class Scorer:
         seq, n0, k = ctx[-1:] + cont[:-1], len(ctx) - 1, self.ending_ubatch or len(cont)
         logits = np.concatenate([self.engine.decode(seq[i:i + k], n0 + i, logits_from=0)
                                  for i in range(0, len(seq), k)])
-        return _log_softmax(logits.astype(np.float64))
+        return log_softmax(logits.astype(np.float64))
 
     def score(self, ctx: list[int], cont: list[int]) -> tuple[float, bool]:
         """(log p(cont | ctx), greedy)."""
@@ -248,8 +187,6 @@ class Scorer:
         pairs = [encode_pair(self.engine, item.context, " " + c) for c in item.choices]
         ctx = self.fit(pairs[0][0], max(len(cont) for _, cont in pairs))
         if self.engine.kv.kvq == "assign":   # oracle@B: measure this item's damage first, then score with it
-            from kvq_cli.train import oracle_mc_assignment
-
             oracle_mc_assignment(self.engine, ctx[:-1], [ctx[-1:] + cont[:-1] for _, cont in pairs],
                                  self.engine.kvq_opts.budget_for(self.engine.kv))
             self.forget()
@@ -342,10 +279,10 @@ class EvalRecord:
 class EvalConfig:
     """What `kvq eval` runs: tasks x policies on one model and data dir."""
 
-    model: Path
+    model: Path | ModelRef | None     # None while the options are checked, before the model resolves
     policies: tuple[KvPolicy, ...]
     tasks: tuple[str, ...]
-    data: Path
+    data: Path | None
     split: str = "test"
     limit: int | dict[str, int] | None = None  # items per multiple-choice task (or per task name)
     n_ctx: int = 1024                 # context of the multiple-choice engines
@@ -362,6 +299,16 @@ class EvalConfig:
     n_threads: int | None = None
     seed: int = 0
     checkpoint_every: int = 50
+
+    def __post_init__(self) -> None:
+        if self.data is None:
+            raise BadOption("no evaluation data", hint="pass --data DIR (or set KVQ_DATA)")
+        if not Path(self.data).is_dir():
+            raise BadOption(f"--data {self.data} is not a directory")
+        if self.ppl_tokens < self.ppl_ctx:
+            raise BadOption(f"--tokens ({self.ppl_tokens}) must be at least one chunk (--ppl-ctx {self.ppl_ctx})")
+        if self.ending_ubatch is not None and self.ending_ubatch < 1:
+            raise BadOption(f"--ending-ubatch must be >= 1, got {self.ending_ubatch}")
 
 
 Progress = Callable[[str, int, int], None]
@@ -386,7 +333,7 @@ class EvalRun:
             old[r.key] = r
         self.records: list[EvalRecord] = []
         wanted = set()
-        centered = model_k_center(cfg.model)
+        centered = as_model_ref(cfg.model).has_k_center
         for task in cfg.tasks:
             for p in cfg.policies:
                 ctx = cfg.ppl_ctx if task == "wikitext2" else cfg.n_ctx
@@ -413,7 +360,8 @@ class EvalRun:
                     if opts.budget_for(p) is None:
                         raise BadOption(f"--kv {p.name} needs a budget: oracle@BITS or --kv-bits")
                     opts = replace(opts, per_layer=True, record_q=True)
-                engines.append(Engine(self.cfg.model, kv=p, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=min(ubatch, n_ctx),
+                cls = Inspector if p.kvq == "assign" else Engine   # the oracle installs assignments
+                engines.append(cls(self.cfg.model, kv=p, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=min(ubatch, n_ctx),
                                       n_threads=self.cfg.n_threads, kvq=opts))
         except BaseException:
             for e in engines:
@@ -437,7 +385,7 @@ class EvalRun:
         items = {t: load_mc_task(cfg.data, t, cfg.split, limit(t)) for t in mc}  # fail early on bad data
         text = None
         if "wikitext2" in cfg.tasks:
-            from kvq_cli.tasks import load_text
+            from kvq_cli.eval.tasks import load_text
 
             text = load_text(cfg.data, "wikitext2", cfg.split)
         if cfg.ppl_ctx % 2 or cfg.ppl_ctx < 16:
@@ -609,3 +557,37 @@ def _finalize_ppl(r: EvalRecord, ref: EvalRecord | None, seed: int) -> None:
 def eval_records_to_json(records: list[EvalRecord]) -> list[dict[str, Any]]:
     """The --json list (state included, so the file can be resumed)."""
     return [asdict(r) for r in records]
+
+
+def read_previous(json_path: str | None, resume: bool) -> list[dict] | None:
+    """The records of an earlier run to continue (--resume --json PATH); None when starting afresh."""
+    import json
+
+    if not resume:
+        return None
+    if not json_path:
+        raise BadOption("--resume needs --json PATH (the file to continue)")
+    if not Path(json_path).exists():
+        return None
+    try:
+        previous = json.loads(Path(json_path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise BadOption(f"--resume: cannot read {json_path} ({e})") from None
+    if not isinstance(previous, list):
+        raise BadOption(f"--resume: {json_path} is not a list of kvq eval records")
+    return previous
+
+
+def write_records(json_path: str | None, records: list[EvalRecord]) -> None:
+    """Rewrite --json atomically with the records so far (a no-op without --json)."""
+    import json
+
+    from kvq_cli.gguf.write import atomic_output
+
+    if not json_path:
+        return
+    try:
+        with atomic_output(json_path) as tmp:
+            tmp.write_text(json.dumps(eval_records_to_json(records), indent=1) + "\n")
+    except OSError as e:
+        raise OutputError(f"cannot write {json_path}: {e}") from None

@@ -120,3 +120,25 @@ def load_mc_task(data_dir: str | Path, task: str, split: str = "test", limit: in
 def load_text(data_dir: str | Path, task: str = "wikitext2", split: str = "test") -> str:
     """The raw text of a perplexity task."""
     return task_file(data_dir, task, split).read_text(encoding="utf-8")
+
+
+def parse_limit(value: str | None, tasks: list[str]) -> int | dict[str, int] | None:
+    """--limit N (every multiple-choice task) or task=N,task=N."""
+    if value is None:
+        return None
+    try:
+        if "=" not in value:
+            n = int(value)
+            out: int | dict[str, int] = n
+            ns = [n]
+        else:
+            out = {k.strip().lower(): int(v) for k, v in (kv.split("=", 1) for kv in value.split(",") if kv.strip())}
+            ns = list(out.values())
+            unknown = [k for k in out if k not in tasks]
+            if unknown:
+                raise BadOption(f"--limit names tasks not in --task: {', '.join(unknown)}")
+    except ValueError:
+        raise BadOption(f"--limit takes N or task=N,task=N; got '{value}'") from None
+    if min(ns) < 1:
+        raise BadOption(f"--limit must be >= 1, got '{value}'")
+    return out

@@ -24,7 +24,6 @@ class Controller:
     HEAD = "kvq.controller.head"                  # string, optional: "logits" (default) or "log_damage" (ControllerSpec.logits)
     K_CENTER = "kvq.controller.k_center"          # array[f32], optional, [n_layer, n_embd_kv] row-major: mean post-RoPE
                                                   # K per layer on the calibration text, subtracted from K before storing
-    LAYER_WEIGHT = "kvq.controller.layer_weight"  # array[f32], optional, [n_layer]: damage weight per layer (ControllerSpec.logits)
     DAMAGE_FLOOR = "kvq.controller.damage_floor"  # array[f32], optional, [n_precisions - 1]: damage projection (ControllerSpec.logits)
 
 

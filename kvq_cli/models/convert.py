@@ -15,10 +15,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from kvq_cli.controller import ControllerSpec
+from kvq_cli.controller.spec import ControllerSpec
 from kvq_cli.errors import ConversionError
-from kvq_cli.gguf_write import add_typed, atomic_output
-from kvq_cli.safetensors_io import Checkpoint
+from kvq_cli.gguf.write import add_typed, atomic_output
+from kvq_cli.models.safetensors_io import Checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -278,7 +278,7 @@ def convert(model_dir: str | Path, out: str | Path, *, outtype: str = "f16",
 
 def resolve_controller(spec_arg: str | None, alias: str | None) -> ControllerSpec | None:
     """`--controller` value: a controller JSON path, or 'default' for the model's shipped one."""
-    from kvq_cli.controller import default_controller_path, load_controller
+    from kvq_cli.controller.spec import default_controller_path, load_controller
     from kvq_cli.errors import ControllerError
 
     if spec_arg is None:
@@ -295,9 +295,9 @@ def resolve_controller(spec_arg: str | None, alias: str | None) -> ControllerSpe
 def pull_and_convert(spec, *, outtype: str = "f16", revision: str | None = None,
                      progress=None, on_tensor=None):
     """`kvq pull`: download a hub checkpoint, convert it to the models dir, embed the default controller."""
-    from kvq_cli.controller import default_controller_path, load_controller
-    from kvq_cli.hub import pull
-    from kvq_cli.models import converted_path
+    from kvq_cli.controller.spec import default_controller_path, load_controller
+    from kvq_cli.models.hub import pull
+    from kvq_cli.models.registry import converted_path
 
     result = pull(spec, revision=revision, progress=progress)
     if result.source != "hub":
@@ -310,3 +310,22 @@ def pull_and_convert(spec, *, outtype: str = "f16", revision: str | None = None,
     result.gguf = conv.out
     result.note = None
     return result, conv
+
+
+def model_dir_for(src: str, outtype: str, progress=None) -> tuple[Path, Path, str | None]:
+    """`kvq convert SRC`: (checkpoint dir, default output path, registry alias or None). A registry
+    alias or hub id is pulled first (resumable) and converts into the models dir."""
+    from kvq_cli.models.hub import pull
+    from kvq_cli.models.registry import converted_path, get_spec
+
+    if Path(src).is_dir():
+        return Path(src), Path(f"{Path(src).resolve().name}-{outtype}.gguf"), None
+    if Path(src).exists():
+        raise ConversionError(f"{src} is a file; SRC must be a checkpoint directory or a model name")
+    spec = get_spec(src)
+    pulled = pull(spec, progress=progress)
+    if pulled.local_dir is None:
+        raise ConversionError(f"{spec.alias} ships as GGUF ({pulled.gguf}); there is no checkpoint to convert")
+    out = converted_path(spec.alias, outtype)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return pulled.local_dir, out, spec.alias

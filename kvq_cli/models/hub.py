@@ -9,7 +9,7 @@ from typing import Any
 
 from kvq_cli.config import ModelSpec
 from kvq_cli.errors import DownloadError
-from kvq_cli.models import embedded_path
+from kvq_cli.models.registry import embedded_path
 
 log = logging.getLogger(__name__)
 

@@ -111,35 +111,25 @@ def resolve(name: str | None) -> ResolvedModel:
     return ResolvedModel(spec.alias, path, spec)
 
 
-def gguf_for(resolved: ResolvedModel, policies, opts=None) -> Path:
-    """The GGUF to load for these policies.
+def model_ref(resolved: ResolvedModel, policies, opts=None):
+    """The GGUF to load for these policies, and the controller to run it with (runtime.engine.ModelRef).
 
-    `--kv adaptive` needs a controller in the GGUF, and rule and oracle policies use its K
-    centering (kvq.controller.k_center), so that every mixed-precision cache of a run stores the
-    same rows. When the file has no controller and kvq ships a default one for the model's
-    alias (kvq_cli/controllers/ALIAS.json), a copy with it embedded is made once under
-    $KVQ_HOME/models (named by the controller's hash) and used. Static caches use the centering
-    only when asked (`opts.k_center`, `--kv-center on`); stock caches read neither.
+    `--kv adaptive` needs a controller, and rule and oracle policies use its K centering
+    (kvq.controller.k_center), so that every mixed-precision cache of a run stores the same rows.
+    When the GGUF has none and kvq ships one for the model's alias
+    (kvq_cli/controller/shipped/ALIAS.json), the runtime is given that one; nothing is written.
+    Static caches use the centering only when asked (`opts.k_center`, `--kv-center on`); stock
+    caches read neither.
     """
-    import hashlib
+    from kvq_cli.controller.spec import default_controller_path
+    from kvq_cli.gguf.read import read_gguf
+    from kvq_cli.runtime.engine import ModelRef
 
-    from kvq_cli.controller import controller_from_reader, default_controller_path, load_controller
-    from kvq_cli.gguf_info import read_gguf
-
-    if resolved.spec is None or not any(getattr(p, "kvq", None) in ("adaptive", "rule", "assign")
-                                        or (getattr(p, "kvq", None) and opts is not None and opts.k_center)
-                                        for p in policies):
-        return resolved.path
+    needs = any(getattr(p, "kvq", None) in ("adaptive", "rule", "assign")
+                or (getattr(p, "kvq", None) and opts is not None and opts.k_center) for p in policies)
+    if resolved.spec is None or not needs:
+        return ModelRef(resolved.path)
     shipped = default_controller_path(resolved.spec.alias)
     if shipped is None or any(k.startswith("kvq.controller.") for k in read_gguf(resolved.path).fields):
-        return resolved.path
-    digest = hashlib.sha256(shipped.read_bytes()).hexdigest()[:12]
-    out = models_dir() / f"{resolved.path.stem}.kvq-{digest}.gguf"
-    if out.is_file() and controller_from_reader(read_gguf(out)) is not None:
-        return out
-    from kvq_cli.embed import embed
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    log.info("embedding the default controller %s into %s", shipped.name, out)
-    embed(resolved.path, load_controller(shipped), out)
-    return out
+        return ModelRef(resolved.path)
+    return ModelRef(resolved.path, shipped)

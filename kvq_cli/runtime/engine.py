@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from kvq_cli.errors import BadOption, ContextOverflow, ControllerError, InvalidGGUF, RuntimeMissing
-from kvq_cli.gguf_info import model_dims, read_gguf
+from kvq_cli.errors import BadOption, ContextOverflow, ControllerError, InvalidGGUF, KvqError, RuntimeMissing
+from kvq_cli.gguf.read import model_dims, read_gguf
 from kvq_cli.runtime.kv import KvPolicy, KvqOptions
 
 log = logging.getLogger(__name__)
@@ -43,31 +43,49 @@ class KvStats:
 
 
 @dataclass(frozen=True)
-class KvqTrace:
-    """Recorded decisions: one row per token (layer -1) or per token and layer."""
+class ModelRef:
+    """A GGUF and the controller it runs with: its own embedded one (controller None), or a controller
+    file kvq supplies for it (a shipped JSON), which the runtime reads instead of the GGUF's metadata."""
 
-    pos: Any
-    layer: Any
-    token: Any
-    bits: Any
-    features: Any        # [n, n_features], columns named by `names` (runtime order)
-    names: list[str]
+    path: Path
+    controller: Path | None = None
+
+    @property
+    def name(self) -> str:
+        """The name records carry: the file's, marked with the controller's digest when kvq supplies it
+        (the name an embedded copy of the two would have)."""
+        if self.controller is None:
+            return self.path.name
+        import hashlib
+
+        return f"{self.path.stem}.kvq-{hashlib.sha256(self.controller.read_bytes()).hexdigest()[:12]}.gguf"
+
+    def controller_spec(self):
+        """The controller this model runs with (ControllerSpec), or None."""
+        from kvq_cli.controller.spec import controller_from_reader, load_controller
+
+        if self.controller is not None:
+            return load_controller(self.controller)
+        return controller_from_reader(read_gguf(self.path))
+
+    @property
+    def has_k_center(self) -> bool:
+        """Whether its controller carries a K centering (kvq.controller.k_center) the runtime would use."""
+        try:
+            spec = self.controller_spec()
+        except KvqError:   # no usable controller: the engines say why where it matters
+            return False
+        return spec is not None and spec.k_center is not None
 
 
-def _ptr(a):
-    """ctypes pointer to a contiguous float32 / int32 NumPy array."""
-    import ctypes
-
-    import numpy as np
-
-    ctype = ctypes.c_float if a.dtype == np.float32 else ctypes.c_int32
-    assert a.flags.c_contiguous and a.dtype in (np.float32, np.int32)
-    return a.ctypes.data_as(ctypes.POINTER(ctype))
+def as_model_ref(model: "str | os.PathLike | ModelRef") -> ModelRef:
+    """A ModelRef for a path (the GGUF with its own controller, if any)."""
+    return model if isinstance(model, ModelRef) else ModelRef(Path(model))
 
 
 def _controller_granularity(reader) -> str | None:
     """The embedded controller's granularity; None when absent or malformed (the runtime says why)."""
-    from kvq_cli.controller import controller_from_reader
+    from kvq_cli.controller.spec import controller_from_reader
 
     try:
         spec = controller_from_reader(reader)
@@ -87,13 +105,26 @@ def _import_llama_cpp():
 class Engine:
     """A loaded model with one KV cache policy. Use as a context manager or call close()."""
 
-    def __init__(self, model_path: str | os.PathLike, *, kv: KvPolicy, n_ctx: int = 2048,
+    def __init__(self, model: str | os.PathLike | ModelRef, *, kv: KvPolicy, n_ctx: int = 2048,
                  seed: int = 0, n_threads: int | None = None, n_batch: int = 512,
                  logits_all: bool = False, flash_attn: bool | None = None, n_ubatch: int = 512,
                  kvq: KvqOptions | None = None):
+        self.model = as_model_ref(model)
+        model_path = self.model.path
         reader = read_gguf(model_path)  # clean error for missing/non-GGUF/truncated files
         self.arch, self.dims = model_dims(reader)
-        self.granularity = _controller_granularity(reader) if kv.kvq == "adaptive" else None
+        self.controller = None   # a supplied controller (ControllerSpec), checked against this model
+        if self.model.controller is not None and not kv.is_stock:
+            from kvq_cli.controller.spec import load_controller
+
+            self.controller = load_controller(self.model.controller)
+            self.controller.check_model(self.dims)
+        if kv.kvq != "adaptive":
+            self.granularity = None
+        elif self.controller is not None:
+            self.granularity = self.controller.granularity
+        else:
+            self.granularity = _controller_granularity(reader)
         del reader
         if n_ctx <= 0:
             n_ctx = self.dims.n_ctx_train
@@ -166,7 +197,7 @@ class Engine:
             p.rule_base_bits = 2 if budget and budget < 4.0 else 4
         elif kv.kvq == "adaptive":
             p.policy = L.POLICY_LEARNED
-            state = lib.llama_kvq_model_controller(self.llm.model)
+            state = 1 if self.controller is not None else lib.llama_kvq_model_controller(self.llm.model)
             if state == 0:
                 raise ControllerError(f"{self.path.name} has no kvq controller, needed by --kv adaptive",
                                       hint="embed one with `kvq embed MODEL.gguf CONTROLLER --out FILE`")
@@ -174,7 +205,18 @@ class Engine:
                 raise ControllerError(lib.last_error())
         elif kv.kvq == "assign":
             p.policy = L.POLICY_ASSIGN
-        if lib.llama_kvq_enable(self.llm.ctx, ctypes.byref(p)) != 0:
+        if self.controller is None:
+            rc = lib.llama_kvq_enable(self.llm.ctx, ctypes.byref(p))
+        else:   # the runtime reads a controller file; this one lives only while kvq is enabled
+            import tempfile
+
+            from kvq_cli.controller.embed import write_controller_file
+
+            with tempfile.TemporaryDirectory(prefix="kvq-controller-") as tmp:
+                path = write_controller_file(self.controller, Path(tmp) / "controller.gguf")
+                p.controller_path = str(path).encode()
+                rc = lib.llama_kvq_enable(self.llm.ctx, ctypes.byref(p))
+        if rc != 0:
             raise BadOption(f"kvq: {lib.last_error()}")
 
     @property
@@ -286,7 +328,7 @@ class Engine:
             bytes_budget=int(st.bytes_budget), budget_demotions=int(st.n_budget_demotions),
             policy_ms=float(st.t_policy_ms), attn_ms=float(st.t_attn_ms))
 
-    # -- kvq internals (training oracle, tests) ---------------------------------------
+    # -- kvq internals (used by runtime.inspector) -------------------------------------
     def _kvq(self):
         if self._lib is None:
             raise BadOption(f"--kv {self.kv.name} is a stock cache: this needs a kvq policy")
@@ -296,93 +338,6 @@ class Engine:
         if rc < 0:
             raise BadOption(f"kvq {what}: {self._lib.last_error()}")
         return rc
-
-    def trace(self) -> "KvqTrace":
-        """Every precision decision recorded so far (KvqOptions(trace=True)), with its features."""
-        import numpy as np
-
-        lib, ctx = self._kvq(), self.llm.ctx
-        n = self._check(lib.llama_kvq_get_trace(ctx, None, None, None, None, None, 0), "trace")
-        names = lib.feature_names()
-        pos, layer, tok, bits = (np.zeros(n, np.int32) for _ in range(4))
-        feat = np.zeros((n, len(names)), np.float32)
-        lib.llama_kvq_get_trace(ctx, _ptr(pos), _ptr(layer), _ptr(tok), _ptr(bits), _ptr(feat), n)
-        return KvqTrace(pos=pos, layer=layer, token=tok, bits=bits, features=feat, names=names)
-
-    def clear_trace(self) -> None:
-        """Forget the recorded decisions and queries."""
-        self._kvq().llama_kvq_clear_trace(self.llm.ctx)
-
-    def queries(self, il: int):
-        """(q [n, n_head, head_dim], positions [n]) that layer il's attention saw (KvqOptions(record_q=True))."""
-        import numpy as np
-
-        lib, ctx, d = self._kvq(), self.llm.ctx, self.dims
-        n = self._check(lib.llama_kvq_get_queries(ctx, il, None, None, 0), "queries")
-        q = np.zeros((n, d.n_head, d.head_dim), np.float32)
-        pos = np.zeros(n, np.int32)
-        lib.llama_kvq_get_queries(ctx, il, _ptr(q), _ptr(pos), n)
-        return q, pos
-
-    def read_layer(self, il: int):
-        """(K, V [n, n_embd_kv] as stored then decoded, positions [n], class [n]) held for layer il."""
-        import numpy as np
-
-        lib, ctx = self._kvq(), self.llm.ctx
-        n = self._check(lib.llama_kvq_read_layer(ctx, il, None, None, None, None, 0), "read_layer")
-        m = self.dims.n_head_kv * self.dims.head_dim
-        k, v = np.zeros((n, m), np.float32), np.zeros((n, m), np.float32)
-        pos, prec = np.zeros(n, np.int32), np.zeros(n, np.int32)
-        lib.llama_kvq_read_layer(ctx, il, _ptr(k), _ptr(v), _ptr(pos), _ptr(prec), n)
-        return k, v, pos, prec
-
-    def roundtrip(self, bits: int, x, u=None, v: bool = False):
-        """Rows x [n, n_embd_kv] stored at `bits` as a pool stores K rows, decoded back. With v, as it stores
-        V rows (with unbiased block scales where this engine has KvqOptions.v_unbias on; otherwise the
-        same). With u (same shape: per row the window queries' direction, sum of p^2 q per KV head), K rows
-        rounded query-aware as they leave the window (KvqOptions.qar_mu > 0, 2 and 4 bits; otherwise plain)."""
-        import numpy as np
-
-        x = np.ascontiguousarray(x, np.float32)
-        y = np.empty_like(x)
-        if u is None:
-            fn = self._kvq().llama_kvq_roundtrip_v if v else self._kvq().llama_kvq_roundtrip
-            self._check(fn(self.llm.ctx, int(bits), _ptr(x), _ptr(y), len(x)), "roundtrip")
-            return y
-        if v:
-            raise ValueError("query-aware rounding is for K rows")
-        u = np.ascontiguousarray(u, np.float32)
-        if u.shape != x.shape:
-            raise ValueError(f"u has shape {u.shape}, x {x.shape}")
-        self._check(self._kvq().llama_kvq_roundtrip_qar(self.llm.ctx, int(bits), _ptr(x), _ptr(u), _ptr(y), len(x)),
-                    "roundtrip")
-        return y
-
-    def set_assignment(self, bits) -> None:
-        """Oracle policy: bits per position (or per position x layer with per_layer)."""
-        import numpy as np
-
-        b = np.ascontiguousarray(bits, np.int32)
-        self._check(self._kvq().llama_kvq_set_assignment(self.llm.ctx, _ptr(b), len(b)), "assignment")
-
-    def _set_layer_vectors(self, fn, x, what: str) -> None:
-        """Pass per-layer vectors [n_layer, n_embd_kv] (None: clear) to a llama_kvq_set_* function."""
-        import numpy as np
-
-        if x is None:
-            self._check(fn(self.llm.ctx, None, 0), what)
-            return
-        m = np.ascontiguousarray(x, np.float32).reshape(-1)
-        self._check(fn(self.llm.ctx, _ptr(m), len(m)), what)
-
-    def set_k_center(self, k_mu) -> None:
-        """K centering vectors [n_layer, n_embd_kv] (None: none); before the first decode."""
-        self._set_layer_vectors(self._kvq().llama_kvq_set_k_center, k_mu, "K centering")
-
-    def set_k_scale(self, k_sc) -> None:
-        """K/Q channel scales [n_layer, n_embd_kv] (None: none; K stored as k_sc * (K - mu), queries
-        attend as q / k_sc); before the first decode. Rows read back and recorded queries are scaled."""
-        self._set_layer_vectors(self._kvq().llama_kvq_set_k_scale, k_sc, "K scales")
 
     # -- chat -----------------------------------------------------------------------
     def chat_prompt_tokens(self, messages: list[dict[str, str]]) -> int:

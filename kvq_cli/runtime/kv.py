@@ -95,12 +95,19 @@ def check_budget(bits: float, what: str = "--kv-bits") -> None:
         raise BadOption(f"{what}: the budget must be between 2 and 16 bits per element, got {bits:g}")
 
 
-def parse_kv_list(value: str) -> list[KvPolicy]:
-    """Parse a comma-separated `--kv` list."""
+def parse_kv_list(value: str, *, online: bool = True) -> list[KvPolicy]:
+    """Parse a comma-separated `--kv` list (each policy once: records are keyed by its name); with
+    `online`, evaluation-only policies are refused (require_online)."""
     items = [v for v in value.split(",") if v.strip()]
     if not items:
         raise BadOption("empty --kv list", hint=f"choose from: {', '.join(KV_CHOICES)}")
-    return [parse_kv(v) for v in items]
+    policies = [parse_kv(v) for v in items]
+    names = [p.name for p in policies]
+    if len(set(names)) != len(names):
+        raise BadOption(f"--kv lists a policy twice: {value}")
+    if online:
+        require_online(policies)
+    return policies
 
 
 @dataclass(frozen=True)
@@ -159,3 +166,22 @@ class KvqOptions:
         if self.window_bits is not None:
             return self.window_bits
         return 8 if policy.kvq in ("rule", "adaptive") else 16
+
+
+def kvq_options(policies: list[KvPolicy], kv_bits: float | None = None, kv_window: int | None = None,
+                kv_center: str = "auto", kv_window_bits: int | None = None) -> KvqOptions:
+    """KvqOptions from the --kv-bits/--kv-window/--kv-window-bits/--kv-center flags, checked against the policies."""
+    if kv_center not in ("auto", "on", "off"):
+        raise BadOption(f"--kv-center must be auto, on or off, got {kv_center}")
+    if ((kv_bits is not None or kv_window is not None or kv_window_bits is not None or kv_center != "auto")
+            and all(p.is_stock for p in policies)):
+        raise BadOption("--kv-bits/--kv-window/--kv-window-bits/--kv-center apply to kvq policies, not "
+                        + ", ".join(p.name for p in policies))
+    if kv_bits is not None:
+        check_budget(kv_bits)
+    if kv_window is not None and kv_window < 0:
+        raise BadOption(f"--kv-window must be >= 0, got {kv_window}")
+    if kv_window_bits is not None and kv_window_bits not in (8, 16):
+        raise BadOption(f"--kv-window-bits must be 16 or 8, got {kv_window_bits}")
+    return KvqOptions(window=kv_window, budget_bits=kv_bits, k_center={"auto": None, "on": True, "off": False}[kv_center],
+                      window_bits=kv_window_bits)

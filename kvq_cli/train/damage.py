@@ -6,7 +6,7 @@ first-order change of the attention output that the *later* queries (those past 
 see is measured. Per query q and head, with a the attention weight of the token, s = q.dK * scale:
     do_q = a * (dV + s * (V - o_q))            (softmax derivative)
 damage = mean over those queries of sum over heads |do_q|^2, divided by the layer's mean |o_q|^2
-(relative output error, so layers are comparable). f16 costs 0. With a V weight w (V_WEIGHT, 10, by
+(relative output error, so layers are comparable). f16 costs 0. With a V weight w (controller.spec.V_WEIGHT, 10, by
 default) dV enters scaled by sqrt(w): the first-order damage undervalues V errors.
 """
 from __future__ import annotations
@@ -30,11 +30,6 @@ def costs_of(precisions: tuple[int, ...]) -> np.ndarray:
     """Effective bits/element of each pool of `precisions`."""
     return np.array([EFF_BITS_OF[p] for p in precisions])
 
-# `kvq train --v-weight` default: the V part of the damage targets weighs V_WEIGHT times. The
-# first-order damage undervalues V errors: allocating damage_K + alpha * damage_V, the oracle's KL at
-# 3 bits on held-out calibration chunks falls from 0.0100 (alpha 1) to 0.0089/0.0088/0.0088 at alpha
-# 10/30/100 (results/kv_split_probe*.json); the shipped controller is trained with it.
-V_WEIGHT = 10.0
 
 
 def roundtrip_deltas(engine: Inspector, x: np.ndarray, side: int = 0,

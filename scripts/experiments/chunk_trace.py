@@ -17,13 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from kvq_cli.evaluate import _log_softmax  # noqa: E402
-from kvq_cli.models import gguf_for, resolve  # noqa: E402
-from kvq_cli.runtime.engine import Engine  # noqa: E402
+from kvq_cli.train.oracle import log_softmax as _log_softmax  # noqa: E402
+from kvq_cli.models.registry import model_ref, resolve  # noqa: E402
+from kvq_cli.runtime.inspector import Inspector  # noqa: E402
 from kvq_cli.runtime.kv import KvqOptions, parse_kv  # noqa: E402
-from kvq_cli.tasks import load_text  # noqa: E402
+from kvq_cli.eval.tasks import load_text  # noqa: E402
 from probe_common import run, write_json  # noqa: E402
 
 
@@ -40,7 +40,7 @@ def main() -> int:
     policies = [parse_kv("stock-f16")] + [parse_kv(k) for k in a.kv.split(",")]
     if any(p.is_stock for p in policies[1:]):
         raise ValueError("--kv takes kvq policies (stock f16 is the reference)")
-    path = Path(a.model) if a.model else gguf_for(resolve(None), policies)
+    path = Path(a.model) if a.model else model_ref(resolve(None), policies)
     text = load_text(a.data, "wikitext2", "test")
     n, half = a.ppl_ctx, a.ppl_ctx // 2
     out = {"command": "python scripts/chunk_trace.py " + " ".join(sys.argv[1:]), "model": path.name,
@@ -48,7 +48,7 @@ def main() -> int:
     ref = None
     for p in policies:
         windowed = not p.is_stock and KvqOptions().window_for(p) > 0   # as kvq eval: decisions after each ubatch
-        with Engine(path, kv=p, n_ctx=n, n_batch=n, n_ubatch=32 if windowed else 512,
+        with Inspector(path, kv=p, n_ctx=n, n_batch=n, n_ubatch=32 if windowed else 512,
                     kvq=KvqOptions(trace=not p.is_stock)) as e:
             toks = e.tokenize(text)[:a.tokens]
             if len(toks) < (a.chunk + 1) * n:

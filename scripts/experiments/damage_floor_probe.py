@@ -21,11 +21,14 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from kvq_cli.controller import EFF_BITS_OF, controller_from_reader, project_damage  # noqa: E402
-from kvq_cli.gguf_info import read_gguf  # noqa: E402
-from kvq_cli.train import PRECISIONS, PROMPT_HELD_OUT, Collected, allocate, damage_floor, merge_regimes  # noqa: E402
+from kvq_cli.controller.spec import EFF_BITS_OF, controller_from_reader, project_damage  # noqa: E402
+from kvq_cli.gguf.read import read_gguf  # noqa: E402
+from kvq_cli.train.damage import PRECISIONS  # noqa: E402
+from kvq_cli.train.collect import PROMPT_HELD_OUT, Collected, merge_regimes  # noqa: E402
+from kvq_cli.train.oracle import allocate  # noqa: E402
+from kvq_cli.train.fit import damage_floor  # noqa: E402
 from probe_common import run, write_json  # noqa: E402
 
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from kvq_cli.train import allocate  # noqa: E402
+from kvq_cli.train.oracle import allocate  # noqa: E402
 from probe_common import run, shipped_controller, shipped_damage  # noqa: E402
 
 

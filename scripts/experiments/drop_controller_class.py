@@ -11,9 +11,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from kvq_cli.controller import ControllerSpec, load_controller  # noqa: E402
+from kvq_cli.controller.spec import ControllerSpec, load_controller  # noqa: E402
 from kvq_cli.errors import BadOption  # noqa: E402
 from probe_common import run, write_json  # noqa: E402
 

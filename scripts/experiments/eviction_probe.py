@@ -20,10 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from kvq_cli.runtime.kv import KvqOptions  # noqa: E402
-from kvq_cli.train import EFF_BITS_OF, allocate, costs_of, decided_damage  # noqa: E402
+from kvq_cli.controller.spec import EFF_BITS_OF  # noqa: E402
+from kvq_cli.train.oracle import allocate  # noqa: E402
+from kvq_cli.train.damage import costs_of, decided_damage  # noqa: E402
 from probe_common import add_kl_args, allocation_kl, oracle_refs, run, shipped_controller, write_json  # noqa: E402
 
 W = 128

@@ -37,13 +37,15 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from kvq_cli.models import embedded_path  # noqa: E402
-from kvq_cli.runtime.engine import Engine  # noqa: E402
+from kvq_cli.models.registry import embedded_path  # noqa: E402
+from kvq_cli.runtime.inspector import Inspector  # noqa: E402
 from kvq_cli.runtime.kv import KvqOptions  # noqa: E402
-from kvq_cli.train import (EFF_BITS, MIN_FUTURE, ORACLE, _forward, allocate, engine_layer_damage,  # noqa: E402
-                           fit_damage)
+from kvq_cli.train.damage import EFF_BITS, engine_layer_damage
+from kvq_cli.train.collect import MIN_FUTURE
+from kvq_cli.train.oracle import ORACLE, allocate
+from kvq_cli.train.fit import _forward, fit_damage
 from probe_common import (add_kl_args, allocation_kl, chunk_log_probs, run, shipped_controller, shipped_damage,  # noqa: E402
                           with_f16, write_json)
 
@@ -139,7 +141,7 @@ def main() -> int:
     opts = KvqOptions(window=W, trace=True, per_layer=True, record_q=True)
     out: dict = {"command": " ".join(["python", "scripts/feature_probe.py"] + sys.argv[1:]), "budget": a.budget,
                  "window": W, "arms": {n: f for n, f in ARMS.items()}}
-    with Engine(model, kv=ORACLE, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=32, kvq=opts) as e:
+    with Inspector(model, kv=ORACLE, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=32, kvq=opts) as e:
         e.set_k_center(k_center)
         d = e.dims
         toks = e.tokenize(text)

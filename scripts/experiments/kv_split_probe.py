@@ -19,10 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from kvq_cli.runtime.kv import KvqOptions  # noqa: E402
-from kvq_cli.train import EFF_BITS_OF, decided_rows, layer_damage, roundtrip_deltas  # noqa: E402
+from kvq_cli.controller.spec import EFF_BITS_OF  # noqa: E402
+from kvq_cli.train.damage import decided_rows, layer_damage, roundtrip_deltas  # noqa: E402
 from probe_common import add_kl_args, allocation_kl, oracle_refs, run, shipped_controller, write_json  # noqa: E402
 
 W = 128

@@ -32,13 +32,15 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from kvq_cli.models import embedded_path  # noqa: E402
-from kvq_cli.runtime.engine import Engine  # noqa: E402
+from kvq_cli.models.registry import embedded_path  # noqa: E402
+from kvq_cli.runtime.inspector import Inspector  # noqa: E402
 from kvq_cli.runtime.kv import KvqOptions  # noqa: E402
-from kvq_cli.train import (EFF_BITS, ORACLE, _forward, allocate, calibration_data, engine_layer_damage,  # noqa: E402
-                           fit_damage, train)
+from kvq_cli.train.damage import EFF_BITS, engine_layer_damage
+from kvq_cli.train.oracle import ORACLE, allocate
+from kvq_cli.train.fit import _forward, fit_damage, train
+from kvq_cli.train.collect import calibration_data
 from probe_common import (add_kl_args, allocation_kl, f16_reference, held_out_chunks, run, shipped_damage,  # noqa: E402
                           with_f16, write_json)
 
@@ -107,7 +109,7 @@ def main() -> int:
     opts = KvqOptions(window=W, trace=True, per_layer=True, record_q=True)
     kl = {arm: [] for arm in ["oracle"] + arms}
     bits_seen = {arm: [] for arm in kl}
-    with Engine(model, kv=ORACLE, n_ctx=a.kl_len, n_batch=a.kl_len, n_ubatch=32, kvq=opts) as e:
+    with Inspector(model, kv=ORACLE, n_ctx=a.kl_len, n_batch=a.kl_len, n_ubatch=32, kvq=opts) as e:
         e.set_k_center(data.k_center)
         d = e.dims
         for ci, c in enumerate(held_out_chunks(e, text, a)):

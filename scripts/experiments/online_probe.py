@@ -26,13 +26,14 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from kvq_cli.controller import controller_from_reader  # noqa: E402
-from kvq_cli.gguf_info import read_gguf  # noqa: E402
-from kvq_cli.runtime.engine import Engine  # noqa: E402
+from kvq_cli.controller.spec import controller_from_reader  # noqa: E402
+from kvq_cli.gguf.read import read_gguf  # noqa: E402
+from kvq_cli.runtime.inspector import Inspector  # noqa: E402
 from kvq_cli.runtime.kv import KvqOptions, parse_kv  # noqa: E402
-from kvq_cli.train import EFF_BITS, PRECISIONS, allocate, engine_layer_damage  # noqa: E402
+from kvq_cli.train.damage import EFF_BITS, PRECISIONS, engine_layer_damage  # noqa: E402
+from kvq_cli.train.oracle import allocate  # noqa: E402
 from probe_common import (add_kl_args, allocation_kl, chunk_log_probs, controller_damage, kl_of,  # noqa: E402
                           oracle_refs, run, write_json)
 
@@ -73,7 +74,7 @@ def main() -> int:
         bits_seen["oracle"].append(b_)
         for name, path in arms.items():
             spec = specs[name]
-            with Engine(path, kv=parse_kv(f"adaptive@{a.budget:g}"), n_ctx=a.kl_len, n_batch=a.kl_len, n_ubatch=32,
+            with Inspector(path, kv=parse_kv(f"adaptive@{a.budget:g}"), n_ctx=a.kl_len, n_batch=a.kl_len, n_ubatch=32,
                         kvq=KvqOptions(window=W, trace=True)) as live:
                 lp = chunk_log_probs(live, c, half)
                 ltr = live.trace()

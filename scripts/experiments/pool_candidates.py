@@ -39,14 +39,15 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from kvq_cli.models import embedded_path  # noqa: E402
-from kvq_cli.runtime.engine import Engine  # noqa: E402
+from kvq_cli.models.registry import embedded_path  # noqa: E402
+from kvq_cli.runtime.inspector import Inspector  # noqa: E402
 from kvq_cli.runtime.kv import KvqOptions  # noqa: E402
 from kvq_cli.errors import KvqError  # noqa: E402
-from kvq_cli.train import (EFF_BITS, ORACLE, allocate, calibration_chunks, k_center_of,  # noqa: E402
-                           layer_damage, roundtrip_deltas)
+from kvq_cli.train.damage import EFF_BITS, layer_damage, roundtrip_deltas
+from kvq_cli.train.oracle import ORACLE, allocate
+from kvq_cli.train.collect import calibration_chunks, k_center_of
 
 WINDOW, MIN_FUTURE = 32, 32
 # bits/element of a (K, V) pair: the mean of its sides' bits; a runtime type's from EFF_BITS
@@ -131,7 +132,7 @@ def collect(calib: str, n_chunks: int, lean: bool = False,
     opts = KvqOptions(window=WINDOW, trace=True, per_layer=True, record_q=True)
     out, err, ref = [], 0.0, 0.0
     lean_err = {b: 0.0 for b in (2, 3, 4)}
-    with Engine(embedded_path(), kv=ORACLE, n_ctx=1024, n_batch=1024, n_ubatch=32, kvq=opts) as e:
+    with Inspector(embedded_path(), kv=ORACLE, n_ctx=1024, n_batch=1024, n_ubatch=32, kvq=opts) as e:
         chunks = calibration_chunks(e, text, 1024, n_chunks)
         if center:
             e.set_k_center(k_center_of(embedded_path(), chunks))

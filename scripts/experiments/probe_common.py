@@ -11,14 +11,17 @@ from pathlib import Path
 
 import numpy as np
 
-from kvq_cli.controller import ControllerSpec
-from kvq_cli.evaluate import _log_softmax
-from kvq_cli.gguf_write import atomic_output
-from kvq_cli.models import embedded_path
-from kvq_cli.runtime.engine import Engine
-from kvq_cli.train import EFF_BITS, ORACLE, PRECISIONS, _forward, allocate, costs_of
+from kvq_cli.controller.spec import ControllerSpec
+from kvq_cli.errors import run_script
+from kvq_cli.train.oracle import log_softmax as _log_softmax
+from kvq_cli.gguf.write import atomic_output
+from kvq_cli.models.registry import embedded_path
+from kvq_cli.runtime.inspector import Inspector
+from kvq_cli.train.damage import EFF_BITS, PRECISIONS, costs_of
+from kvq_cli.train.oracle import ORACLE, allocate
+from kvq_cli.train.fit import _forward
 
-CONTROLLER = Path(__file__).resolve().parents[1] / "kvq_cli/controllers/smollm2-135m-instruct.json"
+CONTROLLER = Path(__file__).resolve().parents[2] / "kvq_cli/controller/shipped/smollm2-135m-instruct.json"
 
 
 def shipped_controller() -> ControllerSpec:
@@ -71,7 +74,7 @@ def f16_reference(e, chunk: list[int]) -> np.ndarray:
 def oracle_refs(text: str, a, opts, k_center):
     """An oracle engine (embedded model, opts, 32-token ubatches, k_center) over the held-out chunks of
     add_kl_args: yields (engine, chunk index, chunk, its f16_reference) for each chunk in turn."""
-    with Engine(embedded_path(), kv=ORACLE, n_ctx=a.kl_len, n_batch=a.kl_len, n_ubatch=32, kvq=opts) as e:
+    with Inspector(embedded_path(), kv=ORACLE, n_ctx=a.kl_len, n_batch=a.kl_len, n_ubatch=32, kvq=opts) as e:
         e.set_k_center(np.asarray(k_center, np.float32))
         for ci, c in enumerate(held_out_chunks(e, text, a)):
             yield e, ci, c, f16_reference(e, c)
@@ -109,16 +112,4 @@ def write_json(path: str, out: dict) -> None:
         tmp.write_text(json.dumps(out, indent=1))
 
 
-def run(main) -> int:
-    """main() with expected failures (kvq errors, unreadable files) as one line on stderr and exit 1."""
-    import sys
-
-    from kvq_cli.errors import KvqError
-
-    try:
-        return main()
-    except KvqError as e:
-        print(f"error: {e.one_line()}", file=sys.stderr)
-    except (OSError, KeyError, ValueError) as e:
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
-    return 1
+run = run_script   # (kept under its old name for the probes)

@@ -21,12 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from kvq_cli.models import embedded_path  # noqa: E402
-from kvq_cli.runtime.engine import Engine  # noqa: E402
+from kvq_cli.models.registry import embedded_path  # noqa: E402
+from kvq_cli.runtime.inspector import Inspector  # noqa: E402
 from kvq_cli.runtime.kv import KvPolicy, KvqOptions  # noqa: E402
-from kvq_cli.train import _attention  # noqa: E402
+from kvq_cli.train.damage import _attention  # noqa: E402
 from probe_common import held_out_chunks, run, write_json  # noqa: E402
 
 HD = 64
@@ -40,7 +40,7 @@ def unbiased(v: np.ndarray, vh: np.ndarray, n_head_kv: int) -> np.ndarray:
     return (b * np.where(den > 0, num / np.where(den > 0, den, 1.0), 1.0)).reshape(v.shape)
 
 
-def layer_stats(e: Engine, il: int) -> dict[str, list[float]]:
+def layer_stats(e: Inspector, il: int) -> dict[str, list[float]]:
     """{variant: [sum |do|^2, sum <do, o>, sum |o|^2]} of layer il over its query heads."""
     d = e.dims
     q, qpos = e.queries(il)
@@ -75,7 +75,7 @@ def main() -> int:
         raise ValueError(f"need --kl-chunks >= 1 and --kl-len > {Q_FROM}")
     text = Path(a.calib).read_text()
     t0 = time.time()
-    with Engine(embedded_path(), kv=KvPolicy("f16", kvq="static"), n_ctx=a.kl_len, n_batch=a.kl_len,
+    with Inspector(embedded_path(), kv=KvPolicy("f16", kvq="static"), n_ctx=a.kl_len, n_batch=a.kl_len,
                 kvq=KvqOptions(window=0, k_center=False, record_q=True)) as e:
         n_layer = e.dims.n_layer
         tot: dict[str, np.ndarray] = {}

@@ -23,10 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from kvq_cli.runtime.kv import KvqOptions  # noqa: E402
-from kvq_cli.train import EFF_BITS_OF, engine_layer_damage  # noqa: E402
+from kvq_cli.controller.spec import EFF_BITS_OF  # noqa: E402
+from kvq_cli.train.damage import engine_layer_damage  # noqa: E402
 from probe_common import (add_kl_args, allocation_kl, controller_damage, oracle_refs, run,  # noqa: E402
                           shipped_controller, write_json)
 

@@ -27,14 +27,13 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from kvq_cli.controller import controller_from_reader  # noqa: E402
-from kvq_cli.gguf_info import read_gguf  # noqa: E402
-from kvq_cli.models import gguf_for, resolve  # noqa: E402
-from kvq_cli.runtime.engine import Engine  # noqa: E402
+from kvq_cli.models.registry import model_ref, resolve  # noqa: E402
+from kvq_cli.runtime.engine import as_model_ref  # noqa: E402
+from kvq_cli.runtime.inspector import Inspector  # noqa: E402
 from kvq_cli.runtime.kv import KvqOptions, parse_kv  # noqa: E402
-from kvq_cli.train import ORACLE  # noqa: E402
+from kvq_cli.train.oracle import ORACLE  # noqa: E402
 from probe_common import (add_kl_args, chunk_log_probs, f16_reference, held_out_chunks, kl_of, run,  # noqa: E402
                           write_json)
 
@@ -62,15 +61,15 @@ def main() -> int:
     wbits = [int(b) for b in a.window_bits.split(",")] if a.window_bits else [None]
     budgets = [float(b) for b in (a.budgets or str(a.budget)).split(",")]
     policies = [parse_kv(f"adaptive@{b:g}") for b in budgets]
-    path = Path(a.model) if a.model else gguf_for(resolve(None), policies)
-    spec = controller_from_reader(read_gguf(path))
+    path = Path(a.model) if a.model else model_ref(resolve(None), policies)
+    spec = as_model_ref(path).controller_spec()
     if spec is None:
         raise ValueError(f"{path} carries no controller")
     text = Path(a.calib).read_text(encoding="utf-8", errors="replace")
     kl: dict[str, list[float]] = {}
     bits_seen: dict[str, list[float]] = {}
     rows_seen: dict[str, list[dict[str, int]]] = {}   # token-layer rows per class at each chunk's end
-    with Engine(path, kv=ORACLE, n_ctx=a.kl_len, n_batch=a.kl_len, n_ubatch=32,
+    with Inspector(path, kv=ORACLE, n_ctx=a.kl_len, n_batch=a.kl_len, n_ubatch=32,
                 kvq=KvqOptions(window=32)) as e:
         e.set_k_center(np.asarray(spec.k_center, np.float32))
         chunks = held_out_chunks(e, text, a)
@@ -79,7 +78,7 @@ def main() -> int:
         for w, mu, wb in ((w, mu, wb) for w in windows for mu in mus for wb in wbits):
             name = (f"adaptive@{b:g}/W={w}" + (f"/qar={mu:g}" if mu is not None else "")
                     + (f"/wb={wb}" if wb is not None else ""))
-            with Engine(path, kv=pol, n_ctx=a.kl_len, n_batch=a.kl_len, n_ubatch=32,
+            with Inspector(path, kv=pol, n_ctx=a.kl_len, n_batch=a.kl_len, n_ubatch=32,
                         kvq=KvqOptions(window=w, qar_mu=mu, window_bits=wb)) as live:
                 for c, ref_lp in zip(chunks, refs):
                     lp = chunk_log_probs(live, c, len(c) // 2)
