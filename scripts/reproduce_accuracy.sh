@@ -2,7 +2,7 @@
 # The accuracy results: train the shipped controller on calibration text, then wikitext-2 (test)
 # perplexity and KL vs stock f16 for every policy family at several budgets, side by side in one run,
 # and the multiple-choice Pareto.
-# Usage: bash scripts/reproduce_accuracy.sh DATA_DIR [STEP...]   (steps 1 2 3 by default, 4-6 on request;
+# Usage: bash scripts/reproduce_accuracy.sh DATA_DIR [STEP...]   (steps 1 2 3 by default, 4-7 on request;
 # steps 1-3 about 2.5 h on 2 cores, step 4 about 25 min per policy; the eval JSONs are rewritten
 # at checkpoints and a rerun resumes them)
 set -euo pipefail
@@ -89,4 +89,11 @@ if step 6; then
     --kv f16,q4,adaptive@4
   $kvq eval --task openbookqa --data "$data" --kv-window 0 --ref f16 --json results/obqa_ending_ubatch.json \
     --resume --ending-ubatch 1 --kv f16,q4,adaptive@4
+fi
+# 7. the headline rows measured afresh into their own file (no resume, no seeded rows): stock f16 as
+# the reference, stock q4_0 and the adaptive cache at 3 and 3.5 bits on step 2's chunks. A check that
+# a change to the code (not to the controller) leaves the numbers of results/pareto_wikitext2.json.
+if step 7; then
+  rm -f results/headline_wikitext2.json
+  $kvq eval "${common[@]}" --json results/headline_wikitext2.json --kv stock-f16,stock-q4_0,adaptive@3,adaptive@3.5
 fi
