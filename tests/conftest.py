@@ -100,6 +100,10 @@ def converted_f16(tmp_path_factory, hf_checkpoint) -> Path:
     return out
 
 
+TINY_LAYERS, TINY_HEADS, TINY_KV_HEADS, TINY_HEAD_DIM = 3, 4, 2, 64   # the tiny model's shape
+TINY_EMBD_KV = TINY_KV_HEADS * TINY_HEAD_DIM
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory, model_path) -> Path:
     """A tiny random llama GGUF (3 layers, 4 heads over 2 KV heads of 64, the real tokenizer) made by
@@ -108,7 +112,8 @@ def tiny_model(tmp_path_factory, model_path) -> Path:
 
     from .hf_fixture import build_tiny_checkpoint
 
-    ckpt = build_tiny_checkpoint(model_path, tmp_path_factory.mktemp("tiny_hf") / "tiny-llama")
+    ckpt = build_tiny_checkpoint(model_path, tmp_path_factory.mktemp("tiny_hf") / "tiny-llama", n_layer=TINY_LAYERS,
+                                 n_head=TINY_HEADS, n_head_kv=TINY_KV_HEADS, head_dim=TINY_HEAD_DIM)
     out = tmp_path_factory.mktemp("tiny") / "tiny-llama-f16.gguf"
     convert(ckpt, out, outtype="f16")
     return out

@@ -7,15 +7,22 @@ import pytest
 
 from kvq_cli.cli.app import app
 
+from .conftest import TINY_EMBD_KV, TINY_LAYERS
 from .test_errors import assert_one_line_error
 
 FIELDS = {"model", "kv", "ctx", "prefill_tok_s", "decode_tok_s", "kv_bytes", "bits_per_elem", "repeats",
           "decode_ms_per_tok", "policy_ms_per_tok", "policy_share", "n_prefill", "n_gen"}
 
 
-def test_bench_json_records(runner, tmp_path):
+def _kv_elems(model) -> int:
+    """K and V elements per token of the tiny model."""
+    return 2 * TINY_LAYERS * TINY_EMBD_KV
+
+
+def test_bench_json_records(runner, tmp_path, tiny_model):
     out = tmp_path / "b.json"
-    r = runner.invoke(app, ["bench", "--kv", "stock-f16,f16,q4,rule", "--ctx", "96,160", "--gen", "4",
+    elems = _kv_elems(tiny_model)
+    r = runner.invoke(app, ["bench", str(tiny_model), "--kv", "stock-f16,f16,q4,rule", "--ctx", "96,160", "--gen", "4",
                             "--json", str(out)], env={"COLUMNS": "200"})
     assert r.exit_code == 0, r.output
     recs = json.loads(out.read_text())
@@ -27,18 +34,19 @@ def test_bench_json_records(runner, tmp_path):
     by = {(x["kv"], x["ctx"]): x for x in recs}
     for c in (96, 160):
         held = c  # prefill ctx-gen tokens, then gen decoded tokens are evaluated
-        assert by[("stock-f16", c)]["kv_bytes"] == held * 11520 * 2
-        assert by[("f16", c)]["kv_bytes"] == held * 11520 * 2
-        assert by[("q4", c)]["kv_bytes"] == held * 11520 * 18 // 32
+        assert by[("stock-f16", c)]["kv_bytes"] == held * elems * 2
+        assert by[("f16", c)]["kv_bytes"] == held * elems * 2
+        assert by[("q4", c)]["kv_bytes"] == held * elems * 18 // 32
         assert by[("q4", c)]["bits_per_elem"] == 4.5
         assert 4.5 < by[("rule", c)]["bits_per_elem"] < 16
         assert by[("stock-f16", c)]["policy_share"] == 0 and by[("rule", c)]["policy_ms_per_tok"] > 0
     assert "decode t/s" in r.stdout and "rule" in r.stdout
 
 
-def test_bench_ratios_roofline_plot_reuse_prefill(runner, tmp_path, model_path):
+def test_bench_ratios_roofline_plot_reuse_prefill(runner, tmp_path, tiny_model):
     out, png = tmp_path / "b.json", tmp_path / "b.png"
-    r = runner.invoke(app, ["bench", "--kv", "stock-f16,q4", "--ctx", "96", "--gen", "4", "--repeats", "2",
+    elems = _kv_elems(tiny_model)
+    r = runner.invoke(app, ["bench", str(tiny_model), "--kv", "stock-f16,q4", "--ctx", "96", "--gen", "4", "--repeats", "2",
                             "--vs", "stock-f16", "--roofline", "--reuse-prefill", "--plot", str(png),
                             "--json", str(out)], env={"COLUMNS": "250"})
     assert r.exit_code == 0, r.output
@@ -49,8 +57,8 @@ def test_bench_ratios_roofline_plot_reuse_prefill(runner, tmp_path, model_path):
     for x in recs.values():
         assert x["reuse_prefill"] and len(x["prefill_tok_s_runs"]) == 1 and len(x["decode_tok_s_runs"]) == 2
         # every repeat decodes the same tokens from the same prefill: same cache size at the end
-        assert x["kv_bytes"] == 96 * 11520 * (2 if x["kv"] == "stock-f16" else 18 / 32)
-        assert 0 < x["weight_bytes"] < model_path.stat().st_size
+        assert x["kv_bytes"] == 96 * elems * (2 if x["kv"] == "stock-f16" else 18 / 32)
+        assert 0 < x["weight_bytes"] < tiny_model.stat().st_size
         assert x["bytes_per_token"] == x["weight_bytes"] + x["kv_bytes"]
         assert x["bandwidth_gb_s"] > 0.1
         assert x["bound_tok_s"] == pytest.approx(x["bandwidth_gb_s"] * 1e9 / x["bytes_per_token"])

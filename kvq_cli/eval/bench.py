@@ -148,8 +148,7 @@ class _Prefilled:
     def run(self, n_gen: int) -> dict:
         e = self.engine
         if self.runs:
-            e.llm._ctx.kv_cache_seq_rm(-1, self.n_prefill, -1)
-            e.llm.n_tokens = self.n_prefill
+            e.truncate(self.n_prefill)
         self.runs += 1
         st0 = e.kv_stats()
         decode_s = _decode(e, self.first, n_gen)

@@ -71,6 +71,58 @@ def read_gguf(path: str | os.PathLike):
     return reader
 
 
+# GGUF value types (gguf-py GGUFValueType): fixed sizes of the scalar ones; 8 = string, 9 = array
+_SCALAR_SIZE = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+def metadata_keys(path: str | os.PathLike) -> set[str]:
+    """The metadata keys of a GGUF, read from its header without decoding any value.
+
+    gguf-py's reader decodes every array (a tokenizer's ~50k strings take seconds); this skips
+    them, so checking for a key costs milliseconds. Damaged headers raise InvalidGGUF."""
+    import struct
+
+    p = check_gguf(path)
+    try:
+        with p.open("rb") as f:
+            def read(n: int) -> bytes:
+                b = f.read(n)
+                if len(b) != n:
+                    raise EOFError
+                return b
+
+            def u64() -> int:
+                return struct.unpack("<Q", read(8))[0]
+
+            def skip(vtype: int) -> None:
+                if vtype in _SCALAR_SIZE:
+                    f.seek(_SCALAR_SIZE[vtype], 1)
+                elif vtype == 8:
+                    f.seek(u64(), 1)
+                elif vtype == 9:
+                    sub, n = struct.unpack("<I", read(4))[0], u64()
+                    if sub in _SCALAR_SIZE:
+                        f.seek(_SCALAR_SIZE[sub] * n, 1)
+                    else:
+                        for _ in range(n):
+                            skip(sub)
+                else:
+                    raise ValueError(f"unknown value type {vtype}")
+
+            read(4)
+            version = struct.unpack("<I", read(4))[0]
+            if version < 2:
+                raise ValueError(f"GGUF version {version}")
+            u64()   # tensor count
+            keys = set()
+            for _ in range(u64()):
+                keys.add(read(u64()).decode("utf-8"))
+                skip(struct.unpack("<I", read(4))[0])
+            return keys
+    except (EOFError, ValueError, UnicodeDecodeError, struct.error) as e:
+        raise InvalidGGUF(f"{p} is truncated or corrupt ({type(e).__name__}: {e})") from None
+
+
 def field_value(reader, key: str, default: Any = None) -> Any:
     """The python value of a metadata field, or `default`."""
     f = reader.fields.get(key)

@@ -122,7 +122,7 @@ def model_ref(resolved: ResolvedModel, policies, opts=None):
     caches read neither.
     """
     from kvq_cli.controller.spec import default_controller_path
-    from kvq_cli.gguf.read import read_gguf
+    from kvq_cli.gguf.read import metadata_keys
     from kvq_cli.runtime.engine import ModelRef
 
     needs = any(getattr(p, "kvq", None) in ("adaptive", "rule", "assign")
@@ -130,6 +130,6 @@ def model_ref(resolved: ResolvedModel, policies, opts=None):
     if resolved.spec is None or not needs:
         return ModelRef(resolved.path)
     shipped = default_controller_path(resolved.spec.alias)
-    if shipped is None or any(k.startswith("kvq.controller.") for k in read_gguf(resolved.path).fields):
+    if shipped is None or any(k.startswith("kvq.controller.") for k in metadata_keys(resolved.path)):
         return ModelRef(resolved.path)
     return ModelRef(resolved.path, shipped)

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from kvq_cli.errors import BadOption, ContextOverflow, ControllerError, InvalidGGUF, KvqError, RuntimeMissing
-from kvq_cli.gguf.read import model_dims, read_gguf
+from kvq_cli.gguf.keys import Controller, Llm
+from kvq_cli.gguf.read import ModelDims, check_gguf, read_gguf
 from kvq_cli.runtime.kv import KvPolicy, KvqOptions
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,10 @@ class ModelRef:
     @property
     def has_k_center(self) -> bool:
         """Whether its controller carries a K centering (kvq.controller.k_center) the runtime would use."""
+        from kvq_cli.gguf.read import metadata_keys
+
+        if self.controller is None and Controller.K_CENTER not in metadata_keys(self.path):
+            return False
         try:
             spec = self.controller_spec()
         except KvqError:   # no usable controller: the engines say why where it matters
@@ -83,15 +88,26 @@ def as_model_ref(model: "str | os.PathLike | ModelRef") -> ModelRef:
     return model if isinstance(model, ModelRef) else ModelRef(Path(model))
 
 
-def _controller_granularity(reader) -> str | None:
-    """The embedded controller's granularity; None when absent or malformed (the runtime says why)."""
-    from kvq_cli.controller.spec import controller_from_reader
+def _meta_str(llama_cpp, model, key: str) -> str | None:
+    """A metadata value of the loaded model, as llama.cpp prints it (None when absent)."""
+    import ctypes
 
-    try:
-        spec = controller_from_reader(reader)
-    except ControllerError:
-        return None
-    return spec.granularity if spec else None
+    buf = ctypes.create_string_buffer(256)
+    n = llama_cpp.llama_model_meta_val_str(model, key.encode(), buf, len(buf))
+    return buf.value.decode("utf-8", "replace") if n >= 0 else None
+
+
+def _loaded_dims(llama_cpp, model) -> tuple[str, ModelDims]:
+    """Architecture and KV dims of a loaded model, from llama.cpp (no second parse of the file)."""
+    n_embd, n_head = llama_cpp.llama_model_n_embd(model), llama_cpp.llama_model_n_head(model)
+    arch = _meta_str(llama_cpp, model, Llm.ARCHITECTURE) or ""
+    key_length = _meta_str(llama_cpp, model, Llm.KEY_LENGTH.format(arch=arch))
+    return arch, ModelDims(
+        n_layer=llama_cpp.llama_model_n_layer(model), n_embd=n_embd, n_head=n_head,
+        n_head_kv=llama_cpp.llama_model_n_head_kv(model),
+        head_dim=int(key_length) if key_length else n_embd // max(n_head, 1),
+        n_ctx_train=llama_cpp.llama_model_n_ctx_train(model),
+        n_vocab=llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model)))
 
 
 def _import_llama_cpp():
@@ -109,28 +125,12 @@ class Engine:
                  seed: int = 0, n_threads: int | None = None, n_batch: int = 512,
                  logits_all: bool = False, flash_attn: bool | None = None, n_ubatch: int = 512,
                  kvq: KvqOptions | None = None):
+        self._batch = None   # decode()'s llama_batch, made on first use
         self.model = as_model_ref(model)
         model_path = self.model.path
-        reader = read_gguf(model_path)  # clean error for missing/non-GGUF/truncated files
-        self.arch, self.dims = model_dims(reader)
-        self.controller = None   # a supplied controller (ControllerSpec), checked against this model
-        if self.model.controller is not None and not kv.is_stock:
-            from kvq_cli.controller.spec import load_controller
-
-            self.controller = load_controller(self.model.controller)
-            self.controller.check_model(self.dims)
-        if kv.kvq != "adaptive":
-            self.granularity = None
-        elif self.controller is not None:
-            self.granularity = self.controller.granularity
-        else:
-            self.granularity = _controller_granularity(reader)
-        del reader
-        if n_ctx <= 0:
-            n_ctx = self.dims.n_ctx_train
+        check_gguf(model_path)   # missing file, not GGUF: one clear line before llama.cpp runs
         self.path = Path(model_path)
         self.kv = kv
-        self.n_ctx = n_ctx
         self.kvq_opts = kvq or KvqOptions()
         self.window, self.window_bits = 0, 16   # kvq: the window W and its rows' bits (set when kvq is enabled)
         llama_cpp = _import_llama_cpp()
@@ -146,15 +146,35 @@ class Engine:
         stock_type = kv.ggml_type if kv.is_stock else "Q2_0"
         ggml_type = getattr(llama_cpp, f"GGML_TYPE_{stock_type}")
         flash = (kv.needs_flash or bool(flash_attn)) if kv.is_stock else True
+        n_ctx = max(n_ctx, 0)   # 0: the model's training context (llama.cpp's default)
         try:
             self.llm = llama_cpp.Llama(
-                model_path=str(model_path), n_ctx=n_ctx, n_batch=min(n_batch, n_ctx),
-                n_ubatch=min(n_ubatch, n_batch, n_ctx), n_threads=n_threads,
+                model_path=str(model_path), n_ctx=n_ctx, n_batch=min(n_batch, n_ctx) if n_ctx else n_batch,
+                n_ubatch=min(n_ubatch, n_batch, n_ctx) if n_ctx else min(n_ubatch, n_batch), n_threads=n_threads,
                 n_threads_batch=n_threads, seed=seed, type_k=ggml_type, type_v=ggml_type,
                 flash_attn=flash, logits_all=logits_all, verbose=False,
             )
         except ValueError as e:
+            read_gguf(model_path)   # a damaged file: its precise reason (truncated, corrupt header)
             raise InvalidGGUF(f"llama.cpp could not load {model_path}: {e}") from None
+        self.n_ctx = n_ctx or self.llm.n_ctx()
+        self.arch, self.dims = _loaded_dims(llama_cpp, self.llm.model)
+        self.controller = None   # a supplied controller (ControllerSpec), checked against this model
+        try:
+            if self.model.controller is not None and not kv.is_stock:
+                from kvq_cli.controller.spec import load_controller
+
+                self.controller = load_controller(self.model.controller)
+                self.controller.check_model(self.dims, self.path.name)
+        except BaseException:
+            self.close()
+            raise
+        if kv.kvq != "adaptive":
+            self.granularity = None
+        elif self.controller is not None:
+            self.granularity = self.controller.granularity
+        else:
+            self.granularity = _meta_str(llama_cpp, self.llm.model, Controller.GRANULARITY) or "token"
         self._lib = lib
         if lib is not None:
             try:
@@ -226,6 +246,12 @@ class Engine:
     # -- lifetime -------------------------------------------------------------------
     def close(self) -> None:
         """Free the llama.cpp context and model now (not at garbage collection)."""
+        batch = getattr(self, "_batch", None)
+        if batch is not None:
+            import llama_cpp
+
+            llama_cpp.llama_batch_free(batch)
+            self._batch = None
         llm = getattr(self, "llm", None)
         if llm is not None:
             llm.close()
@@ -254,6 +280,13 @@ class Engine:
         ptr = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
         return np.ctypeslib.as_array(ptr, shape=(self.dims.n_vocab,))
 
+    def truncate(self, n_past: int) -> None:
+        """Drop the cached positions >= n_past (the prefix before them stays)."""
+        import llama_cpp
+
+        llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self.llm.ctx), 0, n_past, -1)
+        self.llm.n_tokens = n_past
+
     def decode(self, tokens: list[int], n_past: int, logits_from: int | None = None):
         """Drop cached positions >= n_past, decode `tokens` after them; logits of tokens[logits_from:].
 
@@ -267,11 +300,12 @@ class Engine:
         llm = self.llm
         if n_past + len(tokens) > self.n_ctx:
             raise ContextOverflow(f"{n_past + len(tokens)} tokens do not fit the context of {self.n_ctx}")
-        llm._ctx.kv_cache_seq_rm(-1, n_past, -1)
-        llm.n_tokens = n_past
+        self.truncate(n_past)
         start = len(tokens) if logits_from is None else logits_from
         rows = []
-        batch = llm._batch.batch
+        if self._batch is None:
+            self._batch = llama_cpp.llama_batch_init(llm.n_batch, 0, 1)
+        batch = self._batch
         for i in range(0, len(tokens), llm.n_batch):
             chunk = tokens[i:i + llm.n_batch]
             batch.n_tokens = len(chunk)
@@ -283,7 +317,10 @@ class Engine:
                 batch.n_seq_id[j] = 1
                 batch.logits[j] = i + j >= start
                 n_out += i + j >= start
-            llm._ctx.decode(llm._batch)
+            rc = llama_cpp.llama_decode(llm.ctx, batch)
+            if rc != 0:
+                raise KvqError(f"llama.cpp could not decode the batch (llama_decode returned {rc})")
+            # what llama-cpp-python's own generation reads to reuse a cached prefix
             llm.input_ids[n_past + i:n_past + i + len(chunk)] = chunk
             llm.n_tokens = n_past + i + len(chunk)
             if n_out:
@@ -347,11 +384,15 @@ class Engine:
         template = self.llm.metadata.get("tokenizer.chat_template")
         if template is None:
             return len(self.tokenize("\n".join(m["content"] for m in messages)))
-        model = self.llm._model
-        eos, bos = model.token_eos(), model.token_bos()
-        fmt = Jinja2ChatFormatter(
-            template=template, eos_token=model.token_get_text(eos) if eos != -1 else "",
-            bos_token=model.token_get_text(bos) if bos != -1 else "")
+        import llama_cpp
+
+        vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
+
+        def text(tok: int) -> str:
+            return llama_cpp.llama_vocab_get_text(vocab, tok).decode("utf-8", "replace") if tok != -1 else ""
+
+        fmt = Jinja2ChatFormatter(template=template, eos_token=text(self.llm.token_eos()),
+                                  bos_token=text(self.llm.token_bos()))
         result = fmt(messages=messages)
         return len(self.llm.tokenize(result.prompt.encode("utf-8"),
                                      add_bos=not result.added_special, special=True))
