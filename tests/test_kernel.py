@@ -18,7 +18,7 @@ from kvq_cli.runtime.kv import KvPolicy, KvqOptions, parse_kv
 
 from .conftest import TEXT
 
-N_LAYER, N_HEAD, HD = 30, 9, 64
+HD = 64   # head_dim of both test models
 ASSIGN = KvPolicy("assign", kvq="assign")
 
 # name: (policy, options, assignment seed or None)
@@ -56,23 +56,25 @@ def _attend(e, kernel, il, q, qpos):
 
 
 def _numpy_attention(e, il, q, qpos, n):
-    K, V = np.zeros((n, 192), np.float32), np.zeros((n, 192), np.float32)
+    d = e.dims
+    n_kv, group = d.n_head_kv, d.n_head // d.n_head_kv
+    K, V = np.zeros((n, n_kv * HD), np.float32), np.zeros((n, n_kv * HD), np.float32)
     pos = np.zeros(n, np.int32)
     assert kvq_lib().llama_kvq_read_layer(e.llm.ctx, il, _ptr(K), _ptr(V), _ptr(pos, ctypes.c_int32), None, n) == n
-    Kh, Vh = K.reshape(n, 3, HD).astype(np.float64), V.reshape(n, 3, HD).astype(np.float64)
+    Kh, Vh = K.reshape(n, n_kv, HD).astype(np.float64), V.reshape(n, n_kv, HD).astype(np.float64)
     ref = np.zeros(q.shape, np.float64)
     for i in range(len(q)):
         m = pos <= qpos[i]
-        for h in range(N_HEAD):
-            s = Kh[m, h // 3] @ q[i, h] / np.sqrt(HD)
+        for h in range(d.n_head):
+            s = Kh[m, h // group] @ q[i, h] / np.sqrt(HD)
             p = np.exp(s - s.max())
-            ref[i, h] = (p / p.sum()) @ Vh[m, h // 3]
+            ref[i, h] = (p / p.sum()) @ Vh[m, h // group]
     return ref, Vh[pos == 0][0]
 
 
 def _simd_kernel(e):
     """FUSED_SIMD where this CPU has AVX2, else the scalar tiles (asserted as unavailable)."""
-    q = np.zeros((1, N_HEAD, HD), np.float32)
+    q = np.zeros((1, e.dims.n_head, HD), np.float32)
     out = np.zeros_like(q)
     rc = kvq_lib().llama_kvq_attend_kernel(e.llm.ctx, L.ATTN_FUSED_SIMD, 0, _ptr(q), 1,
                                            _ptr(np.zeros(1, np.int32), ctypes.c_int32), _ptr(out))
@@ -82,23 +84,25 @@ def _simd_kernel(e):
     return L.ATTN_FUSED_SIMD
 
 
+@pytest.mark.parametrize("model", ["model_path", "tiny_model"])   # GQA groups of 3 (9 heads / 3) and 2 (4 / 2)
 @pytest.mark.parametrize("case", list(CASES))
-def test_fused_attention_matches_reference(model_path, case):
+def test_fused_attention_matches_reference(request, model, case):
     n = 160
-    with _engine(model_path, case, n=n) as e:
+    with _engine(request.getfixturevalue(model), case, n=n) as e:
+        n_head, group, last = e.dims.n_head, e.dims.n_head // e.dims.n_head_kv, e.dims.n_layer - 1
         rows = e.kv_stats().rows
         if case in ("window", "window_q8"):
-            assert rows["window"] == n * N_LAYER
+            assert rows["window"] == n * e.dims.n_layer
         if case == "mixed":
             assert all(rows[k] > 0 for k in ("window", "f16", "q8", "q4", "k4v2", "q2"))
         simd = _simd_kernel(e)
         rng = np.random.default_rng(7)
-        for il in (0, 29):
+        for il in (0, last):
             # 1 query: the decode path (keys split in chunks); 20 queries: query blocks with
             # causal masking inside the key tiles
             for qpos in (np.array([n - 1], np.int32), np.sort(rng.choice(n, 20, replace=False)).astype(np.int32)):
                 qpos[0] = 0 if len(qpos) > 1 else qpos[0]
-                q = (rng.normal(size=(len(qpos), N_HEAD, HD)) * 2).astype(np.float32)
+                q = (rng.normal(size=(len(qpos), n_head, HD)) * 2).astype(np.float32)
                 fused = _attend(e, simd, il, q, qpos)
                 exact, v0 = _numpy_attention(e, il, q, qpos, n)
                 scale = np.abs(exact).max()
@@ -111,7 +115,7 @@ def test_fused_attention_matches_reference(model_path, case):
                 assert np.abs(scalar - fused).max() <= 2e-6 * scale
                 np.testing.assert_array_equal(_attend(e, L.ATTN_DEFAULT, il, q, qpos), fused)
                 if qpos[0] == 0:   # position 0 sees itself only
-                    assert np.abs(fused[0] - v0[np.arange(N_HEAD) // 3]).max() < 1e-5
+                    assert np.abs(fused[0] - v0[np.arange(n_head) // group]).max() < 1e-5
         if case == "q4":
             rc = kvq_lib().llama_kvq_attend_kernel(e.llm.ctx, 9, 0, _ptr(q), 1, _ptr(qpos, ctypes.c_int32), _ptr(q.copy()))
             assert rc < 0 and "unknown attention kernel" in kvq_lib().last_error()
