@@ -20,7 +20,22 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip 2>/dev/null
 fi
-pip_install() { "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
+# pip's notes that need no action (a local index location this machine may lack; setuptools' generic
+# caution about editable installs) are left out; a failing install shows everything it said.
+pip_install() {
+  local log rc=0
+  log=$(mktemp)
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$@" >/dev/null 2>"$log" || rc=$?
+  if [ "$rc" != 0 ]; then
+    cat "$log" >&2
+  else
+    grep -v -e "is ignored: it is neither a file nor a directory" -e "BuildBackendWarning: Editable installation" \
+         -e "Please be careful with folders in your working directory" -e "name as your package as they may take" \
+         -e "^ *\*\**$" -e "^ *!!$" -e "^ *$" -e "with strategy, WheelFile" "$log" >&2 || true
+  fi
+  rm -f "$log"
+  return "$rc"
+}
 
 # The runtime: llama-cpp-python 0.3.36 + patches/llama.cpp series (cached wheel).
 WHEEL=$("$VENV/bin/python" scripts/build_runtime.py 2> >(grep -v "^\[build_runtime\] cached wheel" >&2))
