@@ -5,13 +5,15 @@ Forward pass (the C runtime computes the same):
     h      = relu(w1 @ z + b1)                          w1: [hidden, n_features]
     logits = w2 @ h + b2                                w2: [n_precisions, hidden]
     bits   = precisions[argmax(logits)]
-With head "log_damage" (`kvq train --objective log_damage`) the outputs are each precision's
+With head "log_damage" (a format the runtime reads; `kvq train` makes "logits" heads since its
+log-damage objective decoded no better, docs/history.md) the outputs are each precision's
 predicted log(damage / lambda), and
     logits = -exp(w2 @ h + b2) - eff_bits               eff_bits: 2.25, 4.5, 8.5, 16 (block scales included)
 so the choice minimises predicted damage + lambda * bits, as with the damage regressor's linear
 head, while the fit in log space is not dominated by the few rows with the largest damage.
 The controller file (`kvq train --out`, `kvq embed`, `kvq convert --controller`) is JSON with
-the same fields, matrices as nested lists.
+the same fields, matrices as nested lists; the runtime reads the GGUF form (embedded, or a
+controller file: controller.embed.write_controller_file).
 
 K centering (optional field `k_center`, [n_layer][n_embd_kv]): the mean post-RoPE K of each layer
 on the calibration text. The runtime subtracts it from every K row before storing the row (every
