@@ -317,7 +317,7 @@ def test_trained_controller_round_trips_and_decides_like_c(request, model_path, 
             assert (tr.bits == 3).any() and e.kv_stats().rows["k4v2"] > 0
 
 
-def _shipped_controller_gguf(model_path):
+def _shipped_controller_model(model_path):
     """The embedded model with the shipped default controller, as `--kv adaptive` resolves it (nothing written)."""
     from kvq_cli.models.registry import ResolvedModel, get_spec, model_ref
 
@@ -332,7 +332,7 @@ def _shipped_controller_gguf(model_path):
 def test_budget_knob_lands_on_the_budget(model_path, runner):
     # the shipped controller steered by --kv-bits: effective bits of a full 1024-token context
     toks = None
-    path = _shipped_controller_gguf(model_path)
+    path = _shipped_controller_model(model_path)
     for budget in (3.0, 4.0, 5.5):
         with Engine(path, kv=parse_kv(f"adaptive@{budget}"), n_ctx=1024, n_ubatch=32) as e:
             toks = toks or e.tokenize(TEXT[20000:])[:1024]
@@ -352,7 +352,7 @@ def test_budget_knob_on_short_prompts_with_rolled_back_continuations(model_path)
     # previous one back. Rolled back rows take their decisions out of the price, so scoring four
     # continuations decides every kept row as scoring only the last one does, and the bits the cache
     # keeps land on the budget.
-    path = _shipped_controller_gguf(model_path)
+    path = _shipped_controller_model(model_path)
     rng = np.random.default_rng(0)
     prompts = conts = None
     for budget in (3.0, 4.0):

@@ -32,7 +32,8 @@ class ModelDims:
         return 2 * self.n_layer * self.n_head_kv * self.head_dim
 
 
-def _summarise(value: Any) -> Any:
+def summarise(value: Any) -> Any:
+    """A metadata value for display: long arrays (vocab, merges) as their length and first items."""
     if isinstance(value, list) and len(value) > MAX_ARRAY_ITEMS:
         return {"array_len": len(value), "head": value[:MAX_ARRAY_ITEMS]}
     return value

@@ -10,7 +10,7 @@ from typing import Any
 from kvq_cli.controller.spec import controller_from_reader
 from kvq_cli.errors import ControllerError
 from kvq_cli.gguf.keys import KVQ_PREFIX, Llm
-from kvq_cli.gguf.read import ModelDims, _summarise, field_value, model_dims, read_gguf
+from kvq_cli.gguf.read import ModelDims, summarise, field_value, model_dims, read_gguf
 
 
 @dataclass
@@ -66,9 +66,9 @@ def inspect_gguf(path: str | os.PathLike) -> GGUFInfo:
         except Exception:  # an unreadable value is reported, not fatal for inspect
             value = "<unreadable>"
         if key.startswith(KVQ_PREFIX):
-            kvq[key] = value if not isinstance(value, list) else _summarise(value)
+            kvq[key] = value if not isinstance(value, list) else summarise(value)
         else:
-            meta[key] = _summarise(value)
+            meta[key] = summarise(value)
     return GGUFInfo(
         controller=_controller_summary(reader), path=str(path), size_bytes=Path(path).stat().st_size,
         gguf_version=int(field_value(reader, "GGUF.version", 0)), architecture=arch,

