@@ -137,7 +137,8 @@ def test_embed_round_trip_and_stock_load(runner, converted_f16, tmp_path, model_
     # inspect shows the controller
     info = json.loads(runner.invoke(app, ["inspect", str(out), "--json"]).stdout)
     assert info["controller"] == {"version": 1, "features": want.features, "precisions": [2, 4, 8, 16],
-                                  "w1": [3, 4], "w2": [4, 3], "budget_bits": 4.0, "granularity": "token"}
+                                  "w1": [3, 4], "w2": [4, 3], "budget_bits": 4.0, "granularity": "token",
+                                  "k_center": False, "norm_prior": 0}
     table = runner.invoke(app, ["inspect", str(out)], env={"COLUMNS": "300"})
     assert "trained for 4 bits" in table.stdout
     # The stock cache path ignores the kvq.* keys; the kvq runtime runs the controller.

@@ -36,7 +36,9 @@ def controller_text(c: dict[str, Any] | None) -> str:
         return f"invalid: {c['error']}"
     return (f"v{c['version']}, features {', '.join(c['features'])}; precisions {c['precisions']} bits; "
             f"w1 {c['w1'][0]}x{c['w1'][1]}, w2 {c['w2'][0]}x{c['w2'][1]}; trained for {c['budget_bits']:g} bits, "
-            f"per {c.get('granularity', 'token').replace('_', ' and ')}")
+            f"per {c.get('granularity', 'token').replace('_', ' and ')}"
+            + ("; K centered" if c.get("k_center") else "")
+            + (f"; features normalised at run time (prior {c['norm_prior']} rows)" if c.get("norm_prior") else ""))
 
 
 def inspect_tables(info) -> None:

@@ -29,6 +29,18 @@ such a row would stay at 2 bits at every budget). With the field the estimates d
 for the logits head, exp(out) for log_damage) are projected before the decision,
     d[-1] = max(d[-1], 0);   d[o] = max(d[o], damage_floor[o] * d[o + 1])   for o from n - 2 down to 0
     logits = -d - eff_bits
+
+Running normalisation (optional field `norm_prior` n0 > 0; 0 or absent: the fixed z above): features such
+as k_absmax have each model's own scale, so a "generic" controller normalises by statistics of the model
+it runs on, measured over the rows it decides in a context, in decision order (position, then layer), each
+row added before it is normalised. Per feature, in float64, started as if n0 rows at the trained
+statistics had been seen:
+    n, m, M2 = n0, feature_mean, n0 * feature_std**2                   once per context
+    n += 1;  d = x - m;  m += d / n;  M2 += d * (x - m)                every row (Welford)
+    z = float32((x - m) / sqrt(M2 / n))                                 (feature_std if M2 / n is not finite and > 0)
+The runtime keeps the statistics for the context's life (removing cache rows does not reset them: they
+estimate the model, not the cache); `logits(x)` and `decide(x)` take the rows of x as a fresh context's
+decisions, in order.
 """
 from __future__ import annotations
 
@@ -89,6 +101,7 @@ class ControllerSpec:
     k_center: list[list[float]] | None = None   # [n_layer][n_embd_kv] or None
     head: str = "logits"
     damage_floor: list[float] | None = None     # [n_precisions - 1] damage projection (module docstring), or None
+    norm_prior: int = 0                         # n0 > 0: running feature normalisation (module docstring); 0: fixed
 
     @property
     def hidden(self) -> int:
@@ -146,6 +159,10 @@ class ControllerSpec:
                 raise ControllerError("controller damage_floor must be finite and >= 0")
             if any(b <= a for a, b in zip(self.precisions, self.precisions[1:])):
                 raise ControllerError("controller damage_floor needs the precisions in ascending order")
+        if not isinstance(self.norm_prior, int) or isinstance(self.norm_prior, bool):
+            raise ControllerError(f"controller norm_prior must be an integer, got {self.norm_prior!r}")
+        if not 0 <= self.norm_prior < 2 ** 32:
+            raise ControllerError(f"controller norm_prior must be >= 0 (a uint32), got {self.norm_prior}")
         return self
 
     def check_model(self, dims, name: str = "the model") -> "ControllerSpec":
@@ -160,11 +177,14 @@ class ControllerSpec:
 
     # -- decisions (NumPy reference of the C forward pass) ------------------------
     def logits(self, x):
-        """Output logits for a [n, n_features] feature matrix."""
+        """Output logits for a [n, n_features] feature matrix (rows in decision order when norm_prior > 0)."""
         import numpy as np
 
-        z = (np.asarray(x, np.float32) - np.asarray(self.feature_mean, np.float32)) \
-            / np.asarray(self.feature_std, np.float32)
+        mean, std = np.asarray(self.feature_mean, np.float32), np.asarray(self.feature_std, np.float32)
+        if self.norm_prior > 0:
+            z = running_normalize(x, mean, std, self.norm_prior)
+        else:
+            z = (np.asarray(x, np.float32) - mean) / std
         h = np.maximum(z @ np.asarray(self.w1, np.float32).T + np.asarray(self.b1, np.float32), 0)
         out = h @ np.asarray(self.w2, np.float32).T + np.asarray(self.b2, np.float32)
         eb = np.asarray([EFF_BITS_OF[p] for p in self.precisions], np.float32)
@@ -189,6 +209,7 @@ class ControllerSpec:
                 "b1": self.b1, "w2": self.w2, "b2": self.b2, "feature_mean": self.feature_mean,
                 "feature_std": self.feature_std, **({"k_center": self.k_center} if self.k_center is not None else {}),
                 **({"damage_floor": self.damage_floor} if self.damage_floor is not None else {}),
+                **({"norm_prior": self.norm_prior} if self.norm_prior else {}),
                 **({"extra": self.extra} if self.extra else {})}
 
     @classmethod
@@ -205,7 +226,8 @@ class ControllerSpec:
                        granularity=str(d.get("granularity", "token")), head=str(d.get("head", "logits")),
                        extra=dict(d.get("extra", {})),
                        k_center=None if d.get("k_center") is None else [[float(x) for x in r] for r in d["k_center"]],
-                       damage_floor=None if d.get("damage_floor") is None else [float(x) for x in d["damage_floor"]])
+                       damage_floor=None if d.get("damage_floor") is None else [float(x) for x in d["damage_floor"]],
+                       norm_prior=d.get("norm_prior", 0))
         except KeyError as e:
             raise ControllerError(f"controller file lacks field {e.args[0]!r}") from None
         except (TypeError, ValueError) as e:
@@ -231,7 +253,8 @@ class ControllerSpec:
             (K.GRANULARITY, self.granularity, "str"),
             (K.HEAD, self.head, "str"),
         ] + ([(K.K_CENTER, flat(self.k_center), "f32[]")] if self.k_center is not None else []) \
-          + ([(K.DAMAGE_FLOOR, [float(x) for x in self.damage_floor], "f32[]")] if self.damage_floor is not None else [])
+          + ([(K.DAMAGE_FLOOR, [float(x) for x in self.damage_floor], "f32[]")] if self.damage_floor is not None else []) \
+          + ([(K.NORM_PRIOR, self.norm_prior, "u32")] if self.norm_prior else [])
 
     @classmethod
     def from_gguf_fields(cls, get) -> "ControllerSpec | None":
@@ -265,6 +288,9 @@ class ControllerSpec:
             df = get(K.DAMAGE_FLOOR)
             if df is not None:
                 spec.damage_floor = [float(x) for x in df]
+            prior = get(K.NORM_PRIOR)
+            if prior is not None:
+                spec.norm_prior = prior   # validate refuses a value that is not an integer
         except (TypeError, ValueError) as e:
             raise ControllerError(f"GGUF controller metadata is incomplete or malformed ({e})") from None
         return spec.validate()
@@ -280,6 +306,29 @@ def project_damage(d, floor):
     for o in range(d.shape[1] - 2, -1, -1):
         d[:, o] = np.maximum(d[:, o], d.dtype.type(floor[o]) * d[:, o + 1])
     return d
+
+
+def running_normalize(x, mean, std, n0: int):
+    """Rows of x [n, n_features] normalised in order by running statistics started from n0 rows at
+    mean, std (module docstring; the runtime's kvq_feature_norm), as float32."""
+    import numpy as np
+
+    x = np.asarray(x, np.float32).astype(np.float64)
+    rows = x.reshape(-1, x.shape[-1])
+    std0 = np.asarray(std, np.float32).astype(np.float64)
+    n, m = float(n0), np.asarray(mean, np.float32).astype(np.float64)
+    m2 = n * std0 * std0   # the runtime's operations in the runtime's order: the same bits
+    z = np.empty(rows.shape, np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        for i, row in enumerate(rows):
+            n += 1.0
+            d = row - m
+            m = m + d / n
+            m2 = m2 + d * (row - m)
+            var = m2 / n
+            ok = (var > 0) & np.isfinite(var)
+            z[i] = (row - m) / np.where(ok, np.sqrt(np.where(ok, var, 1.0)), std0)
+    return z.reshape(x.shape)
 
 
 def default_controller_path(alias: str) -> Path | None:

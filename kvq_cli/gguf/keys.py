@@ -25,6 +25,8 @@ class Controller:
     K_CENTER = "kvq.controller.k_center"          # array[f32], optional, [n_layer, n_embd_kv] row-major: mean post-RoPE
                                                   # K per layer on the calibration text, subtracted from K before storing
     DAMAGE_FLOOR = "kvq.controller.damage_floor"  # array[f32], optional, [n_precisions - 1]: damage projection (ControllerSpec.logits)
+    NORM_PRIOR = "kvq.controller.norm_prior"      # uint32, optional: n0 > 0 normalises the features by running statistics
+                                                  # of the model it runs on, started from n0 rows at feature_mean/std
 
 
 KVQ_PREFIX = "kvq."

@@ -48,7 +48,8 @@ def _controller_summary(reader) -> dict[str, Any] | None:
         return None
     return {"version": c.version, "features": c.features, "precisions": c.precisions,
             "w1": [c.hidden, len(c.features)], "w2": [len(c.precisions), c.hidden],
-            "budget_bits": c.budget_bits, "granularity": c.granularity}
+            "budget_bits": c.budget_bits, "granularity": c.granularity, "k_center": c.k_center is not None,
+            "norm_prior": c.norm_prior}
 
 
 def inspect_gguf(path: str | os.PathLike) -> GGUFInfo:

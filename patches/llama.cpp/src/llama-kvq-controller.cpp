@@ -13,13 +13,52 @@
 #include <exception>
 
 //
+// kvq_feature_norm
+//
+
+void kvq_feature_norm::init(const llama_kvq_controller & c) {
+    n = (double) c.norm_prior;
+    mean.resize(c.n_in);
+    m2.resize(c.n_in);
+    for (int j = 0; j < c.n_in; ++j) {
+        const double sd = c.std_[j];
+        mean[j] = c.mean[j];
+        m2[j] = n * sd * sd;
+    }
+}
+
+// The same double operations in the same order as ControllerSpec.logits, so that C and NumPy
+// normalise bit for bit where no multiply-add is fused (this file is built without -march: on
+// x86-64 there is no FMA to fuse into).
+void kvq_feature_norm::normalize(const llama_kvq_controller & c, const float * feat, float * z) {
+    if (empty()) {
+        init(c);
+    }
+    n += 1.0;
+    for (int j = 0; j < c.n_in; ++j) {
+        const double x = feat[c.feat_idx[j]];
+        const double d = x - mean[j];
+        mean[j] += d / n;
+        m2[j] += d * (x - mean[j]);
+        const double var = m2[j] / n;
+        const double sd = var > 0.0 && std::isfinite(var) ? std::sqrt(var) : (double) c.std_[j];
+        z[j] = (float) ((x - mean[j]) / sd);
+    }
+}
+
+//
 // llama_kvq_controller
 //
 
-int llama_kvq_controller::decide(const float * feat, float price) const {
+int llama_kvq_controller::decide(const float * feat, float price, kvq_feature_norm * norm) const {
     float z[LLAMA_KVQ_N_FEATURES];
-    for (int j = 0; j < n_in; ++j) {
-        z[j] = (feat[feat_idx[j]] - mean[j]) / std_[j];
+    if (norm_prior > 0) {
+        GGML_ASSERT(norm != nullptr);
+        norm->normalize(*this, feat, z);
+    } else {
+        for (int j = 0; j < n_in; ++j) {
+            z[j] = (feat[feat_idx[j]] - mean[j]) / std_[j];
+        }
     }
     std::vector<float> h(n_hidden);
     for (int i = 0; i < n_hidden; ++i) {
@@ -110,7 +149,13 @@ static bool kvq_get_u32(const gguf_context * meta, const char * key, uint32_t & 
     }
     switch (gguf_get_kv_type(meta, id)) {
         case GGUF_TYPE_UINT32: out = gguf_get_val_u32(meta, id); return true;
-        case GGUF_TYPE_INT32:  out = (uint32_t) gguf_get_val_i32(meta, id); return true;
+        case GGUF_TYPE_INT32:
+            if (gguf_get_val_i32(meta, id) < 0) {
+                err = std::string(key) + " must be >= 0";
+                return false;
+            }
+            out = (uint32_t) gguf_get_val_i32(meta, id);
+            return true;
         default: err = std::string(key) + " must be an integer"; return false;
     }
 }
@@ -175,6 +220,7 @@ std::shared_ptr<llama_kvq_controller> kvq_parse_controller(const gguf_context * 
     if (!kvq_get_f32_arr(meta, LLAMA_KVQ_KEY_FEAT_STD, c->std_, err)) return c;
     if (gguf_find_key(meta, LLAMA_KVQ_KEY_K_CENTER) >= 0 && !kvq_get_f32_arr(meta, LLAMA_KVQ_KEY_K_CENTER, c->k_center, err)) return c;
     if (gguf_find_key(meta, LLAMA_KVQ_KEY_DAMAGE_FLOOR) >= 0 && !kvq_get_f32_arr(meta, LLAMA_KVQ_KEY_DAMAGE_FLOOR, c->damage_floor, err)) return c;
+    if (gguf_find_key(meta, LLAMA_KVQ_KEY_NORM_PRIOR) >= 0 && !kvq_get_u32(meta, LLAMA_KVQ_KEY_NORM_PRIOR, c->norm_prior, err)) return c;
     if (const int64_t id = gguf_find_key(meta, LLAMA_KVQ_KEY_HEAD); id >= 0) {
         const char * head = gguf_get_kv_type(meta, id) == GGUF_TYPE_STRING ? gguf_get_val_str(meta, id) : "";
         if (strcmp(head, "log_damage") == 0) {
@@ -295,9 +341,10 @@ int32_t llama_kvq_controller_eval(const llama_model * model, const float * x, in
         return model ? kvq_fail("the model has no kvq controller") : -1;
     }
     if (n < 0 || (n > 0 && (!x || !bits))) return kvq_fail("controller_eval needs n >= 0 and x, bits for n rows");
+    const auto & c = *model->kvq_controller;
+    kvq_feature_norm norm; // norm_prior > 0: the rows as a fresh context's decisions, in order
     for (int64_t i = 0; i < n; ++i) {
-        const auto & c = *model->kvq_controller;
-        bits[i] = c.decide(x + i * LLAMA_KVQ_N_FEATURES, 0.0f);
+        bits[i] = c.decide(x + i * LLAMA_KVQ_N_FEATURES, 0.0f, &norm);
     }
     return 0;
 }

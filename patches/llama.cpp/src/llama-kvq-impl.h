@@ -86,6 +86,23 @@ static inline int kvq_stored_pool_of_bits(int bits) {
 // controller (llama-kvq-controller.cpp)
 //
 
+struct llama_kvq_controller;
+
+// Running statistics of the controller's inputs (kvq.controller.norm_prior n0 > 0): per input,
+// Welford's mean and sum of squared deviations in double over every row decided, started as if n0
+// rows at feature_mean and feature_std had been seen. A row is added before it is normalised, so
+// a controller trained on one model normalises by the scales of the model it runs on. The count
+// is shared (every row updates every input). Empty until the first row: decide starts it.
+struct kvq_feature_norm {
+    double n = 0.0;
+    std::vector<double> mean, m2; // [n_in]
+
+    bool empty() const { return mean.empty(); }
+    void init(const llama_kvq_controller & c);
+    // Add a row (runtime feature order) to the statistics, then write its normalised inputs z[n_in].
+    void normalize(const llama_kvq_controller & c, const float * feat, float * z);
+};
+
 struct llama_kvq_controller {
     bool present = false;
     std::string error;           // non-empty: metadata present but malformed
@@ -99,11 +116,14 @@ struct llama_kvq_controller {
     // optional [n_out - 1] (classes in ascending bits): the damage estimates are projected onto
     // physical ones before the decision, top class >= 0 and d_o >= damage_floor[o] * d_o+1 going down
     std::vector<float> damage_floor;
+    uint32_t norm_prior = 0;     // n0 > 0: inputs normalised by running statistics (kvq_feature_norm); 0: fixed
 
     // Forward pass identical to kvq_cli.controller.ControllerSpec.logits (f32), then
     // argmax over classes of logit - price * effective bits (price 0: the trained choice).
-    // Both heads' logits are -(damage / lambda) - bits.
-    int decide(const float * feat, float price = 0.0f) const;
+    // Both heads' logits are -(damage / lambda) - bits. With norm_prior > 0, norm holds the
+    // running statistics and takes this row first (started from the prior when empty);
+    // otherwise it is not used and may be null.
+    int decide(const float * feat, float price, kvq_feature_norm * norm) const;
 };
 
 // kvq.controller.* of a GGUF: absent (present = false), malformed (error set) or valid.
@@ -214,6 +234,10 @@ struct llama_kvq_state {
     // rolling rows back undoes their decisions' effect on it exactly.
     int64_t paid_bytes = 0;  // bytes of the decided rows counted in the price
     int64_t paid_rows = 0;   // and their number
+    // LEARNED with norm_prior > 0: the controller's running input statistics over every row it
+    // decided in this context. Not reset when rows are removed (seq_rm, clear): they estimate the
+    // model's feature scales, which a rolled-back row measured as well as a kept one.
+    kvq_feature_norm norm;
     // record_q: every query row the attention saw, per layer ([row][n_head * hd]) with its position
     std::vector<std::vector<float>> qrec;
     std::vector<std::vector<int32_t>> qrec_pos;

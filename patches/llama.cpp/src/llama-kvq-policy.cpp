@@ -265,8 +265,10 @@ static void kvq_features(const llama_kvq_state & s, int il, size_t i, const kvq_
     f[F_RECV] = std::log1p(kvq_received(s, il, i));
 }
 
-// Policy decision in bits for a token (features f, averaged over layers when per token).
-static int kvq_decide(const llama_kvq_state & s, int32_t pos, int il, const float * f, float received) {
+// Policy decision in bits for a token (features f, averaged over layers when per token). Rows are
+// decided in position order, then layer order: the order the controller's running feature
+// statistics (norm_prior > 0) take them in.
+static int kvq_decide(llama_kvq_state & s, int32_t pos, int il, const float * f, float received) {
     switch (s.p.policy) {
         case LLAMA_KVQ_POLICY_STATIC:
             return s.p.static_bits;
@@ -275,7 +277,7 @@ static int kvq_decide(const llama_kvq_state & s, int32_t pos, int il, const floa
             if (received >= s.p.rule_heavy) return 8;
             return s.p.rule_base_bits;
         case LLAMA_KVQ_POLICY_LEARNED:
-            return s.ctrl->decide(f, kvq_price(s));
+            return s.ctrl->decide(f, kvq_price(s), &s.norm);
         case LLAMA_KVQ_POLICY_ASSIGN: {
             const int64_t idx = s.p.per_layer ? (int64_t) pos * s.n_layer + (il < 0 ? 0 : il) : pos;
             return idx < (int64_t) s.assign.size() ? s.assign[idx] : s.p.static_bits;

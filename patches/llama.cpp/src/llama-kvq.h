@@ -46,6 +46,7 @@
 #define LLAMA_KVQ_KEY_K_CENTER     "kvq.controller.k_center"  // optional f32 [n_layer][n_embd_kv]
 #define LLAMA_KVQ_KEY_HEAD         "kvq.controller.head"      // optional string: "logits" (default) or "log_damage"
 #define LLAMA_KVQ_KEY_DAMAGE_FLOOR "kvq.controller.damage_floor" // optional f32 [n_precisions - 1]: damage_o >= floor_o * damage_o+1
+#define LLAMA_KVQ_KEY_NORM_PRIOR   "kvq.controller.norm_prior"   // optional u32 n0 > 0: normalise by running feature statistics (prior: n0 rows)
 #define LLAMA_KVQ_CONTROLLER_VERSION 1
 
 #ifdef __cplusplus
@@ -177,7 +178,9 @@ LLAMA_API int32_t llama_kvq_roundtrip_qar(const struct llama_context * ctx, int3
 // Controller embedded in the model: 1 valid, 0 absent, -1 malformed (llama_kvq_last_error()).
 LLAMA_API int32_t llama_kvq_model_controller(const struct llama_model * model);
 // Run the model's controller on n feature rows (n x LLAMA_KVQ_N_FEATURES, runtime feature
-// order) at price 0. Writes the chosen bits. 0 on success.
+// order) at price 0. Writes the chosen bits. 0 on success. Stateless: with norm_prior > 0 the
+// rows are normalised as a fresh context's decisions in this order would be (running
+// statistics started from the prior); otherwise each row on its own.
 LLAMA_API int32_t llama_kvq_controller_eval(const struct llama_model * model, const float * x, int64_t n, int32_t * bits);
 
 // Debug/reference access: every row held for layer il, dequantized and un-rotated
