@@ -99,6 +99,10 @@ def layer_damage(q: np.ndarray, qpos: np.ndarray, k: np.ndarray, v: np.ndarray, 
     if span == "window":
         later = (qpos[:, None] > kpos[None, :]) & ~later & (qpos[:, None] >= q_from)
     n_later = later.sum(0)
+    # the damage sums run over the queries that count for some key (in the prompt regime the
+    # continuation's only); every query's output enters the layer's mean |o|^2
+    counts = later.any(1)
+    later_c = later[counts]
     dmg = np.zeros((k.shape[0], len(dks) + drop), np.float64)
     out_sq = 0.0
     for g in range(n_head_kv):
@@ -106,12 +110,13 @@ def layer_damage(q: np.ndarray, qpos: np.ndarray, k: np.ndarray, v: np.ndarray, 
         kg, vg = k[:, cols], v[:, cols]
         vv = (vg * vg).sum(1)
         for j in range(group):
-            qh = q[:, g * group + j]
-            a = _attention(qh, kg, causal, scale)
-            o = a @ vg
+            qh_all = q[:, g * group + j]
+            a_all = _attention(qh_all, kg, causal, scale)
+            o_all = a_all @ vg
+            out_sq += (o_all * o_all).sum(1).mean()
+            qh, a, o = qh_all[counts], a_all[counts], o_all[counts]
             oo = (o * o).sum(1)
-            out_sq += oo.mean()
-            a2 = np.where(later, a * a, 0.0)
+            a2 = np.where(later_c, a * a, 0.0)
             vo = o @ vg.T
             for p, (dk, dv) in enumerate(zip(dks, dvs)):
                 dkg, dvg = dk[:, cols], dv[:, cols]
@@ -120,7 +125,7 @@ def layer_damage(q: np.ndarray, qpos: np.ndarray, k: np.ndarray, v: np.ndarray, 
                         + sd * sd * (vv[None, :] - 2 * vo + oo[:, None]))
                 dmg[:, p] += (a2 * term).sum(0)
             if drop:
-                dmg[:, -1] += _drop_damage(qh, kg, vg, causal, later, scale)
+                dmg[:, -1] += _drop_damage(qh_all, kg, vg, causal, later, scale)
     dmg /= np.maximum(n_later, 1)[:, None]
     dmg /= out_sq / n_head
     return dmg, n_later
