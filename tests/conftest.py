@@ -9,13 +9,15 @@ import pytest
 from typer.testing import CliRunner
 
 from kvq_cli.models.registry import embedded_path
+from kvq_cli.train.calibrate import CALIBRATION_TEXT, calibration_text
 
 ROOT = Path(__file__).resolve().parent.parent
 # Evaluation data: passed explicitly (the package never reads ../shared at run time).
 SHARED_DATA = Path(os.environ.get("KVQ_TEST_DATA", ROOT.parent / "shared" / "data"))
-# Prose that ships with the tests (tests/data/README.md): every test that only needs text reads it.
-TEXT_FILE = ROOT / "tests" / "data" / "boolq_passages_sample.txt"
-TEXT = TEXT_FILE.read_text(encoding="utf-8")
+# Prose that ships with kvq (kvq_cli/train/data/README.md): the calibration text, of which every test that
+# only needs text reads the first 113 paragraphs (64 KB)
+TEXT_FILE = CALIBRATION_TEXT
+TEXT = "".join(calibration_text().splitlines(keepends=True)[:113])
 
 
 REAL_MODEL_FIXTURES = {"model_path", "hf_checkpoint", "converted_f16"}

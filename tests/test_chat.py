@@ -1,4 +1,4 @@
-"""`kvq chat` on the real embedded model (stock llama.cpp KV types)."""
+"""`kvq chat` on the real embedded model (the default adaptive cache and stock llama.cpp KV types)."""
 from __future__ import annotations
 
 import re
@@ -14,7 +14,7 @@ from kvq_cli.runtime.kv import parse_kv
 
 from .test_errors import assert_one_line_error
 
-KV_LINE = re.compile(r"KV: (\d+) tokens, ([\d.]+) MiB held \(([\d.]+) MiB allocated\), ([\d.]+) bits/elem")
+KV_LINE = re.compile(r"KV ([\w@.+-]+): (\d+) tokens, ([\d.]+) MiB held \(([\d.]+) MiB allocated\), ([\d.]+) bits/elem")
 
 
 def chat_once(runner, *extra):
@@ -38,8 +38,8 @@ def test_kv_summary_line(runner, kv, bits):
     r = chat_once(runner, "--kv", kv, "--seed", "1")
     assert r.stdout.strip()
     m = KV_LINE.search(r.stderr)
-    assert m, r.stderr
-    tokens, held, alloc, got_bits = int(m[1]), float(m[2]), float(m[3]), float(m[4])
+    assert m and m[1] == kv, r.stderr
+    tokens, held, alloc, got_bits = int(m[2]), float(m[3]), float(m[4]), float(m[5])
     assert got_bits == bits
     # 30 layers x 3 KV heads x 64 dims x (K+V) = 11,520 elements per token.
     assert held == pytest.approx(tokens * 11520 * bits / 8 / 2**20, abs=0.006)
@@ -51,8 +51,8 @@ def test_interactive_multi_turn_and_exit(runner):
     r = runner.invoke(app, ["chat", "--ctx", "512", "--max-tokens", "16", "--seed", "3"],
                       input="Hello!\nAnd again?\n/exit\n")
     assert r.exit_code == 0, r.output
-    assert r.stderr.count("KV: ") == 2
-    tokens = [int(m[1]) for m in KV_LINE.finditer(r.stderr)]
+    assert [m[1] for m in KV_LINE.finditer(r.stderr)] == ["adaptive@3.5"] * 2   # the default policy
+    tokens = [int(m[2]) for m in KV_LINE.finditer(r.stderr)]
     assert tokens[1] > tokens[0]  # the second turn extends the same cache
 
 

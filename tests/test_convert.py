@@ -100,7 +100,7 @@ def test_quantized_outtypes_load_and_generate(runner, hf_checkpoint, tmp_path, o
     import gguf
 
     out = tmp_path / f"m-{outtype}.gguf"
-    r = runner.invoke(app, ["convert", str(hf_checkpoint), "--out", str(out), "--outtype", outtype])
+    r = runner.invoke(app, ["convert", str(hf_checkpoint), "--out", str(out), "--outtype", outtype, "--no-calibrate"])
     assert r.exit_code == 0, r.output
     assert r.stdout.strip() == str(out)
     types = {t.tensor_type.name for t in read_gguf(out).tensors}
@@ -161,8 +161,13 @@ def test_convert_with_controller(runner, hf_checkpoint, tmp_path):
     assert controller_from_reader(read_gguf(out)).budget_bits == 4.0
 
 
-def test_pull_converts_from_hub_cache_then_chat(tmp_path, hf_checkpoint):
-    """`kvq pull` of a hub alias downloads (here: HF's offline cache) and converts; chat then uses it."""
+def test_pull_converts_calibrates_then_chats_adaptive(tmp_path, hf_checkpoint):
+    """End to end: `kvq pull` of an alias kvq ships no controller for downloads (here: HF's offline
+    cache), converts, and calibrates a controller into the GGUF (a reduced size here); chat then runs
+    `--kv adaptive` with that controller."""
+    from kvq_cli.controller.spec import controller_from_reader
+    from kvq_cli.train.calibrate import MIN_TOKENS
+
     from .test_pull import COMMIT, run_kvq
 
     repo = tmp_path / "hub" / "models--HuggingFaceTB--SmolLM2-135M"
@@ -173,16 +178,21 @@ def test_pull_converts_from_hub_cache_then_chat(tmp_path, hf_checkpoint):
     for f in hf_checkpoint.iterdir():
         os.symlink(f, snap / f.name)  # the hub cache itself links snapshots to blobs
     env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"), "KVQ_HOME": str(tmp_path / "home")}
-    r = run_kvq(["pull", "smollm2-135m"], env)
+    r = run_kvq(["pull", "smollm2-135m", "--calib-tokens", str(MIN_TOKENS)], env, timeout=600)
     assert r.returncode == 0, r.stderr
     gguf_path = tmp_path / "home" / "models" / "smollm2-135m-f16.gguf"
     assert r.stdout.strip() == f"smollm2-135m: {gguf_path}"
-    assert gguf_path.is_file()
+    assert "controller embedded in smollm2-135m-f16.gguf" in r.stderr
+    ctrl = controller_from_reader(read_gguf(gguf_path))   # the new controller travels in the GGUF
+    assert ctrl.granularity == "token_layer" and ctrl.budget_bits == 3.5 and ctrl.k_center is not None
+    assert [p for p in gguf_path.parent.iterdir() if p != gguf_path] == []   # no temporary left
     m = run_kvq(["models", "--json"], env)
     status = {row["alias"]: row["status"] for row in json.loads(m.stdout)}
     assert status["smollm2-135m"] == "gguf" and status["smollm2-360m"] == "not downloaded"
-    c = run_kvq(["chat", "smollm2-135m", "-p", "The sea is", "--max-tokens", "8", "--ctx", "128"], env)
+    c = run_kvq(["chat", "smollm2-135m", "--kv", "adaptive", "-p", "The sea is", "--max-tokens", "8",
+                 "--ctx", "128", "--temp", "0"], env)
     assert c.returncode == 0 and c.stdout.strip(), c.stderr
+    assert "generic" not in c.stderr and "KV adaptive:" in c.stderr
     # A model that is neither local nor in the (offline) cache: chat tries to pull, fails in one line.
     c2 = run_kvq(["chat", "smollm2-360m", "-p", "hi"], env)
     assert c2.returncode == 1

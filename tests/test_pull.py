@@ -32,11 +32,11 @@ def make_hub_cache(cache: Path, repo_id: str) -> Path:
     return snap
 
 
-def run_kvq(args, env_extra):
+def run_kvq(args, env_extra, timeout=120):
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
     env.update(env_extra)
     return subprocess.run([sys.executable, "-m", "kvq_cli", *args], capture_output=True,
-                          text=True, env=env, timeout=120)
+                          text=True, env=env, timeout=timeout)
 
 
 def test_pull_from_hub_cache_offline_then_convert_fails_cleanly(tmp_path):

@@ -367,14 +367,6 @@ def test_damage_floor_projects_the_estimates_in_c_as_in_numpy(tiny_model, tmp_pa
         np.testing.assert_array_equal(c_bits, bits)
 
 
-def test_adaptive_without_controller_is_a_clear_error(runner, model_path):
-    with pytest.raises(ControllerError, match="has no kvq controller"):
-        Inspector(model_path, kv=parse_kv("adaptive"), n_ctx=128)
-    # a GGUF given by path gets no shipped controller (kvq ships them per registry alias)
-    r = runner.invoke(app, ["chat", str(model_path), "--kv", "adaptive", "-p", "hi"])
-    assert_one_line_error(r, "has no kvq controller", "kvq embed")
-
-
 @pytest.mark.parametrize("change,needle", [
     ({"kvq.controller.w1": [1.0, 2.0]}, "kvq.controller.w1 has 2 values, expected 3x4"),
     ({"kvq.controller.b2": [0.0, float("nan"), 0.0, 0.0]}, "non-finite"),

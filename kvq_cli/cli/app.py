@@ -50,7 +50,8 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 for _name, _fn in (("models", model_cmds.models_cmd), ("pull", model_cmds.pull_cmd),
                    ("convert", model_cmds.convert_cmd), ("embed", model_cmds.embed_cmd),
                    ("inspect", model_cmds.inspect_cmd), ("chat", run_cmds.chat_cmd),
-                   ("bench", run_cmds.bench_cmd), ("eval", eval_cmds.eval_cmd), ("train", eval_cmds.train_cmd)):
+                   ("bench", run_cmds.bench_cmd), ("eval", eval_cmds.eval_cmd), ("train", eval_cmds.train_cmd),
+                   ("calibrate", eval_cmds.calibrate_cmd)):
     app.command(_name)(handle_errors(_fn))
 
 

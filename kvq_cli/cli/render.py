@@ -103,7 +103,9 @@ def eval_table(records, title: str) -> None:
     t = _table(title, ["task", "kv", "n", "bits", "acc %", "acc_norm %", "Δacc pt", "Δacc_norm pt", "ppl", "KL"],
                left=("task", "kv"))
     for r in records:
-        t.add_row(r.task, r.kv, str(r.n), f"{r.bits_per_elem:.2f}" if r.bits_per_elem is not None else "-",
+        # a policy named NAME@B that held more than B + 0.1 bits after some item (chunk) says so
+        name = f"{r.kv} (held {r.bits_max:.2f})" if r.over_budget else r.kv
+        t.add_row(r.task, name, str(r.n), f"{r.bits_per_elem:.2f}" if r.bits_per_elem is not None else "-",
                   _ci(r.acc, r.acc_ci95), _ci(r.acc_norm, r.acc_norm_ci95),
                   _ci(r.diff_acc, r.diff_acc_ci95), _ci(r.diff_acc_norm, r.diff_acc_norm_ci95),
                   f"{r.ppl:.3f}" if r.ppl is not None else "-", _ci(r.kl, r.kl_ci95, pct=False))

@@ -9,12 +9,13 @@ import typer
 from kvq_cli.cli.options import (CtxOpt, KvBitsOpt, KvCenterOpt, KvOpt, KvWindowBitsOpt, KvWindowOpt, ModelArg,
                                  SeedOpt, ThreadsOpt, progress, stderr_console)
 from kvq_cli.errors import KvqError
+from kvq_cli.runtime.kv import DEFAULT_KV
 
 
 def chat_cmd(
     model: ModelArg = None,
     prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="One-shot: print the reply to this prompt and exit.")] = None,
-    kv: KvOpt = "stock-f16",
+    kv: KvOpt = None,
     kv_bits: KvBitsOpt = None,
     kv_window: KvWindowOpt = None,
     kv_window_bits: KvWindowBitsOpt = None,
@@ -36,9 +37,9 @@ def chat_cmd(
     from kvq_cli.models.registry import get_spec, model_ref, resolve
     from kvq_cli.runtime.chat import ChatSession
     from kvq_cli.runtime.engine import Engine
-    from kvq_cli.runtime.kv import kvq_options, parse_kv_list
+    from kvq_cli.runtime.kv import default_kv, kvq_options, parse_kv_list
 
-    policies = parse_kv_list(kv)
+    policies = parse_kv_list(default_kv(kv, kv_bits))
     if len(policies) != 1:
         raise BadOption(f"chat takes one --kv policy, got {kv}")
     policy = policies[0]
@@ -57,22 +58,30 @@ def chat_cmd(
         resolved = resolve(model)
     err = stderr_console()
     with Engine(model_ref(resolved, [policy], opts), kv=policy, n_ctx=ctx, seed=seed, n_threads=threads, kvq=opts) as engine:
+        note_generic(engine, err)
         session = ChatSession(engine, gen, system=system)
         if prompt is not None:
             for piece in session.reply(prompt):
                 sys.stdout.write(piece)
                 sys.stdout.flush()
             sys.stdout.write("\n")
-            err.print(engine.kv_stats().summary(), style="dim", markup=False)
+            err.print(engine.kv_stats().summary(engine.kv.name), style="dim", markup=False)
             return
         _interactive(session, resolved.name, err)
+
+
+def note_generic(engine, err) -> None:
+    """One line when adaptive runs the generic controller: how to get one for this model."""
+    if engine.kv.kvq == "adaptive" and engine.model.source == "generic":
+        err.print(f"kvq: {engine.path.name} has no controller of its own: adaptive runs the generic one; "
+                  f"`kvq calibrate {engine.path}` learns one for this model", style="dim", markup=False)
 
 
 def _interactive(session, name: str, err) -> None:
     from rich.console import Console
 
     out = Console(highlight=False)
-    err.print(f"kvq chat: {name}, KV {session.engine.kv.name}, ctx {session.engine.n_ctx}. "
+    err.print(f"kvq chat: {name}, KV {session.engine.kv_label}, ctx {session.engine.n_ctx}. "
               "/exit to quit, /reset to forget, Ctrl-C stops a reply.", style="dim")
     while True:
         try:
@@ -102,12 +111,12 @@ def _interactive(session, name: str, err) -> None:
         out.print()
         if session.dropped_turns > dropped:
             err.print("(context full: oldest turns dropped)", style="dim")
-        err.print(session.engine.kv_stats().summary(), style="dim", markup=False)
+        err.print(session.engine.kv_stats().summary(session.engine.kv.name), style="dim", markup=False)
 
 
 def bench_cmd(
     model: ModelArg = None,
-    kv: Annotated[str, typer.Option("--kv", help="Comma-separated policies to compare (see `kvq chat --help`).")] = "stock-f16,f16,q8,q4",
+    kv: Annotated[str, typer.Option("--kv", help="Comma-separated policies to compare (see `kvq chat --help`).")] = f"stock-f16,{DEFAULT_KV}",
     ctx: Annotated[str, typer.Option("--ctx", help="Comma-separated context lengths; each prefills ctx-gen tokens.")] = "512,2048",
     gen: Annotated[int, typer.Option("--gen", help="Tokens to decode after the prefill.")] = 32,
     repeats: Annotated[int, typer.Option("--repeats", help="Interleaved repeats per policy; records keep the median.")] = 3,
@@ -146,9 +155,13 @@ def bench_cmd(
     check_plot(plot_path)
     resolved = resolve(model)
     body, source = load_text(text, data)
+    ref = model_ref(resolved, policies, opts)
+    if ref.source == "generic":
+        stderr_console().print(f"kvq: {resolved.path.name} has no controller of its own: adaptive runs the generic one",
+                               style="dim", markup=False)
     with progress() as bar:
         task = bar.add_task("bench", total=len(policies) * len(ctxs) * repeats)
-        records = bench(model_ref(resolved, policies, opts), policies, ctxs, n_gen=gen, repeats=repeats, text=body,
+        records = bench(ref, policies, ctxs, n_gen=gen, repeats=repeats, text=body,
                         kvq=opts, n_threads=threads, vs=baselines, roofline=roofline, reuse_prefill=reuse_prefill,
                         on_run=lambda name, c: bar.update(task, description=f"{name} @ {c} done", advance=1))
     title = (f"kvq bench: {resolved.path.name}, text {source}, gen {gen}, median of {repeats}, "

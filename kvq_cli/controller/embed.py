@@ -24,11 +24,13 @@ class EmbedResult:
 
 
 def embed(model: str | Path, controller: ControllerSpec, out: str | Path,
-          on_tensor: Callable[[str], None] | None = None) -> EmbedResult:
-    """Write `out`: `model` with `controller` as its kvq.controller.* metadata."""
+          on_tensor: Callable[[str], None] | None = None, *, replace_input: bool = False) -> EmbedResult:
+    """Write `out`: `model` with `controller` as its kvq.controller.* metadata. The file is written
+    next to `out` and renamed over it when complete; with `replace_input`, `out` may be `model` itself
+    (`kvq calibrate`: the renamed copy replaces the model, whose tensors it carries unchanged)."""
     src, dst = Path(model), Path(out)
     reader = read_gguf(src)
-    if dst.exists() and dst.resolve() == src.resolve():
+    if not replace_input and dst.exists() and dst.resolve() == src.resolve():
         raise OutputError("--out must differ from the input: kvq never edits a GGUF in place")
     replaced = any(k.startswith(CONTROLLER_PREFIX) for k in reader.fields)
     items = controller.validate().check_model(model_dims(reader)[1], src.name).gguf_items()

@@ -331,12 +331,6 @@ def running_normalize(x, mean, std, n0: int):
     return z.reshape(x.shape)
 
 
-def default_controller_path(alias: str) -> Path | None:
-    """The controller shipped in kvq_cli/controller/shipped/ for a registry alias, if any."""
-    p = Path(__file__).parent / "shipped" / f"{alias}.json"
-    return p if p.is_file() else None
-
-
 def load_controller(path: str | os.PathLike) -> ControllerSpec:
     """Read and validate a controller JSON file."""
     p = Path(path)

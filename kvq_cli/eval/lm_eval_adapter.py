@@ -8,7 +8,9 @@ lm-eval has no plugin entry point for models, so this module registers the model
 
 From Python: `lm_eval.simple_evaluate(model=KvqLM(kv="q4"), tasks=[...])`.
 model_args: model (registry alias, hub id or .gguf path; default the embedded model),
-kv (any `--kv` policy), kv_bits, kv_window, ctx (context tokens), threads.
+kv (any `--kv` policy; default adaptive@3.5, its controller found as `kvq chat` finds it), kv_bits,
+kv_window (default 0: lm-eval's items are short, and a window would hold most of their rows at
+its bits, above the policy's budget), ctx (context tokens), threads.
 Needs the optional extra: pip install 'kvq-cli[lm-eval]'.
 """
 from __future__ import annotations
@@ -20,7 +22,7 @@ from lm_eval.api.registry import register_model
 
 from kvq_cli.eval.scoring import Scorer
 from kvq_cli.runtime.engine import Engine
-from kvq_cli.runtime.kv import KvqOptions, parse_kv, require_online
+from kvq_cli.runtime.kv import DEFAULT_KV, KvqOptions, parse_kv, require_online
 
 
 def _opt(value, cast):
@@ -31,7 +33,7 @@ def _opt(value, cast):
 class KvqLM(LM):
     """lm-eval LM over one kvq engine (batch size 1; a context is prefilled once per item)."""
 
-    def __init__(self, model: str | None = None, kv: str = "f16", kv_bits=None, kv_window=None,
+    def __init__(self, model: str | None = None, kv: str = DEFAULT_KV, kv_bits=None, kv_window=0,
                  ctx: int = 2048, threads=None, **kwargs):
         super().__init__()
         from kvq_cli.models.registry import model_ref, resolve

@@ -241,7 +241,9 @@ class EvalRecord:
     kv_window_bits: int | None = None  # 8: window rows in q8_0; None: f16 rows (or no window)
     n: int = 0                   # items scored (multiple choice) or tokens scored (wikitext2)
     complete: bool = False
-    bits_per_elem: float | None = None
+    bits_per_elem: float | None = None   # held at the end of each item (chunk), averaged
+    bits_max: float | None = None        # ... and the most held at the end of any item (chunk)
+    over_budget: bool | None = None      # bits_max above the policy's budget + BUDGET_SLACK (None: no budget)
     ref: str | None = None       # policy the diff_* and kl fields compare against
     seconds: float = 0.0
     acc: float | None = None
@@ -311,6 +313,16 @@ class EvalConfig:
             raise BadOption(f"--ending-ubatch must be >= 1, got {self.ending_ubatch}")
 
 
+    def kvq_for(self, task: str) -> KvqOptions:
+        """The kvq options of a task's engines. Multiple choice defaults to W = 0: its items are
+        shorter than a window, which would keep most rows at the window's bits and hold a policy
+        named POLICY@B far above B bits; every row is then decided right after the prefill (the
+        prompt regime the controller is trained for). --kv-window sets W for every task."""
+        if task in MC_TASKS and self.kvq.window is None:
+            return replace(self.kvq, window=0)
+        return self.kvq
+
+
 Progress = Callable[[str, int, int], None]
 
 
@@ -337,10 +349,11 @@ class EvalRun:
         for task in cfg.tasks:
             for p in cfg.policies:
                 ctx = cfg.ppl_ctx if task == "wikitext2" else cfg.n_ctx
+                kvq = cfg.kvq_for(task)
                 r = EvalRecord(task=task, kv=p.name, split=cfg.split, model=cfg.model.name, ctx=ctx,
-                               kv_bits=cfg.kvq.budget_for(p),
-                               kv_window=None if p.is_stock else cfg.kvq.window_for(p, ctx), ref=cfg.ref,
-                               kv_window_bits=window_bits_key(cfg.kvq, p),
+                               kv_bits=kvq.budget_for(p),
+                               kv_window=None if p.is_stock else kvq.window_for(p, ctx), ref=cfg.ref,
+                               kv_window_bits=window_bits_key(kvq, p),
                                ending_ubatch=None if task == "wikitext2" else cfg.ending_ubatch,
                                k_center=True if centered and not p.is_stock and cfg.kvq.k_center_for(p) else None)
                 self.records.append(old.get(r.key, r))
@@ -351,11 +364,12 @@ class EvalRun:
 
     def _engines(self, n_ctx: int, *, ppl: bool = False) -> list[Engine]:
         engines: list[Engine] = []
+        kvq = self.cfg.kvq_for("wikitext2" if ppl else MC_TASKS[0])
         try:
             for p in self.cfg.policies:
-                windowed = ppl and not p.is_stock and self.cfg.kvq.window_for(p) > 0
+                windowed = ppl and not p.is_stock and kvq.window_for(p) > 0
                 ubatch = self.cfg.ppl_window_ubatch if windowed else 512
-                opts = self.cfg.kvq
+                opts = kvq
                 if p.kvq == "assign":
                     if opts.budget_for(p) is None:
                         raise BadOption(f"--kv {p.name} needs a budget: oracle@BITS or --kv-bits")
@@ -513,12 +527,21 @@ def _bits(s: str) -> np.ndarray:
     return np.frombuffer(s.encode("ascii"), dtype=np.uint8).astype(np.float64) - ord("0")
 
 
+# what a run named POLICY@B may hold above B at the end of an item or chunk before its record says it was over
+BUDGET_SLACK = 0.1
+
+
+def _held(r: EvalRecord, bits: np.ndarray) -> None:
+    r.bits_per_elem, r.bits_max = float(bits.mean()), float(bits.max())
+    r.over_budget = None if r.kv_bits is None else r.bits_max > r.kv_bits + BUDGET_SLACK
+
+
 def _finalize_mc(r: EvalRecord, ref: EvalRecord | None, seed: int) -> None:
     n = len(r.state.get("correct", ""))
     if n == 0:
         return
     r.n = n
-    r.bits_per_elem = float(np.mean(r.state["bits"]))
+    _held(r, np.asarray(r.state["bits"], np.float64))
     for name in ("acc", "acc_norm"):
         x = _bits(r.state["correct" if name == "acc" else "correct_norm"])
         setattr(r, name, float(x.mean()))
@@ -544,7 +567,7 @@ def _finalize_ppl(r: EvalRecord, ref: EvalRecord | None, seed: int) -> None:
         return
     n_scored = ch[:, 3].sum()
     r.n = int(n_scored)
-    r.bits_per_elem = float(ch[:, 4].mean())
+    _held(r, ch[:, 4])
     r.ppl = math.exp(ch[:, 0].sum() / n_scored)
     ci = bootstrap_ci(ch[:, 0] / ch[:, 3], seed=seed)
     r.ppl_ci95 = [math.exp(v) for v in ci] if ci else None

@@ -278,24 +278,27 @@ def convert(model_dir: str | Path, out: str | Path, *, outtype: str = "f16",
 
 def resolve_controller(spec_arg: str | None, alias: str | None) -> ControllerSpec | None:
     """`--controller` value: a controller JSON path, or 'default' for the model's shipped one."""
-    from kvq_cli.controller.spec import default_controller_path, load_controller
+    from kvq_cli.controller.catalog import shipped_path
+    from kvq_cli.controller.spec import load_controller
     from kvq_cli.errors import ControllerError
 
     if spec_arg is None:
         return None
     if spec_arg == "default":
-        path = default_controller_path(alias) if alias else None
+        path = shipped_path(alias)
         if path is None:
             raise ControllerError(f"no default controller ships for {alias or 'this checkpoint'}",
-                                  hint="pass a controller file (kvq train --out FILE)")
+                                  hint="omit --controller: kvq convert calibrates one for the model")
         return load_controller(path)
     return load_controller(spec_arg)
 
 
 def pull_and_convert(spec, *, outtype: str = "f16", revision: str | None = None,
                      progress=None, on_tensor=None):
-    """`kvq pull`: download a hub checkpoint, convert it to the models dir, embed the default controller."""
-    from kvq_cli.controller.spec import default_controller_path, load_controller
+    """`kvq pull`: download a hub checkpoint and convert it to the models dir, with the controller kvq
+    ships for the model embedded (None when it ships none: the caller calibrates one)."""
+    from kvq_cli.controller.catalog import shipped_path
+    from kvq_cli.controller.spec import load_controller
     from kvq_cli.models.hub import pull
     from kvq_cli.models.registry import converted_path
 
@@ -304,7 +307,7 @@ def pull_and_convert(spec, *, outtype: str = "f16", revision: str | None = None,
         return result, None
     out = converted_path(spec.alias, outtype)
     out.parent.mkdir(parents=True, exist_ok=True)
-    ctrl_path = default_controller_path(spec.alias)
+    ctrl_path = shipped_path(spec.alias)
     ctrl = load_controller(ctrl_path) if ctrl_path else None
     conv = convert(result.local_dir, out, outtype=outtype, controller=ctrl, on_tensor=on_tensor)
     result.gguf = conv.out

@@ -111,22 +111,20 @@ def resolve(name: str | None) -> ResolvedModel:
 def model_ref(resolved: ResolvedModel, policies, opts=None):
     """The GGUF to load for these policies, and the controller to run it with (runtime.engine.ModelRef).
 
-    `--kv adaptive` needs a controller, and rule and oracle policies use its K centering
-    (kvq.controller.k_center), so that every mixed-precision cache of a run stores the same rows.
-    When the GGUF has none and kvq ships one for the model's alias
-    (kvq_cli/controller/shipped/ALIAS.json), the runtime is given that one; nothing is written.
+    `--kv adaptive` needs a controller: controller.catalog.find_controller picks the GGUF's own, else
+    the one kvq ships for the model's alias, else the generic one. Rule and oracle policies use a
+    controller's K centering (kvq.controller.k_center), so that every mixed-precision cache of a run
+    stores the same rows: they get the embedded or shipped controller (the generic one has none).
     Static caches use the centering only when asked (`opts.k_center`, `--kv-center on`); stock
-    caches read neither.
+    caches read neither. Nothing is written.
     """
-    from kvq_cli.controller.spec import default_controller_path
-    from kvq_cli.gguf.read import metadata_keys
     from kvq_cli.runtime.engine import ModelRef
 
-    needs = any(getattr(p, "kvq", None) in ("adaptive", "rule", "assign")
-                or (getattr(p, "kvq", None) and opts is not None and opts.k_center) for p in policies)
-    if resolved.spec is None or not needs:
+    kinds = {getattr(p, "kvq", None) for p in policies}
+    needs = bool(kinds & {"adaptive", "rule", "assign"}) or (any(kinds - {None}) and opts is not None and opts.k_center)
+    if not needs:
         return ModelRef(resolved.path)
-    shipped = default_controller_path(resolved.spec.alias)
-    if shipped is None or any(k.startswith("kvq.controller.") for k in metadata_keys(resolved.path)):
+    ref = ModelRef.with_controller(resolved.path, resolved.spec.alias if resolved.spec else None)
+    if ref.source == "generic" and "adaptive" not in kinds:
         return ModelRef(resolved.path)
-    return ModelRef(resolved.path, shipped)
+    return ref

@@ -31,9 +31,9 @@ class KvStats:
     policy_ms: float = 0.0
     attn_ms: float = 0.0
 
-    def summary(self) -> str:
-        """One line for stderr after a reply."""
-        line = (f"KV: {self.tokens} tokens, {self.bytes_held / MIB:.2f} MiB held "
+    def summary(self, policy: str = "") -> str:
+        """One line for stderr after a reply (naming the policy when given)."""
+        line = (f"KV{' ' + policy if policy else ''}: {self.tokens} tokens, {self.bytes_held / MIB:.2f} MiB held "
                 f"({self.bytes_allocated / MIB:.1f} MiB allocated), "
                 f"{self.bits_per_elem:.2f} bits/elem")
         if self.rows:
@@ -46,10 +46,20 @@ class KvStats:
 @dataclass(frozen=True)
 class ModelRef:
     """A GGUF and the controller it runs with: its own embedded one (controller None), or a controller
-    file kvq supplies for it (a shipped JSON), which the runtime reads instead of the GGUF's metadata."""
+    file kvq supplies for it (a shipped JSON), which the runtime reads instead of the GGUF's metadata.
+    `source` says which (controller.catalog: embedded, shipped or generic)."""
 
     path: Path
     controller: Path | None = None
+    source: str = "embedded"
+
+    @classmethod
+    def with_controller(cls, path: "str | os.PathLike", alias: str | None = None) -> "ModelRef":
+        """The GGUF with the controller controller.catalog.find_controller picks for it."""
+        from kvq_cli.controller.catalog import find_controller
+
+        src = find_controller(path, alias)
+        return cls(Path(path), src.path, src.kind)
 
     @property
     def name(self) -> str:
@@ -129,6 +139,8 @@ class Engine:
         self.model = as_model_ref(model)
         model_path = self.model.path
         check_gguf(model_path)   # missing file, not GGUF: one clear line before llama.cpp runs
+        if kv.kvq == "adaptive" and self.model.controller is None:
+            self.model = ModelRef.with_controller(model_path)   # embedded, else the generic controller
         self.path = Path(model_path)
         self.kv = kv
         self.kvq_opts = kvq or KvqOptions()
@@ -220,7 +232,7 @@ class Engine:
             state = 1 if self.controller is not None else lib.llama_kvq_model_controller(self.llm.model)
             if state == 0:
                 raise ControllerError(f"{self.path.name} has no kvq controller, needed by --kv adaptive",
-                                      hint="embed one with `kvq embed MODEL.gguf CONTROLLER --out FILE`")
+                                      hint=f"`kvq calibrate {self.path}` learns one for it")
             if state < 0:
                 raise ControllerError(lib.last_error())
         elif kv.kvq == "assign":
@@ -242,6 +254,16 @@ class Engine:
     @property
     def kvq_enabled(self) -> bool:
         return self._lib is not None
+
+    @property
+    def kv_label(self) -> str:
+        """The policy as banners name it, with its controller's source for adaptive: 'adaptive@3.5
+        (controller: shipped for smollm2-135m-instruct)'."""
+        if self.kv.kvq != "adaptive":
+            return self.kv.name
+        from kvq_cli.controller.catalog import ControllerSource
+
+        return f"{self.kv.name} (controller: {ControllerSource(self.model.source, self.model.controller).describe()})"
 
     # -- lifetime -------------------------------------------------------------------
     def close(self) -> None:

@@ -54,6 +54,9 @@ KVQ_POLICIES: dict[str, KvPolicy] = {
     "oracle+drop": KvPolicy("oracle+drop", kvq="assign", precisions=(0, 2, 4, 8, 16)),
 }
 EVAL_ONLY = ("oracle", "oracle+k4v2", "oracle+drop")
+# what chat, bench and serve run without --kv: the adaptive cache at this budget (bits/element)
+DEFAULT_BUDGET = 3.5
+DEFAULT_KV = f"adaptive@{DEFAULT_BUDGET:g}"
 ALL_POLICIES = {**KVQ_POLICIES, **STOCK_POLICIES}
 KV_CHOICES = list(ALL_POLICIES)
 
@@ -80,6 +83,13 @@ def parse_kv(value: str) -> KvPolicy:
         raise BadOption(f"--kv {value}: @BITS takes a number of bits per element, e.g. {name}@3") from None
     check_budget(budget, f"--kv {value}")
     return replace(policy, name=f"{name}@{budget:g}", budget_bits=budget)
+
+
+def default_kv(kv: str | None, kv_bits: float | None = None) -> str:
+    """A `--kv` value, or the default when none was given: adaptive at --kv-bits, else at DEFAULT_BUDGET."""
+    if kv is not None:
+        return kv
+    return "adaptive" if kv_bits is not None else DEFAULT_KV
 
 
 def require_online(policies: list[KvPolicy]) -> None:

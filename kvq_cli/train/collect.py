@@ -51,14 +51,15 @@ def calibration_chunks(engine: Inspector, text: str, chunk_len: int, n_chunks: i
     return [[bos] + toks[i * per:(i + 1) * per] for i in range(n)]
 
 
-def k_center_of(model: str | Path, chunks: list[list[int]], n_threads: int | None = None) -> np.ndarray:
+def k_center_of(model: str | Path, chunks: list[list[int]], n_threads: int | None = None,
+                on_chunk: Callable[[int, int], None] | None = None) -> np.ndarray:
     """K centering [n_layer, n_embd_kv]: the mean post-RoPE K of each layer over the chunks'
     positions >= 1 (position 0, the attention sink, is far from every other row and would pull the mean)."""
     n_ctx = max(len(c) for c in chunks)
     total, n = None, 0
     with Inspector(model, kv=KvPolicy("f16", kvq="static"), n_ctx=n_ctx, n_batch=n_ctx, n_threads=n_threads,
                 kvq=KvqOptions(window=0, k_center=False)) as e:
-        for chunk in chunks:
+        for ci, chunk in enumerate(chunks):
             e.decode(chunk, 0)
             sums = []
             for il in range(e.dims.n_layer):
@@ -66,6 +67,8 @@ def k_center_of(model: str | Path, chunks: list[list[int]], n_threads: int | Non
                 sums.append(k[kpos >= 1].sum(0, dtype=np.float64))
             total = np.stack(sums) if total is None else total + np.stack(sums)
             n += int((kpos >= 1).sum())
+            if on_chunk:
+                on_chunk(ci + 1, len(chunks))
     return (total / max(n, 1)).astype(np.float32)
 
 
@@ -203,10 +206,11 @@ def merge_regimes(dec: Collected, pro: Collected, val_dec: int, val_pro: int) ->
 
 def calibration_data(model: str | Path, text: str, *, regime: str, cache: Path | None, n_chunks: int, n_prompts: int,
                      chunk_len: int, window: int, n_threads: int | None = None,
-                     on_chunk: Callable[[int, int], None] | None = None,
+                     on_chunk: Callable[[str, int, int], None] | None = None,
                      k_center: bool = True, precisions: tuple[int, ...] = PRECISIONS,
                      v_weight: float = 1.0) -> tuple[Collected, int]:
     """The training rows of a regime (decode, prompt or both) and how many chunks are held out.
+    on_chunk(stage, i, n) reports each pass: "k_center", then "decode" and/or "prompt".
 
     With k_center, K is centered by its mean per layer over the decode chunks (k_center_of) in
     every pass, and the rows carry that centering (Collected.k_center, saved with the controller).
@@ -216,14 +220,17 @@ def calibration_data(model: str | Path, text: str, *, regime: str, cache: Path |
     center = None
     if k_center:
         with Inspector(model, kv=KvPolicy("f16", kvq="static"), n_ctx=chunk_len) as tok:
-            center = k_center_of(model, calibration_chunks(tok, text, chunk_len, n_chunks), n_threads)
+            chunks = calibration_chunks(tok, text, chunk_len, n_chunks)
+        center = k_center_of(model, chunks, n_threads,
+                             on_chunk=(lambda i, n: on_chunk("k_center", i, n)) if on_chunk else None)
     parts = ("decode", "prompt") if regime == "both" else (regime,)
     held = {"decode": 2, "prompt": max(2, int(n_prompts * PROMPT_HELD_OUT))}
     got = {}
     for r in parts:
         where = cache.with_name(f"{cache.stem}.{r}.npz") if cache is not None and regime == "both" else cache
         got[r] = collect_cached(model, text, cache=where, n_chunks=n_chunks if r == "decode" else n_prompts,
-                                chunk_len=chunk_len, window=window, regime=r, n_threads=n_threads, on_chunk=on_chunk,
+                                chunk_len=chunk_len, window=window, regime=r, n_threads=n_threads,
+                                on_chunk=(lambda i, n, r=r: on_chunk(r, i, n)) if on_chunk else None,
                                 k_center=center, precisions=precisions, v_weight=v_weight)
     if regime == "both":
         return merge_regimes(got["decode"], got["prompt"], held["decode"], held["prompt"])

@@ -29,6 +29,9 @@ class TrainConfig:
     k_center: bool = True
     v_weight: float = V_WEIGHT
     damage_floor: float = DAMAGE_FLOOR_PERCENTILE
+    # > 0: the controller normalises its features at run time, with a prior of this many rows
+    # (ControllerSpec.norm_prior): the generic controller, trained without K centering
+    norm_prior: int = 0
 
     def __post_init__(self) -> None:
         if self.granularity not in GRANULARITIES:
@@ -43,6 +46,8 @@ class TrainConfig:
             raise BadOption(f"--damage-floor must be a percentile in [0, 50), got {self.damage_floor:g}")
         if self.chunks < 3 or self.prompts < 20 or self.chunk_len < 4 * self.window + 64 or self.window < 1:
             raise BadOption("need --chunks >= 3, --prompts >= 20, --window >= 1 and --chunk-len >= 4 * window + 64")
+        if self.norm_prior < 0 or (self.norm_prior and self.k_center):
+            raise BadOption("norm_prior must be >= 0, and a controller normalised at run time carries no K centering")
         if self.hidden < 1 or self.epochs < 1:
             raise BadOption(f"--hidden and --epochs must be >= 1, got {self.hidden} and {self.epochs}")
 
@@ -55,9 +60,10 @@ def read_calibration(path: str | Path) -> str:
 
 
 def train_controller(model: str | Path, text: str, cfg: TrainConfig, *, calib_name: str = "", cache: Path | None = None,
-                     n_threads: int | None = None, on_chunk: Callable[[int, int], None] | None = None,
+                     n_threads: int | None = None, on_chunk: Callable[[str, int, int], None] | None = None,
                      on_epoch: Callable[[int, int, float], None] | None = None) -> tuple[ControllerSpec, FitReport]:
-    """Collect the oracle's calibration rows on `text` and fit a controller; its `extra` records the recipe."""
+    """Collect the oracle's calibration rows on `text` and fit a controller; its `extra` records the recipe.
+    on_chunk(stage, i, n) reports the oracle passes (collect.calibration_data), on_epoch(e, n, loss) the fit."""
     data, n_held = calibration_data(model, text, regime=cfg.regime, cache=cache, n_chunks=cfg.chunks,
                                     n_prompts=cfg.prompts, chunk_len=cfg.chunk_len, window=cfg.window,
                                     n_threads=n_threads, on_chunk=on_chunk, k_center=cfg.k_center,
@@ -65,6 +71,8 @@ def train_controller(model: str | Path, text: str, cfg: TrainConfig, *, calib_na
     spec, report = train(data, budget=cfg.budget, per_layer=cfg.granularity == "token_layer", hidden=cfg.hidden,
                          seed=cfg.seed, epochs=cfg.epochs, val_chunks=n_held, floor_percentile=cfg.damage_floor,
                          on_epoch=on_epoch)
+    if cfg.norm_prior:
+        spec.norm_prior = cfg.norm_prior
     spec.extra.update({"calib": calib_name, "regime": cfg.regime, "v_weight": cfg.v_weight,
                        **({} if cfg.regime == "prompt" else {"chunks": cfg.chunks, "chunk_len": cfg.chunk_len,
                                                              "window": cfg.window}),
