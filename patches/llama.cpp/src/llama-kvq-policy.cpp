@@ -25,15 +25,48 @@ static void kvq_forget_token(llama_kvq_state & s, int32_t pos) {
 // LEARNED with a budget: the price per effective bit (0 otherwise). The target is the bits per
 // decided row that put the whole cache (the window included) at budget_bits when the context
 // is full, as the cap counts; the price follows the overspend of the decided rows against it.
+static double kvq_eff_bits(const llama_kvq_state & s, int q) {
+    return 8.0 * (double) s.c_row[q] / (2.0 * s.n_embd_kv);
+}
+
+static double kvq_target_bits(const llama_kvq_state & s) {
+    const int64_t w = std::min<int64_t>(s.p.window, s.n_ctx - 1);
+    const double t_dec = ((double) s.p.budget_bits * s.n_ctx - kvq_eff_bits(s, LLAMA_KVQ_WINDOW) * w) / (double) (s.n_ctx - w);
+    return std::min(std::max(t_dec, kvq_eff_bits(s, s.min_pool)), kvq_eff_bits(s, LLAMA_KVQ_F16));
+}
+
 static float kvq_price(const llama_kvq_state & s) {
     if (s.p.policy != LLAMA_KVQ_POLICY_LEARNED || s.p.budget_bits <= 0.0f) return 0.0f;
-    const double row_elems = 2.0 * s.n_embd_kv;
-    auto eff_bits = [&](int q) { return 8.0 * (double) s.c_row[q] / row_elems; };
-    const int64_t w = std::min<int64_t>(s.p.window, s.n_ctx - 1);
-    double t_dec = ((double) s.p.budget_bits * s.n_ctx - eff_bits(LLAMA_KVQ_WINDOW) * w) / (double) (s.n_ctx - w);
-    t_dec = std::min(std::max(t_dec, eff_bits(s.min_pool)), eff_bits(LLAMA_KVQ_F16));
-    return (float) (s.p.price_step * (8.0 * (double) s.paid_bytes / row_elems - (double) s.paid_rows * t_dec));
+    return (float) (s.p.price_step * (8.0 * (double) s.paid_bytes / (2.0 * s.n_embd_kv) - (double) s.paid_rows * kvq_target_bits(s)));
 }
+
+// LEARNED with a budget and W = 0 (multiple choice, scoring): every row of a prompt is decided in
+// the ubatch that brought it, so the rows one ubatch decides must hold the budget on their own,
+// or a short item would end above it while the price learns. A row keeps its choice while the
+// ubatch's rows not yet decided can still fit at the lowest precision; otherwise it is lowered
+// one class at a time. The ubatch then ends at most KVQ_BATCH_SLACK bits above the target.
+// (With a window, decisions spread over many ubatches and the price alone steers them.)
+static const double KVQ_BATCH_SLACK = 0.05;
+
+struct kvq_batch_cap {
+    bool on = false;
+    double cap = 0.0, spent = 0.0; // bits x rows the ubatch may spend, has spent
+    int64_t left = 0;              // rows of the ubatch not yet decided
+
+    int fit(const llama_kvq_state & s, int bits, int rows) {
+        if (!on) return bits;
+        const double low = kvq_eff_bits(s, s.min_pool);
+        left -= rows;
+        while (bits > KVQ_BITS[s.min_pool] && kvq_pool_of_bits(bits) >= 0 &&
+               spent + rows * kvq_eff_bits(s, kvq_pool_of_bits(bits)) + left * low > cap) {
+            bits = bits > 8 ? 8 : bits > 4 ? 4 : KVQ_BITS[s.min_pool];
+        }
+        return bits;
+    }
+    void pay(const llama_kvq_state & s, int q, int rows) {
+        if (on) spent += rows * kvq_eff_bits(s, q);
+    }
+};
 
 bool llama_kvq_before_ubatch(llama_context & ctx, const llama_ubatch & ub) {
     llama_kvq_state * s = ctx.kvq.get();
@@ -312,6 +345,13 @@ void llama_kvq_after_ubatch(llama_context & ctx, const llama_ubatch & ub) {
     };
     std::vector<int> target(s->n_layer);
     float f[LLAMA_KVQ_N_FEATURES] = {}, facc[LLAMA_KVQ_N_FEATURES] = {};
+    kvq_batch_cap bc;
+    if (s->p.policy == LLAMA_KVQ_POLICY_LEARNED && s->p.budget_bits > 0.0f && s->p.window == 0) {
+        const int64_t rows = (int64_t) leaving.size() * s->n_layer;
+        bc.on = true;
+        bc.left = rows;
+        bc.cap = (kvq_target_bits(*s) + KVQ_BATCH_SLACK) * (double) rows;
+    }
     for (const auto & lr : leaving) {
         const int32_t pos = lr.first;
         const size_t i = lr.second;
@@ -320,10 +360,11 @@ void llama_kvq_after_ubatch(llama_context & ctx, const llama_ubatch & ub) {
             for (int il = 0; il < s->n_layer; ++il) {
                 if (full_feat) kvq_features(*s, il, i, s->exit_rows[il], f);
                 const float recv = s->need_feat ? kvq_received(*s, il, i) : 1.0f;
-                const int bits = kvq_decide(*s, pos, il, f, recv);
+                const int bits = bc.fit(*s, kvq_decide(*s, pos, il, f, recv), 1);
                 const int q = kvq_fit_pool(*s, kvq_pool_of_bits(bits), LLAMA_KVQ_WINDOW, 1);
                 target[il] = q;
                 pay(q, 1);
+                bc.pay(*s, q, 1);
                 s->held += s->c_row[q] - s->c_row[LLAMA_KVQ_WINDOW];
                 s->win_rows--;
                 if (s->p.trace) {
@@ -346,10 +387,11 @@ void llama_kvq_after_ubatch(llama_context & ctx, const llama_ubatch & ub) {
                 for (int j = 0; j < LLAMA_KVQ_N_FEATURES; ++j) facc[j] /= s->n_layer;
                 recv /= s->n_layer;
             }
-            const int bits = kvq_decide(*s, pos, -1, facc, recv);
+            const int bits = bc.fit(*s, kvq_decide(*s, pos, -1, facc, recv), s->n_layer);
             const int q = kvq_fit_pool(*s, kvq_pool_of_bits(bits), LLAMA_KVQ_WINDOW, s->n_layer);
             std::fill(target.begin(), target.end(), q);
             pay(q, s->n_layer);
+            bc.pay(*s, q, s->n_layer);
             s->held += s->n_layer * (s->c_row[q] - s->c_row[LLAMA_KVQ_WINDOW]);
             s->win_rows -= s->n_layer;
             if (s->p.trace) {
