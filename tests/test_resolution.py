@@ -40,7 +40,7 @@ def test_catalog_order(tiny_model, tiny_embedded, model_path):
     assert model_ref(resolve(None), [adaptive]).source == "shipped"
     assert model_ref(resolve(str(tiny_model)), [adaptive]) == ModelRef(tiny_model, GENERIC, "generic")
     assert model_ref(resolve(str(tiny_model)), [rule]) == ModelRef(tiny_model)
-    assert model_ref(resolve(str(tiny_embedded)), [adaptive]) == ModelRef(tiny_embedded)
+    assert model_ref(resolve(str(tiny_embedded)), [adaptive]) == ModelRef(tiny_embedded, None, "embedded")
 
 
 def test_python_api(tiny_model, tiny_embedded):

@@ -58,7 +58,7 @@ def chat_cmd(
         resolved = resolve(model)
     err = stderr_console()
     with Engine(model_ref(resolved, [policy], opts), kv=policy, n_ctx=ctx, seed=seed, n_threads=threads, kvq=opts) as engine:
-        note_generic(engine, err)
+        note_generic(engine.model, err)
         session = ChatSession(engine, gen, system=system)
         if prompt is not None:
             for piece in session.reply(prompt):
@@ -70,11 +70,12 @@ def chat_cmd(
         _interactive(session, resolved.name, err)
 
 
-def note_generic(engine, err) -> None:
-    """One line when adaptive runs the generic controller: how to get one for this model."""
-    if engine.kv.kvq == "adaptive" and engine.model.source == "generic":
-        err.print(f"kvq: {engine.path.name} has no controller of its own: adaptive runs the generic one; "
-                  f"`kvq calibrate {engine.path}` learns one for this model", style="dim", markup=False)
+def note_generic(ref, err) -> None:
+    """One line when adaptive runs the generic controller (ref: runtime.engine.ModelRef): how to get one
+    for this model."""
+    if ref.source == "generic":
+        err.print(f"kvq: {ref.path.name} has no controller of its own: adaptive runs the generic one; "
+                  f"`kvq calibrate {ref.path}` learns one for this model", style="dim", markup=False)
 
 
 def _interactive(session, name: str, err) -> None:
@@ -156,9 +157,7 @@ def bench_cmd(
     resolved = resolve(model)
     body, source = load_text(text, data)
     ref = model_ref(resolved, policies, opts)
-    if ref.source == "generic":
-        stderr_console().print(f"kvq: {resolved.path.name} has no controller of its own: adaptive runs the generic one",
-                               style="dim", markup=False)
+    note_generic(ref, stderr_console())
     with progress() as bar:
         task = bar.add_task("bench", total=len(policies) * len(ctxs) * repeats)
         records = bench(ref, policies, ctxs, n_gen=gen, repeats=repeats, text=body,

@@ -23,7 +23,6 @@ from kvq_cli.gguf.keys import Controller as K
 
 SHIPPED_DIR = Path(__file__).parent / "shipped"
 GENERIC = SHIPPED_DIR / "generic.json"
-SOURCES = ("embedded", "shipped", "generic", "none")
 
 
 @dataclass(frozen=True)

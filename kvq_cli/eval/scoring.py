@@ -313,12 +313,12 @@ class EvalConfig:
             raise BadOption(f"--ending-ubatch must be >= 1, got {self.ending_ubatch}")
 
 
-    def kvq_for(self, task: str) -> KvqOptions:
-        """The kvq options of a task's engines. Multiple choice defaults to W = 0: its items are
+    def kvq_for(self, multiple_choice: bool) -> KvqOptions:
+        """The kvq options of the multiple-choice or the wikitext-2 engines. Multiple choice defaults to W = 0: its items are
         shorter than a window, which would keep most rows at the window's bits and hold a policy
         named POLICY@B far above B bits; every row is then decided right after the prefill (the
         prompt regime the controller is trained for). --kv-window sets W for every task."""
-        if task in MC_TASKS and self.kvq.window is None:
+        if multiple_choice and self.kvq.window is None:
             return replace(self.kvq, window=0)
         return self.kvq
 
@@ -349,7 +349,7 @@ class EvalRun:
         for task in cfg.tasks:
             for p in cfg.policies:
                 ctx = cfg.ppl_ctx if task == "wikitext2" else cfg.n_ctx
-                kvq = cfg.kvq_for(task)
+                kvq = cfg.kvq_for(task in MC_TASKS)
                 r = EvalRecord(task=task, kv=p.name, split=cfg.split, model=cfg.model.name, ctx=ctx,
                                kv_bits=kvq.budget_for(p),
                                kv_window=None if p.is_stock else kvq.window_for(p, ctx), ref=cfg.ref,
@@ -364,7 +364,7 @@ class EvalRun:
 
     def _engines(self, n_ctx: int, *, ppl: bool = False) -> list[Engine]:
         engines: list[Engine] = []
-        kvq = self.cfg.kvq_for("wikitext2" if ppl else MC_TASKS[0])
+        kvq = self.cfg.kvq_for(not ppl)
         try:
             for p in self.cfg.policies:
                 windowed = ppl and not p.is_stock and kvq.window_for(p) > 0

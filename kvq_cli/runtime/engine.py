@@ -47,11 +47,12 @@ class KvStats:
 class ModelRef:
     """A GGUF and the controller it runs with: its own embedded one (controller None), or a controller
     file kvq supplies for it (a shipped JSON), which the runtime reads instead of the GGUF's metadata.
-    `source` says which (controller.catalog: embedded, shipped or generic)."""
+    `source` says which (controller.catalog: embedded, shipped, generic or none); None: not looked up
+    (the GGUF's own controller, if any; an adaptive Engine looks it up)."""
 
     path: Path
     controller: Path | None = None
-    source: str = "embedded"
+    source: str | None = None
 
     @classmethod
     def with_controller(cls, path: "str | os.PathLike", alias: str | None = None) -> "ModelRef":
@@ -139,7 +140,7 @@ class Engine:
         self.model = as_model_ref(model)
         model_path = self.model.path
         check_gguf(model_path)   # missing file, not GGUF: one clear line before llama.cpp runs
-        if kv.kvq == "adaptive" and self.model.controller is None:
+        if kv.kvq == "adaptive" and self.model.source is None:
             self.model = ModelRef.with_controller(model_path)   # embedded, else the generic controller
         self.path = Path(model_path)
         self.kv = kv
