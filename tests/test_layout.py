@@ -87,7 +87,7 @@ def test_native_code_is_source_files_and_the_patch_only_hooks():
     sources = sorted(p.name for p in (NATIVE / "src").glob("llama-kvq*"))
     assert "llama-kvq.h" in sources and len([s for s in sources if s.endswith(".cpp")]) >= 5
     hooks = (NATIVE / "0002-kvq-mixed-precision-kv.patch").read_text()
-    assert len(hooks.splitlines()) <= 250
+    assert len(hooks.splitlines()) <= 300   # hooks only: the runtime is in src/
     touched = re.findall(r"^\+\+\+ b/(\S+)", hooks, re.M)
     assert touched and not any(Path(t).name.startswith("llama-kvq") for t in touched)
 
@@ -99,8 +99,7 @@ def _header() -> str:
 def test_gguf_keys_match_the_c_header():
     c_keys = set(re.findall(r'#define LLAMA_KVQ_KEY_\w+\s+"([^"]+)"', _header()))
     py_keys = {v for k, v in vars(Controller).items() if k.isupper()}
-    # granularity is read by the Python engine only (it sets llama_kvq_params.per_layer)
-    assert c_keys == py_keys - {Controller.GRANULARITY}
+    assert c_keys == py_keys
     version = re.search(r"#define LLAMA_KVQ_CONTROLLER_VERSION (\d+)", _header())
     from kvq_cli.controller.spec import CONTROLLER_VERSION
 

@@ -67,8 +67,14 @@ _P_f32 = POINTER(c_float)
 _PROTOTYPES = {
     # struct llama_kvq_params llama_kvq_default_params(void);
     "llama_kvq_default_params": (KvqParams, []),
+    # int32_t llama_kvq_params_from_spec(const char * spec, struct llama_kvq_params * out);
+    "llama_kvq_params_from_spec": (c_int32, [c_char_p, POINTER(KvqParams)]),
     # int32_t llama_kvq_enable(struct llama_context * ctx, const struct llama_kvq_params * params);
     "llama_kvq_enable": (c_int32, [c_void_p, POINTER(KvqParams)]),
+    # struct llama_context * llama_kvq_init_from_model(struct llama_model * model, struct llama_context_params cparams,
+    #                                                  const struct llama_kvq_params * params);
+    # (argtypes set in KvqLib: the llama_context_params struct is llama-cpp-python's)
+    "llama_kvq_init_from_model": (c_void_p, None),
     # int32_t llama_kvq_enabled(const struct llama_context * ctx);
     "llama_kvq_enabled": (c_int32, [c_void_p]),
     # const char * llama_kvq_last_error(void);
@@ -123,8 +129,12 @@ class KvqLib:
             except AttributeError:
                 raise RuntimeMissing(f"the loaded llama.cpp library has no {name}: it is not the kvq build") from None
             fn.restype = restype
-            fn.argtypes = argtypes
+            if argtypes is not None:
+                fn.argtypes = argtypes
             setattr(self, name, fn)
+        from llama_cpp import llama_cpp as raw
+
+        self.llama_kvq_init_from_model.argtypes = [c_void_p, raw.llama_context_params, POINTER(KvqParams)]
 
     def last_error(self) -> str:
         msg = self.llama_kvq_last_error()

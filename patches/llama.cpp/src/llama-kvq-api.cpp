@@ -13,7 +13,8 @@ int64_t llama_kvq_read_layer(const llama_context * ctx, int32_t il, float * k, f
     const llama_kvq_state * s = kvq_of(ctx);
     if (!s) return kvq_fail("kvq is not enabled");
     if (il < 0 || il >= s->n_layer) return kvq_fail("layer out of range");
-    const kvq_layer & L = s->layers[il];
+    const kvq_seq & S = s->seqs[0]; // sequence 0 (tests and training run one sequence)
+    const kvq_layer & L = S.used() ? S.layers[il] : s->proto;
     int64_t n = 0;
     for (int q = 0; q < LLAMA_KVQ_N_STORED; ++q) {
         const kvq_pool & P = L.pools[q];
@@ -34,7 +35,7 @@ static int32_t kvq_roundtrip(const llama_context * ctx, int32_t bits, int side, 
     if (!s) return kvq_fail("kvq is not enabled");
     const int q = kvq_stored_pool_of_bits(bits);
     if (q < 0 || q == LLAMA_KVQ_K4V2) return kvq_fail("round-trip bits must be 16, 8, 4 or 2 (pool 3 is K at 4 bits, V at 2)");
-    const kvq_pool & P = s->layers[0].pools[q];
+    const kvq_pool & P = s->proto.pools[q];
     std::vector<uint8_t> enc(side ? P.row_v : P.row_k);
     std::vector<float> tmp(s->n_embd_kv);
     for (int64_t r = 0; r < n_rows; ++r) {
@@ -59,7 +60,7 @@ int32_t llama_kvq_roundtrip_qar(const llama_context * ctx, int32_t bits, const f
     if (!u || !(s->p.qar_mu > 0.0f) || s->hd != 64 || (bits != 2 && bits != 4)) {
         return llama_kvq_roundtrip(ctx, bits, x, y, n_rows);
     }
-    const kvq_pool & P = s->layers[0].pools[kvq_pool_of_bits(bits)];
+    const kvq_pool & P = s->proto.pools[kvq_pool_of_bits(bits)];
     const int n = s->n_embd_kv;
     std::vector<uint8_t> enc(P.row_k);
     std::vector<float> xr(n), ur(n);
@@ -95,23 +96,26 @@ int32_t llama_kvq_attend_kernel(llama_context * ctx, int32_t kernel, int32_t il,
     }
     std::vector<float> buf;
     const float scale = 1.0f / std::sqrt((float) s->hd);
+    kvq_layer empty = s->proto;
+    kvq_layer & L = s->seqs[0].used() ? s->seqs[0].layers[il] : empty; // sequence 0's rows
     const bool ref = kernel == LLAMA_KVQ_ATTN_REF || (kernel == LLAMA_KVQ_ATTN_DEFAULT && s->attn_ref);
     if (!ref) {
         // same chunking as in a graph; one thread runs every work item
         const bool simd = s->simd;
         if (kernel != LLAMA_KVQ_ATTN_DEFAULT) s->simd = kernel == LLAMA_KVQ_ATTN_FUSED_SIMD;
-        const int nc = kvq_n_chunks(kvq_layer_rows(s->layers[il]), kvq_chunk_slots(s->n_ctx));
+        const int nc = kvq_n_chunks(kvq_layer_rows(L), kvq_chunk_slots(s->n_ctx));
         std::vector<float> part((size_t) nc * n_q * s->n_head * kvq_st_size(s->hd));
         const kvq_qsrc qs{ (const char *) q, s->hd * sizeof(float), (size_t) s->n_head * s->hd * sizeof(float) };
-        kvq_fused_partial(*s, il, qs, n_q, q_pos, scale, part.data(), nc, 0, 1, buf, nullptr, 0);
-        kvq_fused_merge(*s, il, part.data(), nc, n_q, q_pos, (char *) out, (size_t) s->n_head * s->hd * sizeof(float),
+        const kvq_qset Q{ n_q, nullptr, q_pos, 0 };
+        kvq_fused_partial(*s, L, qs, Q, scale, part.data(), nc, 0, 1, buf, nullptr, 0);
+        kvq_fused_merge(*s, L, 0, part.data(), nc, Q, (char *) out, (size_t) s->n_head * s->hd * sizeof(float),
                         0, 1, false, nullptr, 0, qs);
         s->simd = simd;
         return 0;
     }
     for (int32_t i = 0; i < n_q; ++i) {
         for (int g = 0; g < s->n_head_kv; ++g) {
-            kvq_attend_group(*s, il, q + (int64_t) i * s->n_head * s->hd, q_pos[i], g, scale,
+            kvq_attend_group(*s, L, q + (int64_t) i * s->n_head * s->hd, q_pos[i], g, scale,
                              out + (int64_t) i * s->n_head * s->hd, buf, -1, -1);
         }
     }

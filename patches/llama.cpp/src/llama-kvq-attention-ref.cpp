@@ -10,14 +10,14 @@
 // reference attention
 //
 
-// Attention of one query token (position qpos) for the query heads of KV head g.
+// Attention of one query token (position qpos) for the query heads of KV head g, over layer L
+// of the token's sequence.
 // q: [n_head * hd] for this token; out: same layout. Accumulates window features when
 // `feat_row` >= 0 (the query's own window row) and thread slot `ith`.
-void kvq_attend_group(llama_kvq_state & s, int il, const float * q, int32_t qpos, int g, float scale,
+void kvq_attend_group(const llama_kvq_state & s, kvq_layer & L, const float * q, int32_t qpos, int g, float scale,
                       float * out, std::vector<float> & buf, int ith, int64_t feat_row) {
     const int hd = s.hd;
     const int G = s.n_head / s.n_head_kv;
-    kvq_layer & L = s.layers[il];
     size_t total = 0;
     for (int p = 0; p < LLAMA_KVQ_N_STORED; ++p) total += L.pools[p].n();
     // q in each pool's dot format: f16 rows use ggml's f16 dot with q rounded to f16 (as stock

@@ -147,14 +147,20 @@ static float * kvq_fused_scratch(std::vector<float> & buf, int n_head, int hd) {
     return buf.data();
 }
 
-// Partial states of work items ith, ith + nth, ... (items: query blocks x key chunks).
-// part: [nc][n_tok][n_head][kvq_st_size(hd)]. wsc (features): raw window scores
-// [n_tok][n_head][wsc_n], or null.
-void kvq_fused_partial(const llama_kvq_state & s, int il, const kvq_qsrc & qs, int n_tok, const int32_t * qpos,
+// This thread's first local item of a set whose items start at global index work0.
+static int64_t kvq_first_item(int64_t work0, int ith, int nth) {
+    return ((ith - work0) % nth + nth) % nth;
+}
+
+// Partial states of the thread's work items (items: query blocks x key chunks).
+// part: [nc][Q.n][n_head][kvq_st_size(hd)]. wsc (features): raw window scores
+// [Q.n][n_head][wsc_n], or null.
+void kvq_fused_partial(const llama_kvq_state & s, const kvq_layer & L, const kvq_qsrc & qs, const kvq_qset & Q,
                        float scale, float * part, int nc, int ith, int nth, std::vector<float> & buf,
                        float * wsc, int64_t wsc_n) {
     const int hd = s.hd, nh = s.n_head, G = s.n_head / s.n_head_kv, ss = kvq_st_size(hd);
-    const kvq_layer & L = s.layers[il];
+    const int n_tok = Q.n;
+    const int32_t * qpos = Q.qpos;
     float * base = kvq_fused_scratch(buf, nh, hd);
     float * qv = base;
     float * qr = qv + (size_t) KVQ_QB * nh * hd;
@@ -164,13 +170,14 @@ void kvq_fused_partial(const llama_kvq_state & s, int il, const kvq_qsrc & qs, i
     const int64_t N = kvq_layer_rows(L);
     const int n_qb = (n_tok + KVQ_QB - 1) / KVQ_QB;
     int prev_qb = -1; // a thread's consecutive items share a query block: prepare q once
-    for (int it = ith; it < n_qb * nc; it += nth) {
-        const int qb = it / nc, c = it % nc;
+    for (int64_t it = kvq_first_item(Q.work0, ith, nth); it < (int64_t) n_qb * nc; it += nth) {
+        const int qb = (int) (it / nc), c = (int) (it % nc);
         const int tb = qb * KVQ_QB, nt = std::min(KVQ_QB, n_tok - tb);
         float * st = part + ((size_t) c * n_tok + tb) * nh * ss; // this item's states, contiguous
         for (int t = 0; t < nt && qb != prev_qb; ++t) {
             for (int h = 0; h < nh; ++h) {
-                const float * src = (const float *) (qs.data + (size_t) (tb + t) * qs.nb2 + (size_t) h * qs.nb1);
+                const size_t ti = Q.idx ? (size_t) Q.idx[tb + t] : (size_t) (tb + t);
+                const float * src = (const float *) (qs.data + ti * qs.nb2 + (size_t) h * qs.nb1);
                 float * d = qv + ((size_t) t * nh + h) * hd;
                 for (int e = 0; e < hd; ++e) d[e] = src[e] * scale;
                 float * dr = qr + ((size_t) t * nh + h) * hd;
@@ -224,14 +231,15 @@ static void kvq_qacc_add(std::vector<float> & acc, const kvq_pool & W, int32_t q
     }
 }
 
-// Merge the chunks of tokens ith, ith + nth, ...: out row i at out + i * out_nb1 bytes.
+// Merge the chunks of the thread's tokens: token i's output row at out + idx[i] * out_nb1 bytes.
 // With `feat`, also the window features (thread slot ith) as the reference computes them;
 // their time is returned (ms) so it counts as policy work, not attention.
-double kvq_fused_merge(llama_kvq_state & s, int il, const float * part, int nc, int n_tok, const int32_t * qpos,
-                       char * out, size_t out_nb1, int ith, int nth, bool feat, const float * wsc, int64_t wsc_n,
-                       const kvq_qsrc & qs) {
+double kvq_fused_merge(const llama_kvq_state & s, kvq_layer & L, size_t ub_base, const float * part, int nc,
+                       const kvq_qset & Q, char * out, size_t out_nb1, int ith, int nth, bool feat, const float * wsc,
+                       int64_t wsc_n, const kvq_qsrc & qs) {
     const int hd = s.hd, nh = s.n_head, ss = kvq_st_size(hd);
-    kvq_layer & L = s.layers[il];
+    const int n_tok = Q.n;
+    const int32_t * qpos = Q.qpos;
     std::vector<float> buf(2 * (size_t) hd + 4 * (size_t) nh);
     float * acc = buf.data();      // [2 * hd]: plain and rotated accumulators of one head
     float * Mh = acc + 2 * hd;     // per head: merged max, sum, sum p*s, 1 / sum
@@ -243,8 +251,9 @@ double kvq_fused_merge(llama_kvq_state & s, int il, const float * part, int nc, 
     qacc_simd = feat && s.simd && !L.qacc_t.empty() && hd == 64 && nh / s.n_head_kv <= 8;
 #endif
     double t_feat = 0.0;
-    for (int i = ith; i < n_tok; i += nth) {
-        float * o = (float *) (out + (size_t) i * out_nb1);
+    for (int64_t i = kvq_first_item(Q.work0, ith, nth); i < n_tok; i += nth) {
+        const size_t ti = Q.idx ? (size_t) Q.idx[i] : (size_t) i; // the token's row in the ubatch
+        float * o = (float *) (out + ti * out_nb1);
         for (int h = 0; h < nh; ++h) {
             float M = -INFINITY;
             for (int c = 0; c < nc; ++c) {
@@ -279,12 +288,12 @@ double kvq_fused_merge(llama_kvq_state & s, int il, const float * part, int nc, 
             if (!(l > 0.0f)) continue;
             // entropy of this query's attention: -sum p log p = M + log l - t / l
             const double ent = (double) M + std::log((double) l) - (double) th[h] / l;
-            L.ent[(s.ub_base + i) * nh + h] = qp > 0 ? (float) (std::max(0.0, ent) / std::log((double) qp + 1.0)) : 0.0f;
+            L.ent[(ub_base + i) * nh + h] = qp > 0 ? (float) (std::max(0.0, ent) / std::log((double) qp + 1.0)) : 0.0f;
             // attention received by earlier window rows
             const float * sc = wsc + ((size_t) i * nh + h) * wsc_n;
             const float rel = (float) (qp + 1) / l;
             if (!L.qacc_t.empty() && !qacc_simd) {
-                const float * qh = (const float *) (qs.data + (size_t) i * qs.nb2 + (size_t) h * qs.nb1);
+                const float * qh = (const float *) (qs.data + ti * qs.nb2 + (size_t) h * qs.nb1);
                 kvq_qacc_add(L.qacc_t[ith], W, qp, sc, M, 1.0f / l, qh, (h / (nh / s.n_head_kv)) * hd, hd, s.n_embd_kv);
             }
 #ifdef KVQ_HAVE_X86
@@ -305,7 +314,7 @@ double kvq_fused_merge(llama_kvq_state & s, int il, const float * part, int nc, 
             const float * qh[8];
             for (int h = 0; h < nh; ++h) inv_lh[h] = lh[h] > 0.0f ? 1.0f / lh[h] : 0.0f;
             for (int g = 0; g < s.n_head_kv; ++g) {
-                for (int j = 0; j < G; ++j) qh[j] = (const float *) (qs.data + (size_t) i * qs.nb2 + (size_t) (g * G + j) * qs.nb1);
+                for (int j = 0; j < G; ++j) qh[j] = (const float *) (qs.data + ti * qs.nb2 + (size_t) (g * G + j) * qs.nb1);
                 kvq_qacc_group_avx2(L.qacc_t[ith].data() + g * hd, s.n_embd_kv, W.pos.data(), W.n(), qp,
                                     wsc + ((size_t) i * nh + g * G) * wsc_n, wsc_n, Mh + g * G, inv_lh + g * G, qh, G);
             }

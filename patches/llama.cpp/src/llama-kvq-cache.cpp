@@ -58,6 +58,53 @@ llama_kvq_params llama_kvq_default_params(void) {
     return p;
 }
 
+int32_t llama_kvq_params_from_spec(const char * spec, llama_kvq_params * out) {
+    if (!spec || !out) return kvq_fail("null kvq spec or params");
+    const std::string str(spec);
+    const size_t at = str.find('@');
+    const std::string name = str.substr(0, at);
+    llama_kvq_params p = llama_kvq_default_params();
+    p.window = -1;
+    static const struct { const char * name; int bits; } statics[] = {
+        { "f16", 16 }, { "q8", 8 }, { "q4", 4 }, { "k4v2", 3 }, { "q2", 2 },
+    };
+    bool known = false;
+    for (const auto & st : statics) {
+        if (name == st.name) {
+            p.policy = LLAMA_KVQ_POLICY_STATIC;
+            p.static_bits = st.bits;
+            p.k_center = 0;
+            p.v_unbias = 0;
+            known = true;
+        }
+    }
+    if (name == "rule" || name == "adaptive") {
+        p.policy = name == "rule" ? LLAMA_KVQ_POLICY_RULE : LLAMA_KVQ_POLICY_LEARNED;
+        p.window_bits = 8;
+        known = true;
+    }
+    if (!known) {
+        return kvq_fail("unknown kvq policy '" + str + "' (choose one of f16, q8, q4, k4v2, q2, rule, adaptive; "
+                        "rule and adaptive take @BITS, e.g. adaptive@3)");
+    }
+    if (at != std::string::npos) {
+        if (p.policy == LLAMA_KVQ_POLICY_STATIC) {
+            return kvq_fail("kvq policy '" + str + "': a static pool has a fixed size; @BITS applies to rule and adaptive");
+        }
+        const std::string bits = str.substr(at + 1);
+        char * end = nullptr;
+        const double b = strtod(bits.c_str(), &end);
+        if (bits.empty() || !end || *end != '\0' || !std::isfinite(b) || b < 2.0 || b > 16.0) {
+            return kvq_fail("kvq policy '" + str + "': @BITS takes a budget between 2 and 16 bits per element, e.g. " +
+                            name + "@3");
+        }
+        p.budget_bits = (float) b;
+        if (p.policy == LLAMA_KVQ_POLICY_RULE && b < 4.0) p.rule_base_bits = 2; // below 4 bits the rule's base is 2-bit
+    }
+    *out = p;
+    return 0;
+}
+
 llama_kvq_state * kvq_of(const llama_context * ctx) {
     return ctx ? ctx->kvq.get() : nullptr;
 }
@@ -73,7 +120,8 @@ int32_t llama_kvq_enable(llama_context * ctx, const llama_kvq_params * params) {
     const auto & hp = model.hparams;
     const llama_kvq_params & p = *params;
     if (llama_model_has_encoder(&model) || hp.n_layer() == 0) return kvq_fail("kvq supports decoder-only models");
-    if (ctx->get_cparams().n_seq_max != 1) return kvq_fail("kvq supports a single sequence (n_seq_max = 1)");
+    const uint32_t n_seq_max = ctx->get_cparams().n_seq_max;
+    if (n_seq_max < 1) return kvq_fail("kvq needs n_seq_max >= 1");
     const int n_head = hp.n_head(0), n_head_kv = hp.n_head_kv(0), hd = hp.n_embd_head_k(0);
     for (uint32_t il = 0; il < hp.n_layer(); ++il) {
         if ((int) hp.n_head(il) != n_head || (int) hp.n_head_kv(il) != n_head_kv || (int) hp.n_embd_head_k(il) != hd ||
@@ -86,7 +134,7 @@ int32_t llama_kvq_enable(llama_context * ctx, const llama_kvq_params * params) {
         // kvq2 blocks (the 2- and 3-bit pools, the floor every budget demotes to) hold 64 values of one head
         return kvq_fail("kvq needs head_dim % 64 == 0; the model's head_dim is " + std::to_string(hd));
     }
-    if (p.window < 0) return kvq_fail("window must be >= 0");
+    if (p.window < -1) return kvq_fail("window must be >= 0 (or -1: the policy's default)");
     if (p.window_bits != 16 && p.window_bits != 8) return kvq_fail("window bits must be 16 or 8");
     // the controller in use: a controller file when given, else the one embedded in the model
     std::shared_ptr<const llama_kvq_controller> controller = model.kvq_controller;
@@ -122,10 +170,16 @@ int32_t llama_kvq_enable(llama_context * ctx, const llama_kvq_params * params) {
 
     auto s = std::make_shared<llama_kvq_state>();
     s->p = p;
+    if (p.window < 0) { // the policy's default for the context of one sequence
+        const int64_t n_ctx_seq = ctx->n_ctx_seq();
+        s->p.window = p.policy == LLAMA_KVQ_POLICY_STATIC ? 0
+                    : p.window_bits == 8 ? (int32_t) std::min<int64_t>(128, std::max<int64_t>(32, n_ctx_seq / 16)) : 32;
+    }
     s->p.controller_path = nullptr; // not kept: the caller owns the string
     s->model = &model;
     s->controller = controller;
     s->ctrl = p.policy == LLAMA_KVQ_POLICY_LEARNED ? controller.get() : nullptr;
+    if (s->ctrl && s->ctrl->per_layer) s->p.per_layer = 1; // decide as the controller was trained
     s->n_layer = hp.n_layer();
     s->n_head = n_head;
     s->n_head_kv = n_head_kv;
@@ -134,7 +188,7 @@ int32_t llama_kvq_enable(llama_context * ctx, const llama_kvq_params * params) {
     s->n_ctx = ctx->n_ctx();
     s->rotate = p.rotate != 0; // in whole 64-value chunks per head (head_dim % 64 == 0)
     s->need_feat = p.policy == LLAMA_KVQ_POLICY_RULE || p.policy == LLAMA_KVQ_POLICY_LEARNED || p.trace || p.qar_mu > 0.0f;
-    s->direct = p.policy == LLAMA_KVQ_POLICY_STATIC && p.window == 0;
+    s->direct = p.policy == LLAMA_KVQ_POLICY_STATIC && s->p.window == 0;
     // KVQ_ATTN_REF=1 / KVQ_ATTN_SIMD=0 override the kernel choice (benchmarks, fallback tests)
     const char * env_ref = getenv("KVQ_ATTN_REF");
     const char * env_simd = getenv("KVQ_ATTN_SIMD");
@@ -144,26 +198,24 @@ int32_t llama_kvq_enable(llama_context * ctx, const llama_kvq_params * params) {
         s->qrec.resize(s->n_layer);
         s->qrec_pos.resize(s->n_layer);
     }
-    s->layers.resize(s->n_layer);
-    for (auto & L : s->layers) {
-        for (int q = 0; q < LLAMA_KVQ_N_POOLS; ++q) {
-            kvq_pool & P = L.pools[q];
-            P.tk = kvq_pool_type(q, false);
-            P.tv = kvq_pool_type(q, true);
-            if (q == LLAMA_KVQ_WINDOW && p.window_bits == 8) P.tk = P.tv = GGML_TYPE_Q8_0;
-            P.rotated = s->rotate && (q >= LLAMA_KVQ_Q8 || P.tk != GGML_TYPE_F16);
-            P.row_k = ggml_row_size(P.tk, s->n_embd_kv);
-            P.row_v = ggml_row_size(P.tv, s->n_embd_kv);
-            P.head_k = ggml_row_size(P.tk, hd);
-            P.head_v = ggml_row_size(P.tv, hd);
-            if (q == LLAMA_KVQ_DROP) P.row_k = P.row_v = P.head_k = P.head_v = 0;
-        }
-    }
     for (int q = 0; q < LLAMA_KVQ_N_POOLS; ++q) {
-        s->c_row[q] = (int64_t) (s->layers[0].pools[q].row_k + s->layers[0].pools[q].row_v);
+        kvq_pool & P = s->proto.pools[q];
+        P.tk = kvq_pool_type(q, false);
+        P.tv = kvq_pool_type(q, true);
+        if (q == LLAMA_KVQ_WINDOW && p.window_bits == 8) P.tk = P.tv = GGML_TYPE_Q8_0;
+        P.rotated = s->rotate && (q >= LLAMA_KVQ_Q8 || P.tk != GGML_TYPE_F16);
+        P.row_k = ggml_row_size(P.tk, s->n_embd_kv);
+        P.row_v = ggml_row_size(P.tv, s->n_embd_kv);
+        P.head_k = ggml_row_size(P.tk, hd);
+        P.head_v = ggml_row_size(P.tv, hd);
+        if (q == LLAMA_KVQ_DROP) P.row_k = P.row_v = P.head_k = P.head_v = 0;
+        s->c_row[q] = (int64_t) (P.row_k + P.row_v);
     }
-    // budget: the smaller of the caps; it must leave room for the window at f16 and every
-    // other token at the lowest precision, so a full pool can always demote.
+    s->seqs.resize(n_seq_max);
+    // every sequence may hold a window; together they never hold more rows than the context
+    s->w_total = std::min<int64_t>((int64_t) s->p.window * n_seq_max, s->n_ctx);
+    // budget: the smaller of the caps; it must leave room for the windows at their precision and
+    // every other token at the lowest precision, so a full pool can always demote.
     int64_t budget = 0;
     if (p.budget_bits > 0.0f) {
         budget = (int64_t) std::floor((double) p.budget_bits / 8.0 * 2.0 * s->n_embd_kv * s->n_layer * s->n_ctx);
@@ -172,12 +224,13 @@ int32_t llama_kvq_enable(llama_context * ctx, const llama_kvq_params * params) {
         budget = p.budget_bytes;
     }
     if (budget > 0) {
-        const int64_t W = std::min<int64_t>(p.window, s->n_ctx);
+        const int64_t W = s->w_total;
         const int64_t need = (s->n_ctx - W) * s->n_layer * s->c_row[s->min_pool] + W * s->n_layer * s->c_row[LLAMA_KVQ_WINDOW];
         if (budget < need) {
             char buf[256];
-            snprintf(buf, sizeof(buf), "budget too small: %.2f bits/elem needed at least for window %lld at context %lld",
-                     8.0 * need / (2.0 * s->n_embd_kv * s->n_layer * s->n_ctx), (long long) W, (long long) s->n_ctx);
+            snprintf(buf, sizeof(buf), "budget too small: %.2f bits/elem needed at least for window %lld at context %lld%s",
+                     8.0 * need / (2.0 * s->n_embd_kv * s->n_layer * s->n_ctx), (long long) s->p.window, (long long) s->n_ctx,
+                     n_seq_max > 1 ? (" with " + std::to_string(n_seq_max) + " sequences").c_str() : "");
             return kvq_fail(buf);
         }
     }
@@ -186,11 +239,10 @@ int32_t llama_kvq_enable(llama_context * ctx, const llama_kvq_params * params) {
         if (!kvq_controller_fits(*controller, origin, s->n_layer, s->n_embd_kv)) return -1;
         s->k_mu = controller->k_center;
     }
-    s->tok_at.assign(s->n_ctx, -1);
     s->op_args.resize(s->n_layer);
     for (int il = 0; il < s->n_layer; ++il) s->op_args[il] = kvq_attn_args{ s.get(), il, 1.0f / std::sqrt((float) hd) };
     // rows leaving the window: buffers for one row of each layer at a time
-    const kvq_pool & low = s->layers[0].pools[s->min_pool];
+    const kvq_pool & low = s->proto.pools[s->min_pool];
     s->exit_rows.resize(s->direct ? 0 : s->n_layer);
     for (kvq_exit_row & R : s->exit_rows) {
         for (std::vector<float> * b : { &R.k, &R.v, &R.kr, &R.vr, &R.u, &R.back }) b->resize(s->n_embd_kv);
@@ -198,6 +250,8 @@ int32_t llama_kvq_enable(llama_context * ctx, const llama_kvq_params * params) {
         R.v_min.resize(low.row_v);
     }
 
+    s->memory = ctx->get_memory();
+    if (s->memory) kvq_register(s->memory, s.get());
     ctx->set_kvq(s); // the graph reads the state through cparams.kvq
     return 0;
 }
@@ -238,9 +292,11 @@ int32_t llama_kvq_get_stats(const llama_context * ctx, llama_kvq_stats * out) {
     if (!s) return kvq_fail("kvq is not enabled");
     if (!out) return kvq_fail("null stats");
     memset(out, 0, sizeof(*out));
-    for (const auto & L : s->layers) {
-        for (int q = 0; q < LLAMA_KVQ_N_POOLS; ++q) {
-            out->rows[q] += L.pools[q].n();
+    for (const auto & S : s->seqs) {
+        for (const auto & L : S.layers) {
+            for (int q = 0; q < LLAMA_KVQ_N_POOLS; ++q) {
+                out->rows[q] += L.pools[q].n();
+            }
         }
     }
     int64_t rows = 0;
@@ -347,7 +403,7 @@ bool kvq_fits(const llama_kvq_state & s, int64_t delta, int64_t d_rows, int64_t 
     const int64_t win = s.win_rows + d_win;
     const int64_t decided_bytes = s.held + delta - win * s.c_row[LLAMA_KVQ_WINDOW];
     const int64_t decided_rows = s.rows_held + d_rows - win;
-    const int64_t w_final = std::min<int64_t>(s.p.window, s.n_ctx) * s.n_layer;
+    const int64_t w_final = s.w_total * s.n_layer;
     const int64_t rest = std::max<int64_t>(0, s.n_ctx * s.n_layer - decided_rows - w_final);
     return decided_bytes + rest * s.c_row[s.min_pool] + w_final * s.c_row[LLAMA_KVQ_WINDOW] <= s.budget;
 }

@@ -230,6 +230,15 @@ std::shared_ptr<llama_kvq_controller> kvq_parse_controller(const gguf_context * 
             return c;
         }
     }
+    if (const int64_t id = gguf_find_key(meta, LLAMA_KVQ_KEY_GRANULARITY); id >= 0) {
+        const char * g = gguf_get_kv_type(meta, id) == GGUF_TYPE_STRING ? gguf_get_val_str(meta, id) : "";
+        if (strcmp(g, "token_layer") == 0) {
+            c->per_layer = true;
+        } else if (strcmp(g, "token") != 0) {
+            err = std::string("kvq.controller.granularity must be one of token, token_layer, got \"") + g + "\"";
+            return c;
+        }
+    }
     c->n_in = (int) c->feat_idx.size();
     c->n_hidden = (int) hidden;
     c->n_out = (int) c->bits.size();

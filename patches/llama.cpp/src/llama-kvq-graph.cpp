@@ -21,9 +21,11 @@ static void kvq_op_store(ggml_tensor * dst, int ith, int nth, void * userdata) {
     const int n_tok = (int) s.ub_pos.size();
     GGML_ASSERT(k->type == GGML_TYPE_F32 && v->type == GGML_TYPE_F32);
     GGML_ASSERT(k->ne[0] * k->ne[1] == s.n_embd_kv && k->ne[2] == n_tok);
-    kvq_layer & L = s.layers[a->il];
     std::vector<float> kr(s.n_embd_kv), vr(s.n_embd_kv), tmp(s.n_embd_kv);
-    for (int i = 0; i < n_tok; ++i) {
+    // in sequence order, so that each sequence's window rows of the ubatch follow its queries' order
+    for (int o = 0; o < n_tok; ++o) {
+        const int i = s.ub_order[o];
+        kvq_layer & L = s.seqs[s.ub_seq[i]].layers[a->il];
         // rows may be strided views: gather head by head
         for (int g = 0; g < s.n_head_kv; ++g) {
             memcpy(kr.data() + g * s.hd, (const char *) k->data + i * k->nb[2] + g * k->nb[1], s.hd * sizeof(float));
@@ -80,8 +82,9 @@ static void kvq_op_attn(ggml_tensor * dst, int ith, int nth, void * userdata) {
             memcpy(qrow.data() + h * s.hd, (const char *) q->data + i * q->nb[2] + h * q->nb[1], s.hd * sizeof(float));
         }
         float * out = (float *) ((char *) dst->data + i * dst->nb[1]);
-        kvq_attend_group(s, a->il, qrow.data(), s.ub_pos[i], g, a->scale, out, buf, feat ? ith : -1,
-                         feat ? (int64_t) (s.ub_base + i) : -1);
+        kvq_seq & S = s.seqs[s.ub_seq[i]];
+        kvq_attend_group(s, S.layers[a->il], qrow.data(), s.ub_pos[i], g, a->scale, out, buf, feat ? ith : -1,
+                         feat ? (int64_t) (S.ub_base + s.ub_rank[i]) : -1);
     }
     if (ith == 0) s.t_attn_ms += kvq_now_ms() - t0;
 }
@@ -93,14 +96,23 @@ static void kvq_op_fused_partial(ggml_tensor * dst, int ith, int nth, void * use
     llama_kvq_state & s = *a->s;
     const double t0 = ith == 0 ? kvq_now_ms() : 0.0;
     const ggml_tensor * q = dst->src[0];
-    const int n_tok = (int) s.ub_pos.size();
     GGML_ASSERT(ith < (int) s.scratch.size());
     const bool feat = s.need_feat && !s.direct;
     if (ith == 0) kvq_record_q(s, a->il, q);
     const kvq_qsrc qs{ (const char *) q->data, q->nb[1], q->nb[2] };
-    const int nc = kvq_n_chunks(kvq_layer_rows(s.layers[a->il]), (int) dst->ne[3]);
-    kvq_fused_partial(s, a->il, qs, n_tok, s.ub_pos.data(), a->scale, (float *) dst->data, nc, ith, nth,
-                      s.scratch[ith], feat ? s.wsc.data() : nullptr, s.wsc_n);
+    const int slots = (int) dst->ne[3];
+    const size_t ss = (size_t) kvq_st_size(s.hd) * s.n_head;
+    int64_t work0 = 0;
+    for (int32_t seq : s.ub_seqs) { // each sequence's queries over its own rows
+        kvq_seq & S = s.seqs[seq];
+        const kvq_layer & L = S.layers[a->il];
+        const int nc = kvq_n_chunks(kvq_layer_rows(L), slots);
+        const kvq_qset Q{ S.ub_n, s.ub_order.data() + S.ub_first, s.ub_qpos.data() + S.ub_first, work0 };
+        float * part = (float *) dst->data + (size_t) slots * S.ub_first * ss;
+        float * wsc = feat ? s.wsc.data() + (size_t) S.ub_first * s.n_head * s.wsc_n : nullptr;
+        kvq_fused_partial(s, L, qs, Q, a->scale, part, nc, ith, nth, s.scratch[ith], wsc, s.wsc_n);
+        work0 += (int64_t) ((S.ub_n + KVQ_QB - 1) / KVQ_QB) * nc;
+    }
     if (ith == 0) s.t_attn_ms += kvq_now_ms() - t0;
 }
 
@@ -110,13 +122,25 @@ static void kvq_op_fused_merge(ggml_tensor * dst, int ith, int nth, void * userd
     llama_kvq_state & s = *a->s;
     const double t0 = ith == 0 ? kvq_now_ms() : 0.0;
     const ggml_tensor * part = dst->src[0];
-    const int n_tok = (int) s.ub_pos.size();
     const bool feat = s.need_feat && !s.direct;
-    const int nc = kvq_n_chunks(kvq_layer_rows(s.layers[a->il]), (int) part->ne[3]);
     const ggml_tensor * q = dst->src[1];
     const kvq_qsrc qs{ (const char *) q->data, q->nb[1], q->nb[2] };
-    const double t_feat = kvq_fused_merge(s, a->il, (const float *) part->data, nc, n_tok, s.ub_pos.data(),
-                                          (char *) dst->data, dst->nb[1], ith, nth, feat, s.wsc.data(), s.wsc_n, qs);
+    const int slots = (int) part->ne[3];
+    const size_t ss = (size_t) kvq_st_size(s.hd) * s.n_head;
+    double t_feat = 0.0;
+    for (int32_t seq : s.ub_seqs) {
+        kvq_seq & S = s.seqs[seq];
+        kvq_layer & L = S.layers[a->il];
+        const int nc = kvq_n_chunks(kvq_layer_rows(L), slots);
+        // work0 0: a sequence's token t merges on thread t % nth whatever else shares the ubatch, so the
+        // window features it adds to per-thread slots (summed at the row's decision) add up in the same
+        // order as when the sequence runs alone: a request's decisions do not depend on other requests
+        const kvq_qset Q{ S.ub_n, s.ub_order.data() + S.ub_first, s.ub_qpos.data() + S.ub_first, 0 };
+        const float * ps = (const float *) part->data + (size_t) slots * S.ub_first * ss;
+        const float * wsc = feat ? s.wsc.data() + (size_t) S.ub_first * s.n_head * s.wsc_n : nullptr;
+        t_feat += kvq_fused_merge(s, L, S.ub_base, ps, nc, Q, (char *) dst->data, dst->nb[1], ith, nth, feat, wsc,
+                                  s.wsc_n, qs);
+    }
     if (ith == 0) {
         s.t_attn_ms += kvq_now_ms() - t0 - t_feat;
         s.t_policy_ms += t_feat;

@@ -112,6 +112,7 @@ struct llama_kvq_controller {
     std::vector<float> w1, b1, w2, b2, mean, std_;
     float budget_bits = 0.0f;
     bool log_damage = false;     // head "log_damage": output o is log(damage_o / lambda), logit_o = -exp(out_o) - bits_o
+    bool per_layer = false;      // granularity "token_layer": trained on (token, layer) rows, decides per layer
     std::vector<float> k_center; // optional K centering [n_layer][n_embd_kv] trained with the controller
     // optional [n_out - 1] (classes in ascending bits): the damage estimates are projected onto
     // physical ones before the decision, top class >= 0 and d_o >= damage_floor[o] * d_o+1 going down
@@ -160,6 +161,33 @@ struct kvq_layer {
     std::vector<std::vector<float>> qacc_t;
 };
 
+// One sequence's rows (llama.cpp's seq_id): every sequence keeps its own window and pools per
+// layer, its own token statistics and positions, so a query attends only to the rows of the
+// sequence asking. seq_cp copies rows (each copy is held and counted in the budget).
+struct kvq_seq {
+    std::vector<kvq_layer> layers;        // empty until the sequence stores its first row
+    std::vector<llama_token> tok_at;      // token id per position held (-1 unknown)
+    std::unordered_map<llama_token, int32_t> tok_count;
+    int64_t n_tok_seen = 0;
+    int32_t max_pos = -1;
+    // current ubatch: this sequence's tokens are ub_order[ub_first .. ub_first + ub_n) of the state
+    int32_t ub_first = 0, ub_n = 0;
+    size_t ub_base = 0;                   // its first window row of the ubatch (same in every layer)
+    // LEARNED with a budget: the price per effective bit is price_step times the overspend of the
+    // sequence's decided rows against the target (online dual ascent), kept as exact totals so that
+    // removing rows undoes their decisions' effect on it exactly. Per sequence, so that one request's
+    // decisions do not depend on another's.
+    int64_t paid_bytes = 0;               // bytes of the decided rows counted in the price
+    int64_t paid_rows = 0;                // and their number
+    // LEARNED with norm_prior > 0: the controller's running input statistics over every row it decided
+    // in this sequence. Rows removed stay in them (they estimate the model's feature scales, which a
+    // rolled-back row measured as well as a kept one); with several sequences, a sequence emptied from
+    // position 0 starts over from the prior, as its price does (kvq_refunds).
+    kvq_feature_norm norm;
+
+    bool used() const { return !layers.empty(); }
+};
+
 struct kvq_trace_rec {
     int32_t pos, layer, token, bits;
     float feat[LLAMA_KVQ_N_FEATURES];
@@ -188,6 +216,7 @@ struct kvq_attn_args {
 };
 
 struct llama_kvq_state {
+    ~llama_kvq_state(); // leaves the memory registry
     llama_kvq_params p;
     const llama_model * model = nullptr;
     std::shared_ptr<const llama_kvq_controller> controller; // the one in use: controller_path's, else the model's (may be absent)
@@ -203,19 +232,22 @@ struct llama_kvq_state {
     int64_t rows_held = 0;   // token-layer rows held, all layers
     int64_t win_rows = 0;    // of which still counted at the window's cost
     int min_pool = LLAMA_KVQ_Q2;
-    std::vector<kvq_layer> layers;
+    kvq_layer proto;         // the pools' formats (types, row sizes), no rows: what every layer of a sequence starts as
+    std::vector<kvq_seq> seqs; // [n_seq_max]
+    int64_t w_total = 0;     // window rows a full cache reserves: min(W x n_seq_max, n_ctx)
+    const llama_memory_i * memory = nullptr; // the context's memory, whose seq_* calls reach this state
+    bool shifted = false;    // positions were shifted (seq_add/seq_div): the next decode fails
 
-    // current ubatch
+    // current ubatch: its tokens (positions, ids, sequences) in ubatch order, and the order that
+    // groups them by sequence (stable): sequence S's tokens are ub_order[S.ub_first .. + S.ub_n)
     std::vector<int32_t> ub_pos;
     std::vector<llama_token> ub_tok;
-    size_t ub_base = 0;      // first window row of the ubatch (same in every layer)
+    std::vector<int32_t> ub_seq;
+    std::vector<int32_t> ub_order;
+    std::vector<int32_t> ub_qpos;  // positions in that order
+    std::vector<int32_t> ub_rank;  // per ubatch token: its index among its sequence's tokens
+    std::vector<int32_t> ub_seqs;  // the sequences of the ubatch, ascending
     int n_threads_max = 1;
-
-    // token statistics
-    std::vector<llama_token> tok_at;   // token id per position held (-1 unknown)
-    std::unordered_map<llama_token, int32_t> tok_count;
-    int64_t n_tok_seen = 0;
-    int32_t max_pos = -1;
 
     std::vector<int32_t> assign;
     std::vector<float> k_mu;  // K centering [n_layer][n_embd_kv]; empty: none
@@ -229,22 +261,27 @@ struct llama_kvq_state {
     bool attn_ref = false;   // reference attention (kvq_attend_group) instead of the fused kernel
     int64_t n_budget_demotions = 0;
     double t_policy_ms = 0.0, t_attn_ms = 0.0;
-    // LEARNED with a budget: the price per effective bit is price_step times the overspend of the
-    // rows decided so far against the target (online dual ascent), kept as exact totals so that
-    // rolling rows back undoes their decisions' effect on it exactly.
-    int64_t paid_bytes = 0;  // bytes of the decided rows counted in the price
-    int64_t paid_rows = 0;   // and their number
-    // LEARNED with norm_prior > 0: the controller's running input statistics over every row it
-    // decided in this context. Not reset when rows are removed (seq_rm, clear): they estimate the
-    // model's feature scales, which a rolled-back row measured as well as a kept one.
-    kvq_feature_norm norm;
     // record_q: every query row the attention saw, per layer ([row][n_head * hd]) with its position
     std::vector<std::vector<float>> qrec;
     std::vector<std::vector<int32_t>> qrec_pos;
 };
 
-// The context's kvq state, null when kvq is off.
+// The context's kvq state, null when kvq is off; the state of the context owning a memory.
 llama_kvq_state * kvq_of(const llama_context * ctx);
+llama_kvq_state * kvq_of_memory(const llama_memory_i * mem);
+// llama_kvq_enable: the state answers its context memory's llama_memory_* calls (until it is destroyed).
+void kvq_register(const llama_memory_i * mem, llama_kvq_state * s);
+
+// Sequence rows: a sequence's layers are created with the pools' formats on first use; remove the
+// rows of positions [p0, p1) (p1 < 0: to the end) of one sequence. `refund`: the removed decided
+// rows leave the price's totals, else the price keeps them. kvq_refunds says which a removal from p0
+// does: rows rolled back behind a kept prefix refund; a sequence emptied from position 0 keeps the
+// price it learned when the context has one sequence (scoring loops: items in turn) and refunds when
+// it serves several (slots: a request's decisions then depend on its own rows only).
+kvq_seq & kvq_seq_use(llama_kvq_state & s, int32_t seq);
+void kvq_seq_forget_token(kvq_seq & S, int32_t pos);
+void kvq_seq_remove(llama_kvq_state & s, kvq_seq & S, int32_t p0, int32_t p1, bool refund);
+bool kvq_refunds(const llama_kvq_state & s, int32_t p0);
 
 // Rows: append (encoding from plain f32; tmp: n_embd_kv floats of scratch), swap-remove, and the
 // budget check every new or converted row passes.
@@ -290,9 +327,9 @@ static inline void kvq_decode_head(ggml_type t, size_t head, const uint8_t * row
 //
 
 // Reference (llama-kvq-attention-ref.cpp): one query token (position qpos), the query heads of
-// KV head g. q: [n_head * hd] for this token; out: same layout. Accumulates window features when
+// KV head g, over layer L of the query's sequence. q: [n_head * hd] for this token; out: same layout. Accumulates window features when
 // `feat_row` >= 0 (the query's own window row) and thread slot `ith`.
-void kvq_attend_group(llama_kvq_state & s, int il, const float * q, int32_t qpos, int g, float scale,
+void kvq_attend_group(const llama_kvq_state & s, kvq_layer & L, const float * q, int32_t qpos, int g, float scale,
                       float * out, std::vector<float> & buf, int ith, int64_t feat_row);
 
 // Fused kernel (llama-kvq-attention.cpp, design there). Partial state layout, floats:
@@ -332,15 +369,30 @@ struct kvq_qsrc {
     size_t nb1, nb2;
 };
 
+// The queries of one sequence in a ubatch: n tokens; token t's query and output rows are those of
+// ubatch token idx[t] (null: t), at position qpos[t]. work0 is the global index of the set's first
+// work item: item i goes to thread i % nth, so the partial states (query block x chunk items) of all
+// the ubatch's sequences spread over the threads as one list; the merge passes 0 (see the op).
+struct kvq_qset {
+    int n;
+    const int32_t * idx;
+    const int32_t * qpos;
+    int64_t work0;
+};
+
 int     kvq_n_chunks(int64_t N, int slots);
 int     kvq_chunk_slots(int64_t n_ctx);
 int64_t kvq_layer_rows(const kvq_layer & L);
-void    kvq_fused_partial(const llama_kvq_state & s, int il, const kvq_qsrc & qs, int n_tok, const int32_t * qpos,
+// Partial states of layer L (the sequence's) for the queries Q: part [nc][Q.n][n_head][kvq_st_size];
+// wsc (features): raw window scores [Q.n][n_head][wsc_n], or null.
+void    kvq_fused_partial(const llama_kvq_state & s, const kvq_layer & L, const kvq_qsrc & qs, const kvq_qset & Q,
                           float scale, float * part, int nc, int ith, int nth, std::vector<float> & buf,
                           float * wsc, int64_t wsc_n);
-double  kvq_fused_merge(llama_kvq_state & s, int il, const float * part, int nc, int n_tok, const int32_t * qpos,
-                        char * out, size_t out_nb1, int ith, int nth, bool feat, const float * wsc, int64_t wsc_n,
-                        const kvq_qsrc & qs);
+// Merge them into the output rows (ubatch order, out_nb1 bytes apart); with `feat`, the window
+// features of L's window rows ub_base + t. Returns the feature time (ms).
+double  kvq_fused_merge(const llama_kvq_state & s, kvq_layer & L, size_t ub_base, const float * part, int nc,
+                        const kvq_qset & Q, char * out, size_t out_nb1, int ith, int nth, bool feat, const float * wsc,
+                        int64_t wsc_n, const kvq_qsrc & qs);
 
 #ifdef KVQ_HAVE_X86
 // AVX2 pieces of the fused kernel (llama-kvq-attention-x86.cpp; head_dim 64, kvq_simd_supported).

@@ -1,4 +1,4 @@
-// kvq: per-token mixed-precision KV cache for llama.cpp (single sequence, CPU).
+// kvq: per-token mixed-precision KV cache for llama.cpp (CPU; every sequence keeps its own rows).
 //
 // Tokens enter a *window* (staging: f16, or q8_0 rotated with window_bits 8) when their
 // ubatch is stored. After each ubatch, tokens older than the last W positions leave the
@@ -47,6 +47,7 @@
 #define LLAMA_KVQ_KEY_HEAD         "kvq.controller.head"      // optional string: "logits" (default) or "log_damage"
 #define LLAMA_KVQ_KEY_DAMAGE_FLOOR "kvq.controller.damage_floor" // optional f32 [n_precisions - 1]: damage_o >= floor_o * damage_o+1
 #define LLAMA_KVQ_KEY_NORM_PRIOR   "kvq.controller.norm_prior"   // optional u32 n0 > 0: normalise by running feature statistics (prior: n0 rows)
+#define LLAMA_KVQ_KEY_GRANULARITY  "kvq.controller.granularity"  // optional string: "token" (default) or "token_layer" (per_layer decisions)
 #define LLAMA_KVQ_CONTROLLER_VERSION 1
 
 #ifdef __cplusplus
@@ -78,11 +79,14 @@ enum llama_kvq_prec {
 struct llama_kvq_params {
     int32_t policy;         // enum llama_kvq_policy
     int32_t static_bits;    // STATIC: 16, 8, 4, 3 (K4V2) or 2; ASSIGN: bits for positions the table does not cover
-    int32_t window;         // W: most recent tokens kept at window_bits before a decision (0 allowed)
+    int32_t window;         // W: most recent tokens kept at window_bits before a decision (0 allowed); -1: the
+                            //    policy's default for the context, chosen by llama_kvq_enable: 0 for static, with a
+                            //    q8_0 window (window_bits 8) n_ctx_seq / 16 within [32, 128], else 32
     float   budget_bits;    // memory cap as bits/element at full context (<= 0: none); LEARNED: also the
                             //    effective bits the price steers the whole cache to
     int64_t budget_bytes;   // memory cap in bytes (<= 0: none); the smaller cap applies
-    int32_t per_layer;      // 1: decide per (token, layer); 0: one decision per token for all layers
+    int32_t per_layer;      // 1: decide per (token, layer); 0: one decision per token for all layers (LEARNED:
+                            //    also 1 when the controller's granularity is token_layer, as it was trained)
     int32_t trace;          // 1: record features and decisions (llama_kvq_get_trace)
     int32_t rotate;         // 1: Hadamard-rotate the rows of quantized pools
     int32_t rule_sink;      // RULE: first positions kept at 16 bits
@@ -125,11 +129,26 @@ struct llama_kvq_stats {
 
 LLAMA_API struct llama_kvq_params llama_kvq_default_params(void);
 
+// Parameters for a policy named as kvq's CLI and llama.cpp's --kvq name it: f16 | q8 | q4 | k4v2 | q2
+// (static: every row in that pool, stored as it arrives, K centering and V unbiasing off: the stock
+// caches' equal) | rule | adaptive (a q8_0 window of the default length, K centering, unbiased V),
+// with an optional @BITS memory cap in bits per element (2..16; not for static policies). `adaptive`
+// runs the model's embedded controller unless controller_path is set. 0 on success, else -1 and
+// llama_kvq_last_error() says why.
+LLAMA_API int32_t llama_kvq_params_from_spec(const char * spec, struct llama_kvq_params * out);
+
 // Enable kvq on a fresh context (before its first decode). 0 on success; on error a
 // negative value and llama_kvq_last_error() says why (an unsupported model or context, bad
 // params, a controller_path that cannot be read or does not fit the model).
 LLAMA_API int32_t llama_kvq_enable(struct llama_context * ctx, const struct llama_kvq_params * params);
 LLAMA_API int32_t llama_kvq_enabled(const struct llama_context * ctx);
+
+// A context whose KV cache is kvq's (what llama.cpp's tools do for --kvq): llama_init_from_model
+// then llama_kvq_enable, except that the stock KV tensors, which kvq never reads or writes, get no
+// memory. The stock cache type is set to q2_0 (no memory either way) with flash attention, and
+// several sequences share one unified cache (kv_unified). NULL on error (llama_kvq_last_error()).
+LLAMA_API struct llama_context * llama_kvq_init_from_model(struct llama_model * model, struct llama_context_params cparams,
+                                                          const struct llama_kvq_params * params);
 LLAMA_API const char * llama_kvq_last_error(void);
 
 // ASSIGN policy: bits[pos] (per_layer = 0) or bits[pos * n_layer + il] (per_layer = 1).
@@ -217,6 +236,9 @@ struct llama_ubatch;
 struct llama_kvq_state;
 struct llama_kvq_controller;
 
+// llama-kv-cache.cpp (constructor): true while llama_kvq_init_from_model creates its context, whose
+// stock KV tensors then get a dummy buffer (as llama.cpp's no_alloc fitting does).
+bool llama_kvq_stock_kv_unused();
 // llama.cpp (model load): parse kvq.controller.* from the GGUF metadata.
 void llama_kvq_load_controller(struct llama_model & model, const struct gguf_context * meta);
 // llama-graph.cpp (build_attn): store k/v of the ubatch and attend over all pools.
@@ -226,4 +248,12 @@ struct ggml_tensor * llama_kvq_build_attn(struct ggml_context * ctx0, struct ggm
 // llama-context.cpp (decode): around each ubatch. Return false on an unsupported batch.
 bool llama_kvq_before_ubatch(struct llama_context & ctx, const struct llama_ubatch & ubatch);
 void llama_kvq_after_ubatch(struct llama_context & ctx, const struct llama_ubatch & ubatch);
+// llama-context.cpp (llama_memory_*): the same change on the kvq rows of the memory's context,
+// after the memory made it. A shift (seq_add, seq_div) is not supported: the next decode fails.
+bool llama_kvq_memory_enabled(const struct llama_memory_i * mem);
+void llama_kvq_memory_seq_rm(const struct llama_memory_i * mem, llama_seq_id seq, llama_pos p0, llama_pos p1);
+void llama_kvq_memory_seq_cp(const struct llama_memory_i * mem, llama_seq_id src, llama_seq_id dst, llama_pos p0, llama_pos p1);
+void llama_kvq_memory_seq_keep(const struct llama_memory_i * mem, llama_seq_id seq);
+void llama_kvq_memory_seq_shift(const struct llama_memory_i * mem);
+void llama_kvq_memory_clear(const struct llama_memory_i * mem);
 #endif
