@@ -12,7 +12,10 @@ Steps (each cached, so a source change rebuilds in seconds):
      file the sdist or a patch already has: upstream files change through patches only);
   3. sync staging into a *stable* source dir, copying only files whose bytes changed, so
      mtimes of untouched files survive and CMake rebuilds only what changed;
-  4. build a wheel with a kept scikit-build-core build dir and ccache;
+  4. build a wheel with a kept scikit-build-core build dir and ccache: libllama for Python and, from the
+     same tree and build dir, llama.cpp's tools (TOOLS: llama-server, ...), installed next to
+     libllama in llama_cpp/lib with rpath $ORIGIN (0004-build-tools.patch), so they run on the
+     very libraries Python loads; scripts/setup.sh links them into .venv/bin;
   5. keep the wheel under wheels/<series-hash>/ and print its path (the only stdout line).
 
 The series hash covers the recipe, UPSTREAM, every patch and every src/ file (path + bytes).
@@ -38,13 +41,21 @@ PATCH_DIR = ROOT / "patches" / "llama.cpp"
 SRC_DIR = PATCH_DIR / "src"             # new files, copied to vendor/llama.cpp/src/
 SRC_DEST = Path("vendor") / "llama.cpp" / "src"
 # Bump when the build recipe itself changes in a way that changes the wheel.
-RECIPE = "2"
+RECIPE = "3"
+# llama.cpp's tools built into the wheel (kvq_cli/runtime/tools.py names the same ones). They are the only
+# build targets: libllama, libggml*, libllama-common and libmtmd (which llama-server links) come as their
+# dependencies, and none of the other tools that llama.cpp's tools/ adds is compiled.
+TOOLS = ("llama-server", "llama-perplexity", "llama-bench", "llama-cli")
 CMAKE_ARGS = [
-    "-DLLAVA_BUILD=OFF",
+    "-DLLAVA_BUILD=OFF",                # tools/ adds mtmd itself; LLAVA_BUILD would add it a second time
     "-DLLAMA_BUILD_TESTS=OFF",
     "-DLLAMA_BUILD_EXAMPLES=OFF",
-    "-DLLAMA_BUILD_TOOLS=OFF",
-    "-DLLAMA_BUILD_SERVER=OFF",
+    "-DLLAMA_BUILD_TOOLS=ON",
+    "-DLLAMA_BUILD_SERVER=ON",
+    "-DLLAMA_BUILD_UI=OFF",             # no npm build of the web UI ...
+    "-DLLAMA_USE_PREBUILT_UI=OFF",      # ... and no download of it: llama-server serves the API only
+    "-DLLAMA_OPENSSL=OFF",              # plain-HTTP server on localhost; no libssl at build or run time
+    f"-DLLAMA_CPP_PYTHON_TOOLS={';'.join(TOOLS)}",
     "-DGGML_NATIVE=ON",
     "-DCMAKE_BUILD_TYPE=Release",
 ]
@@ -205,7 +216,7 @@ def build_wheel(src: Path, build_dir: Path, out: Path) -> Path:
     try:
         r = subprocess.run(
             [sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(tmp_out),
-             "-C", f"build-dir={build_dir}", "-C", "cmake.verbose=false",
+             "-C", f"build-dir={build_dir}", "-C", "cmake.verbose=false", "-C", f"build.targets={';'.join(TOOLS)}",
              *[f"-Ccmake.define.{k}={v}" for k, v in CMAKE_DEFINES.items()], str(src)],
             env=env, stdout=sys.stderr, stderr=sys.stderr,
         )

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Idempotent set-up: .venv, the kvq llama.cpp runtime wheel, the package, the embedded model.
+# Idempotent set-up: .venv, the kvq llama.cpp runtime wheel (with llama.cpp's tools, linked into
+# .venv/bin), the package, the embedded model.
 # Each step is skipped when its stamp says nothing changed, so a set-up checkout takes seconds:
 # the runtime wheel is cached by the hash of patches/llama.cpp/ (scripts/build_runtime.py), the
 # package install by the hash of pyproject.toml.
@@ -40,10 +41,20 @@ pip_install() {
 # The runtime: llama-cpp-python 0.3.36 + patches/llama.cpp series (cached wheel).
 WHEEL=$("$VENV/bin/python" scripts/build_runtime.py 2> >(grep -v "^\[build_runtime\] cached wheel" >&2))
 STAMP="$VENV/.kvq-runtime"
-if [ "$(cat "$STAMP" 2>/dev/null)" != "$WHEEL" ]; then
+# Also reinstalled when .venv/bin/llama-server is missing or dangling (say a stock llama-cpp-python went over it).
+if [ "$(cat "$STAMP" 2>/dev/null)" != "$WHEEL" ] || [ ! -e "$VENV/bin/llama-server" ]; then
   echo "[setup] installing $(basename "$WHEEL")" >&2
   pip_install --force-reinstall --no-deps "$WHEEL"
   pip_install "typing-extensions>=4.5.0" "numpy>=1.20.0" "diskcache>=5.6.1" "jinja2>=2.11.3"
+  # llama.cpp's tools (llama-server, llama-perplexity, llama-bench, llama-cli) sit in the wheel next to
+  # libllama with rpath $ORIGIN; the loader takes $ORIGIN from the real file, so a symlink runs them.
+  PKG=$("$VENV/bin/python" -c "import importlib.util as u; print(*u.find_spec('llama_cpp').submodule_search_locations)")
+  for link in "$VENV"/bin/llama-*; do
+    if [ -L "$link" ]; then rm -f "$link"; fi
+  done
+  for tool in "$PKG"/lib/llama-*; do
+    if [ -f "$tool" ] && [ -x "$tool" ]; then ln -s "$tool" "$VENV/bin/"; fi
+  done
   echo "$WHEEL" > "$STAMP"
 fi
 
