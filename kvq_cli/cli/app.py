@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 import typer
 
-from kvq_cli.cli import eval_cmds, model_cmds, run_cmds
+from kvq_cli.cli import eval_cmds, model_cmds, run_cmds, serve_cmds
 from kvq_cli.errors import KvqError
 
 app = typer.Typer(
@@ -53,6 +53,9 @@ for _name, _fn in (("models", model_cmds.models_cmd), ("pull", model_cmds.pull_c
                    ("bench", run_cmds.bench_cmd), ("eval", eval_cmds.eval_cmd), ("train", eval_cmds.train_cmd),
                    ("calibrate", eval_cmds.calibrate_cmd)):
     app.command(_name)(handle_errors(_fn))
+# serve passes the arguments after `--` on to llama-server
+app.command("serve", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(
+    handle_errors(serve_cmds.serve_cmd))
 
 
 def main() -> None:

@@ -31,10 +31,9 @@ def chat_cmd(
 
     Example: kvq chat --prompt "Name three colours." --seed 1
     """
-    from kvq_cli.cli.model_cmds import fetch
     from kvq_cli.config import GenerationConfig
-    from kvq_cli.errors import BadOption, ModelNotDownloaded
-    from kvq_cli.models.registry import get_spec, model_ref, resolve
+    from kvq_cli.errors import BadOption
+    from kvq_cli.models.registry import model_ref
     from kvq_cli.runtime.chat import ChatSession
     from kvq_cli.runtime.engine import Engine
     from kvq_cli.runtime.kv import default_kv, kvq_options, parse_kv_list
@@ -47,16 +46,8 @@ def chat_cmd(
     if ctx < 0:
         raise BadOption(f"--ctx must be >= 0, got {ctx}")
     gen = GenerationConfig(max_tokens=max_tokens, temperature=temperature, seed=seed)
-    try:
-        resolved = resolve(model)
-    except ModelNotDownloaded as e:
-        spec = get_spec(model) if model else None
-        if spec is None or spec.embedded:
-            raise
-        stderr_console().print(f"{e}: pulling it now", style="dim")
-        fetch(spec)
-        resolved = resolve(model)
     err = stderr_console()
+    resolved = resolve_or_pull(model, err)
     with Engine(model_ref(resolved, [policy], opts), kv=policy, n_ctx=ctx, seed=seed, n_threads=threads, kvq=opts) as engine:
         note_generic(engine.model, err)
         session = ChatSession(engine, gen, system=system)
@@ -68,6 +59,23 @@ def chat_cmd(
             err.print(engine.kv_stats().summary(engine.kv.name), style="dim", markup=False)
             return
         _interactive(session, resolved.name, err)
+
+
+def resolve_or_pull(model: str | None, err):
+    """The model to run (models.registry.resolve); a registry model not downloaded yet is pulled first."""
+    from kvq_cli.cli.model_cmds import fetch
+    from kvq_cli.errors import ModelNotDownloaded
+    from kvq_cli.models.registry import get_spec, resolve
+
+    try:
+        return resolve(model)
+    except ModelNotDownloaded as e:
+        spec = get_spec(model) if model else None
+        if spec is None or spec.embedded:
+            raise
+        err.print(f"{e}: pulling it now", style="dim")
+        fetch(spec)
+        return resolve(model)
 
 
 def note_generic(ref, err) -> None:

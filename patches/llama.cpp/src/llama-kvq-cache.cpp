@@ -170,8 +170,8 @@ int32_t llama_kvq_enable(llama_context * ctx, const llama_kvq_params * params) {
 
     auto s = std::make_shared<llama_kvq_state>();
     s->p = p;
-    if (p.window < 0) { // the policy's default for the context of one sequence
-        const int64_t n_ctx_seq = ctx->n_ctx_seq();
+    if (p.window < 0) { // the policy's default for one sequence's share of the context
+        const int64_t n_ctx_seq = (int64_t) ctx->n_ctx() / n_seq_max;
         s->p.window = p.policy == LLAMA_KVQ_POLICY_STATIC ? 0
                     : p.window_bits == 8 ? (int32_t) std::min<int64_t>(128, std::max<int64_t>(32, n_ctx_seq / 16)) : 32;
     }

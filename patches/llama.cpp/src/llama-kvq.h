@@ -81,7 +81,7 @@ struct llama_kvq_params {
     int32_t static_bits;    // STATIC: 16, 8, 4, 3 (K4V2) or 2; ASSIGN: bits for positions the table does not cover
     int32_t window;         // W: most recent tokens kept at window_bits before a decision (0 allowed); -1: the
                             //    policy's default for the context, chosen by llama_kvq_enable: 0 for static, with a
-                            //    q8_0 window (window_bits 8) n_ctx_seq / 16 within [32, 128], else 32
+                            //    q8_0 window (window_bits 8) n_ctx / n_seq_max / 16 within [32, 128], else 32
     float   budget_bits;    // memory cap as bits/element at full context (<= 0: none); LEARNED: also the
                             //    effective bits the price steers the whole cache to
     int64_t budget_bytes;   // memory cap in bytes (<= 0: none); the smaller cap applies
