@@ -25,7 +25,7 @@ def test_help_imports_nothing_heavy():
     assert out.stdout.strip() == ""
 
 
-@pytest.mark.parametrize("cmd", ["models", "pull", "inspect", "chat"])
+@pytest.mark.parametrize("cmd", [c.name for c in app.registered_commands])
 def test_every_command_has_help_and_example(runner, cmd):
     r = runner.invoke(app, [cmd, "--help"])
     assert r.exit_code == 0
