@@ -3,14 +3,12 @@
 stops it cleanly; bad input is one line. Also llama-bench and llama-perplexity with --kvq."""
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 

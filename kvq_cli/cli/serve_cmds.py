@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from kvq_cli.cli.options import CtxOpt, KvBitsOpt, KvOpt, KvWindowOpt, ModelArg, ThreadsOpt, stderr_console
+from kvq_cli.cli.options import KvBitsOpt, KvOpt, KvWindowOpt, ModelArg, ThreadsOpt, stderr_console
 
 ParallelOpt = Annotated[int, typer.Option("--parallel", "-np", help="Parallel slots: requests served at once, each with its own sequence in the one cache.")]
 HostOpt = Annotated[str, typer.Option("--host", help="Address to listen on (127.0.0.1: this machine only).")]

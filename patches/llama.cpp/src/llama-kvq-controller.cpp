@@ -11,6 +11,7 @@
 #include <cstdio>
 #include <cstring>
 #include <exception>
+#include <initializer_list>
 
 //
 // kvq_feature_norm
@@ -160,6 +161,22 @@ static bool kvq_get_u32(const gguf_context * meta, const char * key, uint32_t & 
     }
 }
 
+// An optional string key naming one of `choices`: its index (0 when absent), or -1 with err set.
+static int kvq_get_choice(const gguf_context * meta, const char * key, std::initializer_list<const char *> choices,
+                          std::string & err) {
+    const int64_t id = gguf_find_key(meta, key);
+    if (id < 0) return 0;
+    const char * v = gguf_get_kv_type(meta, id) == GGUF_TYPE_STRING ? gguf_get_val_str(meta, id) : "";
+    std::string names;
+    int i = 0;
+    for (const char * c : choices) {
+        if (strcmp(v, c) == 0) return i;
+        names += (i++ ? ", " : "") + std::string(c);
+    }
+    err = std::string(key) + " must be one of " + names + ", got \"" + v + "\"";
+    return -1;
+}
+
 std::shared_ptr<llama_kvq_controller> kvq_parse_controller(const gguf_context * meta) {
     auto c = std::make_shared<llama_kvq_controller>();
     if (gguf_find_key(meta, LLAMA_KVQ_KEY_VERSION) < 0) {
@@ -221,24 +238,11 @@ std::shared_ptr<llama_kvq_controller> kvq_parse_controller(const gguf_context * 
     if (gguf_find_key(meta, LLAMA_KVQ_KEY_K_CENTER) >= 0 && !kvq_get_f32_arr(meta, LLAMA_KVQ_KEY_K_CENTER, c->k_center, err)) return c;
     if (gguf_find_key(meta, LLAMA_KVQ_KEY_DAMAGE_FLOOR) >= 0 && !kvq_get_f32_arr(meta, LLAMA_KVQ_KEY_DAMAGE_FLOOR, c->damage_floor, err)) return c;
     if (gguf_find_key(meta, LLAMA_KVQ_KEY_NORM_PRIOR) >= 0 && !kvq_get_u32(meta, LLAMA_KVQ_KEY_NORM_PRIOR, c->norm_prior, err)) return c;
-    if (const int64_t id = gguf_find_key(meta, LLAMA_KVQ_KEY_HEAD); id >= 0) {
-        const char * head = gguf_get_kv_type(meta, id) == GGUF_TYPE_STRING ? gguf_get_val_str(meta, id) : "";
-        if (strcmp(head, "log_damage") == 0) {
-            c->log_damage = true;
-        } else if (strcmp(head, "logits") != 0) {
-            err = std::string("kvq.controller.head must be one of logits, log_damage, got \"") + head + "\"";
-            return c;
-        }
-    }
-    if (const int64_t id = gguf_find_key(meta, LLAMA_KVQ_KEY_GRANULARITY); id >= 0) {
-        const char * g = gguf_get_kv_type(meta, id) == GGUF_TYPE_STRING ? gguf_get_val_str(meta, id) : "";
-        if (strcmp(g, "token_layer") == 0) {
-            c->per_layer = true;
-        } else if (strcmp(g, "token") != 0) {
-            err = std::string("kvq.controller.granularity must be one of token, token_layer, got \"") + g + "\"";
-            return c;
-        }
-    }
+    const int head = kvq_get_choice(meta, LLAMA_KVQ_KEY_HEAD, { "logits", "log_damage" }, err);
+    const int granularity = head < 0 ? -1 : kvq_get_choice(meta, LLAMA_KVQ_KEY_GRANULARITY, { "token", "token_layer" }, err);
+    if (granularity < 0) return c;
+    c->log_damage = head == 1;
+    c->per_layer = granularity == 1;
     c->n_in = (int) c->feat_idx.size();
     c->n_hidden = (int) hidden;
     c->n_out = (int) c->bits.size();
