@@ -15,12 +15,13 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from kvq_cli.eval.load import fit_prompt, records_to_json, run_load  # noqa: E402
+from kvq_cli.eval.load import fit_prompt, run_load  # noqa: E402
 from kvq_cli.eval.machine import machine_summary  # noqa: E402
 from kvq_cli.models.registry import embedded_path, model_ref, resolve  # noqa: E402
 from kvq_cli.runtime.kv import parse_kv, parse_kv_list  # noqa: E402
@@ -69,7 +70,7 @@ def main() -> int:
               f"{kv_ratio:.1%} of its KV memory, {r.server_peak_rss_mib / base.server_peak_rss_mib:.2f}x peak RSS")
     if a.json:
         Path(a.json).write_text(json.dumps({"command": cmd, "date": time.strftime("%Y-%m-%d", time.gmtime()),
-                                            "machine": machine_summary(), "records": records_to_json(records)},
+                                            "machine": machine_summary(), "records": [asdict(r) for r in records]},
                                            indent=1) + "\n")
     return 1 if any(r.failed for r in records) else 0
 

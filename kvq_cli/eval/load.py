@@ -11,7 +11,7 @@ import json
 import threading
 import time
 import urllib.request
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from kvq_cli.runtime.engine import ModelRef
 from kvq_cli.runtime.kv import KvPolicy
@@ -112,7 +112,3 @@ def run_load(model: ModelRef, policy: KvPolicy, prompts: list[str], *, parallel:
                       wall_s=wall, completion_tokens=n, tokens_per_s=n / wall if wall > 0 else 0.0,
                       latency_p50_s=percentile(lat, 0.5), latency_p95_s=percentile(lat, 0.95),
                       server_peak_rss_mib=mem.get("peak_rss", float("nan")), kv_mib=kv_mib, errors=errors[:5])
-
-
-def records_to_json(records: list[LoadRecord]) -> list[dict]:
-    return [asdict(r) for r in records]

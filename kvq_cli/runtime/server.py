@@ -181,12 +181,19 @@ class Server:
     def kv_mib(self) -> float:
         """KV memory of the server's context (parallel x ctx tokens): what llama.cpp allocates for a stock
         cache; for kvq, its cap at the policy's bits (block scales and window included; its stock tensors
-        get no memory). A kvq policy without @BITS has no cap: its worst case, f16, is reported."""
+        get no memory), a static pool's own size, and for rule/adaptive without @BITS (no cap) f16, their
+        worst case."""
+        from kvq_cli.controller.spec import EFF_BITS_OF
         from kvq_cli.gguf.read import model_dims, read_gguf
 
         _, dims = model_dims(read_gguf(self.model.path))
         p = self.cfg.policy
-        bits = p.bits_per_elem if p.is_stock else (p.budget_bits or self.cfg.kv_bits or 16.0)
+        if p.is_stock:
+            bits = p.bits_per_elem
+        elif p.kvq == "static":
+            bits = EFF_BITS_OF[p.static_bits]
+        else:
+            bits = p.budget_bits or self.cfg.kv_bits or 16.0
         return self.cfg.ctx * self.cfg.parallel * dims.kv_elems_per_token * bits / 8 / 2**20
 
     def stop(self, timeout: float = 15.0) -> int | None:
