@@ -55,6 +55,10 @@ class ContextOverflow(KvqError):
     """The prompt does not fit the context window."""
 
 
+class StateError(KvqError):
+    """A session (KV cache state) file that cannot be restored into this context."""
+
+
 class OutputError(KvqError):
     """An output file could not be written (permissions, disk full, bad path)."""
 

@@ -1,6 +1,6 @@
 """Several sequences in one kvq cache (llama.cpp's seq_id, llama-server's slots): each sequence
 attends to its own rows only, seq_rm/seq_cp/seq_keep reach the kvq rows, one budget holds for all,
-and a shift (unsupported yet) is refused instead of decoding on wrong positions."""
+and a shift (seq_add: llama.cpp's context shift) moves every row as the stock cache does."""
 from __future__ import annotations
 
 import ctypes
@@ -200,15 +200,76 @@ def test_one_budget_holds_across_sequences(tiny_model):
         m.close()
 
 
-def test_a_shift_is_refused_not_decoded_wrong(tiny_model):
-    toks = _tokens(tiny_model, TEXT, 32)
-    m = MultiSeq(tiny_model, "q4", n_seq=1)
+class StockSeq(MultiSeq):
+    """The same driver over a stock llama.cpp cache (f16 K/V): what a kvq cache is compared with."""
+
+    def __init__(self, model_path, n_ctx: int = 512, n_batch: int = 256):
+        self.model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), llama_cpp.llama_model_default_params())
+        cp = llama_cpp.llama_context_default_params()
+        cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max = n_ctx, n_batch, n_batch, 1
+        cp.n_threads = cp.n_threads_batch = 2
+        self.ctx = llama_cpp.llama_init_from_model(self.model, cp)
+        assert self.ctx
+        self.mem = llama_cpp.llama_get_memory(self.ctx)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model))
+        self.batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+
+
+def _shifted(m: MultiSeq, toks: list[int]) -> np.ndarray:
+    """Logits of 8 tokens decoded after a context shift (llama-server's: drop 8 after the first 4, move the rest back)."""
     try:
-        assert not llama_cpp.llama_memory_can_shift(m.mem)   # llama-server turns context shift off for it
-        assert m.decode([(0, j, t) for j, t in enumerate(toks[:16])]) == 0
-        llama_cpp.llama_memory_seq_add(m.mem, 0, 8, -1, -4)
-        assert m.decode([(0, 12, toks[16])]) != 0
-        llama_cpp.llama_memory_clear(m.mem, True)            # a clear starts over
-        assert m.decode([(0, j, t) for j, t in enumerate(toks[:16])]) == 0
+        assert llama_cpp.llama_memory_can_shift(m.mem)   # llama-server keeps --context-shift on
+        assert m.decode([(0, j, t) for j, t in enumerate(toks[:32])]) == 0
+        assert llama_cpp.llama_memory_seq_rm(m.mem, 0, 4, 12)
+        llama_cpp.llama_memory_seq_add(m.mem, 0, 12, -1, -8)
+        assert llama_cpp.llama_memory_seq_pos_max(m.mem, 0) == 23
+        out = []
+        for j in range(8):
+            assert m.decode([(0, 24 + j, toks[32 + j])]) == 0
+            out.append(m.logits(0))
+        return np.array(out)
+    finally:
+        m.close()
+
+
+def test_a_shift_moves_every_row_as_the_stock_cache_does(tiny_model):
+    """seq_add re-encodes the moved K rows at their new positions: the kvq f16 cache after a shift gives
+    the stock f16 cache's shifted logits (the tiny model's logits move by ~9 if positions are wrong)."""
+    toks = _tokens(tiny_model, TEXT, 40)
+    ref = _shifted(StockSeq(tiny_model), toks)
+    got = _shifted(MultiSeq(tiny_model, "f16", n_seq=1), toks)
+    unshifted = StockSeq(tiny_model)
+    try:
+        assert unshifted.decode([(0, j, t) for j, t in enumerate(toks[:40])]) == 0
+        full = np.array([unshifted.logits(32 + j) for j in range(8)])
+    finally:
+        unshifted.close()
+    assert np.abs(ref - full).max() > 1.0          # the shift matters on this model
+    assert np.abs(got - ref).max() < 0.05
+
+
+@pytest.mark.parametrize("spec", ["q4", "adaptive@3"])
+def test_a_shift_on_quantized_pools_and_the_window(tiny_model, generic_controller, spec):
+    """Quantized pools and the q8_0 window shift too (decode, RoPE, re-encode): the cache holds the
+    shifted positions, each once, and decoding goes on."""
+    toks = _tokens(tiny_model, TEXT, 40)
+    kw = {"controller": generic_controller} if spec.startswith("adaptive") else {}
+    m = MultiSeq(tiny_model, spec, n_seq=1, window=8 if spec.startswith("adaptive") else None, **kw)
+    try:
+        assert m.decode([(0, j, t) for j, t in enumerate(toks[:32])]) == 0
+        assert llama_cpp.llama_memory_seq_rm(m.mem, 0, 4, 12)
+        llama_cpp.llama_memory_seq_add(m.mem, 0, 12, -1, -8)
+        k = np.zeros((64, 128), dtype=np.float32)
+        v = np.zeros_like(k)
+        pos, prec = np.zeros(64, dtype=np.int32), np.zeros(64, dtype=np.int32)
+        f32, i32 = ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_int32)
+        n = m.lib.llama_kvq_read_layer(m.ctx, 0, k.ctypes.data_as(f32), v.ctypes.data_as(f32),
+                                       pos.ctypes.data_as(i32), prec.ctypes.data_as(i32), 64)
+        assert sorted(pos[:n].tolist()) == list(range(24))
+        if spec.startswith("adaptive"):
+            assert set(prec[:n].tolist()) > {0}   # window rows and decided rows both moved
+        assert m.decode([(0, 24, toks[32])]) == 0
+        assert np.isfinite(m.logits(0)).all()
+        assert m.stats().n_tokens == 25
     finally:
         m.close()

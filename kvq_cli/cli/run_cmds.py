@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -26,8 +27,12 @@ def chat_cmd(
     temperature: Annotated[float, typer.Option("--temp", help="Sampling temperature (0 = greedy).")] = 0.7,
     system: Annotated[Optional[str], typer.Option("--system", help="System prompt.")] = None,
     threads: ThreadsOpt = None,
+    session_file: Annotated[Optional[Path], typer.Option(
+        "--session", help="Session file: the conversation (its KV cache) is restored from it when it exists and "
+                          "saved to it after every reply; it needs the same model, --kv and --ctx.")] = None,
 ) -> None:
-    """Chat with a model (streaming, multi-turn; /exit quits, /reset forgets).
+    """Chat with a model (streaming, multi-turn; /exit quits, /reset forgets). A full context shifts:
+    the oldest half of the conversation after the system prompt goes, and the chat goes on.
 
     Example: kvq chat --prompt "Name three colours." --seed 1
     """
@@ -51,14 +56,22 @@ def chat_cmd(
     with Engine(model_ref(resolved, [policy], opts), kv=policy, n_ctx=ctx, seed=seed, n_threads=threads, kvq=opts) as engine:
         note_generic(engine.model, err)
         session = ChatSession(engine, gen, system=system)
-        if prompt is not None:
-            for piece in session.reply(prompt):
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-            sys.stdout.write("\n")
-            err.print(engine.kv_stats().summary(engine.kv.name), style="dim", markup=False)
-            return
-        _interactive(session, resolved.name, err)
+        try:
+            if session_file is not None and session_file.exists():
+                n = session.restore(session_file)
+                err.print(f"kvq: session {session_file} restored ({n} tokens)", style="dim", markup=False)
+            if prompt is not None:
+                for piece in session.reply(prompt):
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
+                sys.stdout.write("\n")
+                if session_file is not None:
+                    session.save(session_file)
+                err.print(engine.kv_stats().summary(engine.kv.name), style="dim", markup=False)
+                return
+            _interactive(session, resolved.name, err, session_file)
+        finally:
+            session.close()
 
 
 def resolve_or_pull(model: str | None, err):
@@ -86,7 +99,7 @@ def note_generic(ref, err) -> None:
                   f"`kvq calibrate {ref.path}` learns one for this model", style="dim", markup=False)
 
 
-def _interactive(session, name: str, err) -> None:
+def _interactive(session, name: str, err, session_file=None) -> None:
     from rich.console import Console
 
     out = Console(highlight=False)
@@ -107,7 +120,7 @@ def _interactive(session, name: str, err) -> None:
             session.reset()
             err.print("(conversation forgotten)", style="dim")
             continue
-        dropped = session.dropped_turns
+        dropped, shifts = session.dropped_turns, session.n_shifts
         try:
             for piece in session.reply(text):
                 out.print(piece, end="", markup=False, highlight=False)
@@ -118,7 +131,11 @@ def _interactive(session, name: str, err) -> None:
             err.print(f"kvq: {e.one_line()}", style="red")
             continue
         out.print()
-        if session.dropped_turns > dropped:
+        if session_file is not None:
+            session.save(session_file)
+        if session.n_shifts > shifts:
+            err.print("(context full: shifted, the oldest half of the conversation dropped)", style="dim")
+        elif session.dropped_turns > dropped:
             err.print("(context full: oldest turns dropped)", style="dim")
         err.print(session.engine.kv_stats().summary(session.engine.kv.name), style="dim", markup=False)
 

@@ -79,6 +79,8 @@ _PROTOTYPES = {
     "llama_kvq_enabled": (c_int32, [c_void_p]),
     # const char * llama_kvq_last_error(void);
     "llama_kvq_last_error": (c_char_p, []),
+    # void llama_kvq_clear_error(void);
+    "llama_kvq_clear_error": (None, []),
     # int32_t llama_kvq_set_assignment(struct llama_context * ctx, const int32_t * bits, int64_t n);
     "llama_kvq_set_assignment": (c_int32, [c_void_p, _P_i32, c_int64]),
     # int32_t llama_kvq_set_k_center(struct llama_context * ctx, const float * k_mu, int64_t n);

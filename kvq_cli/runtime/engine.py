@@ -5,7 +5,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from kvq_cli.errors import BadOption, ContextOverflow, ControllerError, InvalidGGUF, KvqError, RuntimeMissing
 from kvq_cli.gguf.keys import Controller, Llm
@@ -310,6 +310,21 @@ class Engine:
         llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self.llm.ctx), 0, n_past, -1)
         self.llm.n_tokens = n_past
 
+    def shift(self, n_keep: int, n_discard: int) -> None:
+        """Context shift as llama.cpp does it: drop the n_discard cached tokens after the first
+        n_keep and move the rest back by n_discard positions (their K rows re-encoded there)."""
+        import llama_cpp
+
+        n = self.n_tokens
+        if not (0 <= n_keep and 0 < n_discard and n_keep + n_discard <= n):
+            raise BadOption(f"cannot shift {n_discard} tokens after {n_keep} of {n} cached")
+        mem = llama_cpp.llama_get_memory(self.llm.ctx)
+        llama_cpp.llama_memory_seq_rm(mem, 0, n_keep, n_keep + n_discard)
+        llama_cpp.llama_memory_seq_add(mem, 0, n_keep + n_discard, n, -n_discard)
+        ids = self.llm.input_ids
+        ids[n_keep:n - n_discard] = ids[n_keep + n_discard:n].copy()
+        self.llm.n_tokens = n - n_discard
+
     def decode(self, tokens: list[int], n_past: int, logits_from: int | None = None):
         """Drop cached positions >= n_past, decode `tokens` after them; logits of tokens[logits_from:].
 
@@ -400,13 +415,13 @@ class Engine:
         return rc
 
     # -- chat -----------------------------------------------------------------------
-    def chat_prompt_tokens(self, messages: list[dict[str, str]]) -> int:
-        """Tokens the chat template turns `messages` into (what the next reply prefills)."""
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
+    def render_chat(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = True) -> tuple[str, bool]:
+        """The model's chat template applied to `messages`: (prompt text, whether to add BOS when tokenizing)."""
         template = self.llm.metadata.get("tokenizer.chat_template")
         if template is None:
-            return len(self.tokenize("\n".join(m["content"] for m in messages)))
+            text = "\n".join(m["content"] for m in messages)
+            return (text + "\n" if add_generation_prompt else text), True
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
         import llama_cpp
 
         vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
@@ -415,23 +430,6 @@ class Engine:
             return llama_cpp.llama_vocab_get_text(vocab, tok).decode("utf-8", "replace") if tok != -1 else ""
 
         fmt = Jinja2ChatFormatter(template=template, eos_token=text(self.llm.token_eos()),
-                                  bos_token=text(self.llm.token_bos()))
+                                  bos_token=text(self.llm.token_bos()), add_generation_prompt=add_generation_prompt)
         result = fmt(messages=messages)
-        return len(self.llm.tokenize(result.prompt.encode("utf-8"),
-                                     add_bos=not result.added_special, special=True))
-
-    def stream_chat(self, messages: list[dict[str, str]], *, max_tokens: int, temperature: float,
-                    top_p: float, seed: int) -> Iterator[str]:
-        """Stream reply text for `messages`, formatted with the model's chat template."""
-        try:
-            chunks = self.llm.create_chat_completion(
-                messages=messages, stream=True, max_tokens=max_tokens, temperature=temperature,
-                top_p=top_p, seed=seed)
-            for chunk in chunks:
-                text = chunk["choices"][0]["delta"].get("content")
-                if text:
-                    yield text
-        except ValueError as e:
-            if "exceed context window" in str(e):
-                raise ContextOverflow(str(e)) from None
-            raise
+        return result.prompt, not result.added_special

@@ -25,6 +25,10 @@ const char * llama_kvq_last_error(void) {
     return g_kvq_error.c_str();
 }
 
+void llama_kvq_clear_error(void) {
+    g_kvq_error.clear();
+}
+
 const char * const KVQ_FEATURE_NAMES[LLAMA_KVQ_N_FEATURES] = {
     "token_freq", "quality", "attn_var", "attn_entropy", "layer_frac", "position_frac", "k_absmax", "v_absmax",
     "attn_recv",
@@ -122,6 +126,9 @@ int32_t llama_kvq_enable(llama_context * ctx, const llama_kvq_params * params) {
     if (llama_model_has_encoder(&model) || hp.n_layer() == 0) return kvq_fail("kvq supports decoder-only models");
     const uint32_t n_seq_max = ctx->get_cparams().n_seq_max;
     if (n_seq_max < 1) return kvq_fail("kvq needs n_seq_max >= 1");
+    if (n_seq_max > 1 && !ctx->get_cparams().kv_unified) {
+        return kvq_fail("kvq with several sequences needs a unified KV cache (kv_unified; llama_kvq_init_from_model sets it)");
+    }
     const int n_head = hp.n_head(0), n_head_kv = hp.n_head_kv(0), hd = hp.n_embd_head_k(0);
     for (uint32_t il = 0; il < hp.n_layer(); ++il) {
         if ((int) hp.n_head(il) != n_head || (int) hp.n_head_kv(il) != n_head_kv || (int) hp.n_embd_head_k(il) != hd ||
@@ -250,6 +257,7 @@ int32_t llama_kvq_enable(llama_context * ctx, const llama_kvq_params * params) {
         R.v_min.resize(low.row_v);
     }
 
+    s->lctx = ctx;
     s->memory = ctx->get_memory();
     if (s->memory) kvq_register(s->memory, s.get());
     ctx->set_kvq(s); // the graph reads the state through cparams.kvq

@@ -235,8 +235,9 @@ struct llama_kvq_state {
     kvq_layer proto;         // the pools' formats (types, row sizes), no rows: what every layer of a sequence starts as
     std::vector<kvq_seq> seqs; // [n_seq_max]
     int64_t w_total = 0;     // window rows a full cache reserves: min(W x n_seq_max, n_ctx)
+    const llama_context * lctx = nullptr;    // the context (its cparams: RoPE of a position shift)
     const llama_memory_i * memory = nullptr; // the context's memory, whose seq_* calls reach this state
-    bool shifted = false;    // positions were shifted (seq_add/seq_div): the next decode fails
+    bool shifted = false;    // a position shift could not be applied (RoPE factors off the host): the next decode fails
 
     // current ubatch: its tokens (positions, ids, sequences) in ubatch order, and the order that
     // groups them by sequence (stable): sequence S's tokens are ub_order[S.ub_first .. + S.ub_n)
@@ -282,6 +283,9 @@ kvq_seq & kvq_seq_use(llama_kvq_state & s, int32_t seq);
 void kvq_seq_forget_token(kvq_seq & S, int32_t pos);
 void kvq_seq_remove(llama_kvq_state & s, kvq_seq & S, int32_t p0, int32_t p1, bool refund);
 bool kvq_refunds(const llama_kvq_state & s, int32_t p0);
+// Move positions [p0, p1) of S by delta (div <= 1) or divide them by div (seq_add, seq_div); false if
+// the model's RoPE could not be applied.
+bool kvq_seq_move(llama_kvq_state & s, kvq_seq & S, int32_t p0, int32_t p1, int32_t delta, int div);
 
 // Rows: append (encoding from plain f32; tmp: n_embd_kv floats of scratch), swap-remove, and the
 // budget check every new or converted row passes.

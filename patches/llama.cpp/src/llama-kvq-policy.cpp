@@ -63,8 +63,8 @@ bool llama_kvq_before_ubatch(llama_context & ctx, const llama_ubatch & ub) {
     llama_kvq_state * s = ctx.kvq.get();
     if (!s) return true;
     if (s->shifted) {
-        LLAMA_LOG_ERROR("%s: kvq: positions were shifted (seq_add/seq_div, context shift), which the kvq cache does "
-                        "not support yet; clear the memory to go on\n", __func__);
+        LLAMA_LOG_ERROR("%s: kvq: a position shift (seq_add/seq_div) could not re-apply RoPE to the cache (the model's "
+                        "RoPE factors are not in host memory); clear the memory to go on\n", __func__);
         return false;
     }
     if (ub.n_pos > 1 || (ub.embd != nullptr && ub.token == nullptr)) {

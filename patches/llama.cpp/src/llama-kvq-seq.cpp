@@ -3,6 +3,9 @@
 #include "llama-kvq-impl.h"
 
 #include "llama-context.h"
+#include "llama-model.h"
+
+#include "ggml-backend.h"
 
 #include <algorithm>
 #include <cstring>
@@ -188,6 +191,119 @@ static void kvq_seq_copy(llama_kvq_state & s, int32_t src, int32_t dst, int32_t 
 }
 
 //
+// position shifts (seq_add, seq_div: llama.cpp's context shift)
+//
+
+// K rows are stored after RoPE, and RoPE rotations compose (R(p + d) = R(d) R(p)): a row moved by d
+// positions is decoded, rotated by RoPE at position d and re-encoded in its own pool, as llama.cpp's
+// K-shift does for a quantized cache (dequantize, RoPE, quantize back). V rows do not change.
+
+// RoPE at position d[r] applied in place to n plain K rows x (n x n_embd_kv) of layer il, with the
+// parameters llama_kv_cache::build_rope_shift uses. False if the model's RoPE factors are not in host memory.
+static bool kvq_rope_rows(const llama_kvq_state & s, int il, float * x, const int32_t * d, int64_t n) {
+    const llama_model & model = *s.model;
+    const llama_hparams & hp = model.hparams;
+    if (hp.rope_type == LLAMA_ROPE_TYPE_NONE || !hp.has_rope(il)) return true;
+    const llama_cparams & cp = s.lctx->get_cparams();
+    ggml_tensor * factors = model.get_rope_factors(cp, il);
+    if (factors && (!factors->buffer || !ggml_backend_buffer_is_host(factors->buffer))) return false;
+    const size_t data = 2 * (size_t) n * s.n_embd_kv * sizeof(float) + (size_t) n * sizeof(int32_t);
+    const ggml_init_params ip = { data + 8 * ggml_tensor_overhead() + ggml_graph_overhead() + (1 << 20), nullptr, false };
+    ggml_context * ctx = ggml_init(ip);
+    if (!ctx) return false;
+    ggml_tensor * t = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, s.hd, s.n_head_kv, n);
+    ggml_tensor * p = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n);
+    memcpy(t->data, x, (size_t) n * s.n_embd_kv * sizeof(float));
+    memcpy(p->data, d, (size_t) n * sizeof(int32_t));
+    // M-RoPE caches shift with normal (NeoX-ordered) RoPE, as llama.cpp does
+    const int rope_type = hp.rope_type == LLAMA_ROPE_TYPE_MROPE || hp.rope_type == LLAMA_ROPE_TYPE_IMROPE
+                        ? LLAMA_ROPE_TYPE_NEOX : hp.rope_type;
+    ggml_tensor * r = ggml_rope_ext(ctx, t, p, factors, hp.n_rot(il), rope_type, cp.n_ctx_orig_yarn,
+                                    model.get_rope_freq_base(cp, il), model.get_rope_freq_scale(cp, il),
+                                    cp.yarn_ext_factor, cp.yarn_attn_factor, cp.yarn_beta_fast, cp.yarn_beta_slow);
+    ggml_cgraph * gf = ggml_new_graph(ctx);
+    ggml_build_forward_expand(gf, r);
+    const bool ok = ggml_graph_compute_with_ctx(ctx, gf, std::max(1, s.n_threads_max)) == GGML_STATUS_SUCCESS;
+    if (ok) memcpy(x, r->data, (size_t) n * s.n_embd_kv * sizeof(float));
+    ggml_free(ctx);
+    return ok;
+}
+
+// Re-encode the K rows idx of pool P (layer il) rotated by RoPE at d[r] (same order as idx).
+static bool kvq_pool_rerope(llama_kvq_state & s, int il, kvq_pool & P, const std::vector<size_t> & idx,
+                            const std::vector<int32_t> & d) {
+    if (idx.empty() || P.row_k == 0) return true;
+    const int64_t CH = 1024; // rows per RoPE graph
+    std::vector<float> x, tmp(s.n_embd_kv);
+    const float * mu = s.k_mu.empty() ? nullptr : s.k_mu.data() + (size_t) il * s.n_embd_kv;
+    for (size_t c0 = 0; c0 < idx.size(); c0 += CH) {
+        const int64_t n = std::min<int64_t>(CH, (int64_t) (idx.size() - c0));
+        x.resize((size_t) n * s.n_embd_kv);
+        for (int64_t r = 0; r < n; ++r) {
+            float * xr = x.data() + r * s.n_embd_kv;
+            kvq_decode_row(s, P, false, P.k.data() + idx[c0 + r] * P.row_k, xr);
+            if (mu) for (int e = 0; e < s.n_embd_kv; ++e) xr[e] += mu[e]; // K as RoPE made it
+        }
+        if (!kvq_rope_rows(s, il, x.data(), d.data() + c0, n)) return false;
+        for (int64_t r = 0; r < n; ++r) {
+            float * xr = x.data() + r * s.n_embd_kv;
+            if (mu) for (int e = 0; e < s.n_embd_kv; ++e) xr[e] -= mu[e];
+            kvq_encode(s, P, 0, xr, P.k.data() + idx[c0 + r] * P.row_k, tmp.data());
+        }
+    }
+    return true;
+}
+
+// Positions [p0, p1) of S move to p + delta (div <= 1) or p / div, as llama.cpp's cells do: rows
+// whose new position is negative leave, the others keep their pool and window features with K
+// re-encoded at the new position. False if RoPE could not be applied (the positions did not move).
+bool kvq_seq_move(llama_kvq_state & s, kvq_seq & S, int32_t p0, int32_t p1, int32_t delta, int div) {
+    if (!S.used()) return true;
+    if (p0 < 0) p0 = 0;
+    if (p1 < 0) p1 = INT32_MAX;
+    if (p0 >= p1 || p0 > S.max_pos) return true;
+    auto moved = [&](int32_t p) { return div > 1 ? p / div : p + delta; };
+    if (div <= 1 && delta < 0 && p0 < -delta) { // these go below position 0
+        kvq_seq_remove(s, S, p0, std::min<int64_t>(p1, -(int64_t) delta), kvq_refunds(s, p0));
+    }
+    std::vector<size_t> idx;
+    std::vector<int32_t> d;
+    for (int il = 0; il < s.n_layer; ++il) {
+        for (kvq_pool & P : S.layers[il].pools) {
+            idx.clear();
+            d.clear();
+            for (size_t i = 0; i < P.n(); ++i) {
+                if (P.pos[i] < p0 || P.pos[i] >= p1 || moved(P.pos[i]) == P.pos[i]) continue;
+                idx.push_back(i);
+                d.push_back(moved(P.pos[i]) - P.pos[i]);
+            }
+            if (!kvq_pool_rerope(s, il, P, idx, d)) return false;
+            for (size_t i : idx) P.pos[i] = moved(P.pos[i]);
+        }
+    }
+    // token statistics follow their positions
+    std::vector<std::pair<int32_t, llama_token>> toks;
+    for (int32_t p = p0; p <= S.max_pos && p < p1; ++p) {
+        if (S.tok_at[p] >= 0) toks.push_back({ moved(p), S.tok_at[p] });
+        kvq_seq_forget_token(S, p);
+    }
+    int32_t m = -1;
+    for (const kvq_pool & P : S.layers[0].pools) {
+        for (int32_t pos : P.pos) m = std::max(m, pos);
+    }
+    S.max_pos = m;
+    if ((int64_t) S.tok_at.size() <= m) S.tok_at.resize(m + 1, -1);
+    for (const auto & pt : toks) {
+        if (pt.first < 0 || pt.first > m) continue;
+        kvq_seq_forget_token(S, pt.first);
+        S.tok_at[pt.first] = pt.second;
+        S.tok_count[pt.second]++;
+        S.n_tok_seen++;
+    }
+    return true;
+}
+
+//
 // memory hooks: llama_memory_* on a context's memory reach its kvq rows
 //
 
@@ -219,10 +335,16 @@ void llama_kvq_memory_seq_keep(const llama_memory_i * mem, llama_seq_id seq) {
     }
 }
 
-void llama_kvq_memory_seq_shift(const llama_memory_i * mem) {
+void llama_kvq_memory_seq_add(const llama_memory_i * mem, llama_seq_id seq, llama_pos p0, llama_pos p1, llama_pos delta) {
     llama_kvq_state * s = kvq_of_memory(mem);
-    if (!s) return;
-    s->shifted = true;
+    if (!s || delta == 0 || seq < 0 || seq >= (int32_t) s->seqs.size()) return;
+    if (!kvq_seq_move(*s, s->seqs[seq], p0, p1, delta, 1)) s->shifted = true;
+}
+
+void llama_kvq_memory_seq_div(const llama_memory_i * mem, llama_seq_id seq, llama_pos p0, llama_pos p1, int d) {
+    llama_kvq_state * s = kvq_of_memory(mem);
+    if (!s || d <= 1 || seq < 0 || seq >= (int32_t) s->seqs.size()) return;
+    if (!kvq_seq_move(*s, s->seqs[seq], p0, p1, 0, d)) s->shifted = true;
 }
 
 void llama_kvq_memory_clear(const llama_memory_i * mem) {

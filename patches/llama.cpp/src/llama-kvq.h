@@ -23,7 +23,8 @@
 // (the MLP), -cache (state, enable, pools and budget), -policy (ubatch hooks, features,
 // decisions), -quant (rotation, row codecs, query-aware rounding), -graph (custom ops),
 // -attention (fused kernel), -attention-x86 (its AVX2 tiles), -attention-ref (reference),
-// -api (debug and reference access).
+// -seq (sequences, memory hooks, position shifts), -state (state save/restore), -api (debug and
+// reference access).
 #pragma once
 
 #include "llama.h"
@@ -150,6 +151,7 @@ LLAMA_API int32_t llama_kvq_enabled(const struct llama_context * ctx);
 LLAMA_API struct llama_context * llama_kvq_init_from_model(struct llama_model * model, struct llama_context_params cparams,
                                                           const struct llama_kvq_params * params);
 LLAMA_API const char * llama_kvq_last_error(void);
+LLAMA_API void         llama_kvq_clear_error(void); // empties llama_kvq_last_error() (before a call that may set it)
 
 // ASSIGN policy: bits[pos] (per_layer = 0) or bits[pos * n_layer + il] (per_layer = 1).
 // Bits 0 (here and as a controller class, never static or rule) leaves the row out: it stays
@@ -248,12 +250,25 @@ struct ggml_tensor * llama_kvq_build_attn(struct ggml_context * ctx0, struct ggm
 // llama-context.cpp (decode): around each ubatch. Return false on an unsupported batch.
 bool llama_kvq_before_ubatch(struct llama_context & ctx, const struct llama_ubatch & ubatch);
 void llama_kvq_after_ubatch(struct llama_context & ctx, const struct llama_ubatch & ubatch);
+// llama-kv-cache.cpp (state_write, state_read): a kvq context's rows of sequence seq (-1: all) in place of
+// the stock K/V data (llama-kvq-state.cpp). write: false when kvq is off for mem; read: false on a state
+// that is not this cache's (another policy or model, a stock state, corrupted), with the reason logged and
+// in llama_kvq_last_error(). A stock cache that meets a kvq block (LLAMA_KVQ_STATE_MAGIC where it keeps
+// v_trans) refuses it with llama_kvq_state_foreign().
+#define LLAMA_KVQ_STATE_MAGIC 0x5351564bu // "KVQS"
+class llama_io_write_i;
+class llama_io_read_i;
+bool llama_kvq_state_write(const struct llama_memory_i * mem, llama_io_write_i & io, llama_seq_id seq);
+bool llama_kvq_state_read(const struct llama_memory_i * mem, llama_io_read_i & io, llama_seq_id seq);
+bool llama_kvq_state_foreign();
 // llama-context.cpp (llama_memory_*): the same change on the kvq rows of the memory's context,
-// after the memory made it. A shift (seq_add, seq_div) is not supported: the next decode fails.
+// after the memory made it. A shift (seq_add, seq_div) re-encodes the moved K rows at their new
+// positions; the stock cache's own K-shift graph is skipped (llama-kv-cache.cpp, update).
 bool llama_kvq_memory_enabled(const struct llama_memory_i * mem);
 void llama_kvq_memory_seq_rm(const struct llama_memory_i * mem, llama_seq_id seq, llama_pos p0, llama_pos p1);
 void llama_kvq_memory_seq_cp(const struct llama_memory_i * mem, llama_seq_id src, llama_seq_id dst, llama_pos p0, llama_pos p1);
 void llama_kvq_memory_seq_keep(const struct llama_memory_i * mem, llama_seq_id seq);
-void llama_kvq_memory_seq_shift(const struct llama_memory_i * mem);
+void llama_kvq_memory_seq_add(const struct llama_memory_i * mem, llama_seq_id seq, llama_pos p0, llama_pos p1, llama_pos delta);
+void llama_kvq_memory_seq_div(const struct llama_memory_i * mem, llama_seq_id seq, llama_pos p0, llama_pos p1, int d);
 void llama_kvq_memory_clear(const struct llama_memory_i * mem);
 #endif
