@@ -275,14 +275,15 @@ void kvq_register(const llama_memory_i * mem, llama_kvq_state * s);
 
 // Sequence rows: a sequence's layers are created with the pools' formats on first use; remove the
 // rows of positions [p0, p1) (p1 < 0: to the end) of one sequence. `refund`: the removed decided
-// rows leave the price's totals, else the price keeps them. kvq_refunds says which a removal from p0
-// does: rows rolled back behind a kept prefix refund; a sequence emptied from position 0 keeps the
-// price it learned when the context has one sequence (scoring loops: items in turn) and refunds when
-// it serves several (slots: a request's decisions then depend on its own rows only).
+// rows leave the price's totals, else the price keeps them. kvq_refunds says which a removal of
+// [p0, p1) from S does: rows rolled back behind a kept prefix refund, and so do rows dropped before
+// kept ones (a context shift); a sequence emptied from position 0 keeps the price it learned when the
+// context has one sequence (scoring loops: items in turn) and refunds when it serves several (slots:
+// a request's decisions then depend on its own rows only).
 kvq_seq & kvq_seq_use(llama_kvq_state & s, int32_t seq);
 void kvq_seq_forget_token(kvq_seq & S, int32_t pos);
 void kvq_seq_remove(llama_kvq_state & s, kvq_seq & S, int32_t p0, int32_t p1, bool refund);
-bool kvq_refunds(const llama_kvq_state & s, int32_t p0);
+bool kvq_refunds(const llama_kvq_state & s, const kvq_seq & S, int32_t p0, int32_t p1);
 // Move positions [p0, p1) of S by delta (div <= 1) or divide them by div (seq_add, seq_div); false if
 // the model's RoPE could not be applied.
 bool kvq_seq_move(llama_kvq_state & s, kvq_seq & S, int32_t p0, int32_t p1, int32_t delta, int div);

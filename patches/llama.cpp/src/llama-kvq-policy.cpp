@@ -119,7 +119,7 @@ bool llama_kvq_before_ubatch(llama_context & ctx, const llama_ubatch & ub) {
         // ubatch rolled back, or a seq_rm this state did not see): drop what we hold for them.
         int32_t pmin = INT32_MAX;
         for (int32_t k = S.ub_first; k < S.ub_first + S.ub_n; ++k) pmin = std::min(pmin, s->ub_qpos[k]);
-        if (pmin <= S.max_pos) kvq_seq_remove(*s, S, pmin, -1, kvq_refunds(*s, pmin));
+        if (pmin <= S.max_pos) kvq_seq_remove(*s, S, pmin, -1, kvq_refunds(*s, S, pmin, -1));
         for (int32_t k = S.ub_first; k < S.ub_first + S.ub_n; ++k) {
             const int32_t i = s->ub_order[k], pos = s->ub_pos[i];
             kvq_seq_forget_token(S, pos);

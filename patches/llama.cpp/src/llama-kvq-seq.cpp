@@ -77,8 +77,8 @@ llama_context * llama_kvq_init_from_model(llama_model * model, llama_context_par
 // sequences
 //
 
-bool kvq_refunds(const llama_kvq_state & s, int32_t p0) {
-    return p0 > 0 || s.seqs.size() > 1;
+bool kvq_refunds(const llama_kvq_state & s, const kvq_seq & S, int32_t p0, int32_t p1) {
+    return p0 > 0 || s.seqs.size() > 1 || (p1 >= 0 && p1 <= S.max_pos);
 }
 
 kvq_seq & kvq_seq_use(llama_kvq_state & s, int32_t seq) {
@@ -264,7 +264,8 @@ bool kvq_seq_move(llama_kvq_state & s, kvq_seq & S, int32_t p0, int32_t p1, int3
     if (p0 >= p1 || p0 > S.max_pos) return true;
     auto moved = [&](int32_t p) { return div > 1 ? p / div : p + delta; };
     if (div <= 1 && delta < 0 && p0 < -delta) { // these go below position 0
-        kvq_seq_remove(s, S, p0, std::min<int64_t>(p1, -(int64_t) delta), kvq_refunds(s, p0));
+        const int32_t p_end = (int32_t) std::min<int64_t>(p1, -(int64_t) delta);
+        kvq_seq_remove(s, S, p0, p_end, kvq_refunds(s, S, p0, p_end));
     }
     std::vector<size_t> idx;
     std::vector<int32_t> d;
@@ -314,9 +315,8 @@ bool llama_kvq_memory_enabled(const llama_memory_i * mem) {
 void llama_kvq_memory_seq_rm(const llama_memory_i * mem, llama_seq_id seq, llama_pos p0, llama_pos p1) {
     llama_kvq_state * s = kvq_of_memory(mem);
     if (!s) return;
-    const bool refund = kvq_refunds(*s, p0);
     for (int32_t i = 0; i < (int32_t) s->seqs.size(); ++i) {
-        if (seq < 0 || seq == i) kvq_seq_remove(*s, s->seqs[i], p0, p1, refund);
+        if (seq < 0 || seq == i) kvq_seq_remove(*s, s->seqs[i], p0, p1, kvq_refunds(*s, s->seqs[i], p0, p1));
     }
 }
 
@@ -331,7 +331,7 @@ void llama_kvq_memory_seq_keep(const llama_memory_i * mem, llama_seq_id seq) {
     llama_kvq_state * s = kvq_of_memory(mem);
     if (!s) return;
     for (int32_t i = 0; i < (int32_t) s->seqs.size(); ++i) {
-        if (i != seq) kvq_seq_remove(*s, s->seqs[i], 0, -1, kvq_refunds(*s, 0));
+        if (i != seq) kvq_seq_remove(*s, s->seqs[i], 0, -1, kvq_refunds(*s, s->seqs[i], 0, -1));
     }
 }
 
@@ -350,7 +350,7 @@ void llama_kvq_memory_seq_div(const llama_memory_i * mem, llama_seq_id seq, llam
 void llama_kvq_memory_clear(const llama_memory_i * mem) {
     llama_kvq_state * s = kvq_of_memory(mem);
     if (!s) return;
-    for (auto & S : s->seqs) kvq_seq_remove(*s, S, 0, -1, kvq_refunds(*s, 0));
+    for (auto & S : s->seqs) kvq_seq_remove(*s, S, 0, -1, kvq_refunds(*s, S, 0, -1));
     s->shifted = false;
 }
 
