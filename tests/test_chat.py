@@ -66,7 +66,7 @@ def test_prompt_longer_than_context(runner):
     assert_one_line_error(r, "does not fit the 64-token context", "--ctx")
 
 
-def test_context_shift_drops_oldest_turns(model_path):
+def test_a_full_context_shifts_and_the_chat_goes_on(model_path):
     gen = GenerationConfig(max_tokens=40, temperature=0.0, seed=0)
     with Engine(model_path, kv=parse_kv("stock-f16"), n_ctx=160) as engine:
         session = ChatSession(engine, gen)
@@ -74,8 +74,8 @@ def test_context_shift_drops_oldest_turns(model_path):
             reply = "".join(session.reply(f"Tell me fact number {i} about the sea."))
             assert reply.strip()
             assert engine.n_tokens <= 160
-        assert session.dropped_turns > 0
-        assert session.history[-1]["role"] == "assistant"
+        assert session.n_shifts > 0 and session.dropped_turns == 0   # shifted, never prefilled again
+        assert session.n_fed < sum(len(engine.tokenize(m["content"])) for m in session.history) + 6 * 40
         with pytest.raises(ContextOverflow):
             list(session.reply("sea " * 300))
         # The failed message is not kept; the session still works.

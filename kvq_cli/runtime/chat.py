@@ -45,6 +45,11 @@ class ChatSession:
         """Context shifts made so far."""
         return self._gen.n_shifts
 
+    @property
+    def n_fed(self) -> int:
+        """Tokens decoded so far (prompts and replies)."""
+        return self._gen.n_fed
+
     def _head(self) -> list[dict[str, str]]:
         return [{"role": "system", "content": self.system}] if self.system else []
 

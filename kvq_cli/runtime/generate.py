@@ -24,6 +24,7 @@ class Generator:
     gen: GenerationConfig
     n_keep: int = 0            # tokens at the start a shift never removes (the system prompt)
     n_shifts: int = 0          # context shifts made so far
+    n_fed: int = 0             # tokens decoded so far
     _logits_at: int = -1       # n_tokens when the logits of the last cached token were computed
     _chain: int | None = field(default=None, repr=False)
 
@@ -64,6 +65,7 @@ class Generator:
             chunk = tokens[i:i + e.n_ctx - e.n_tokens]
             i += len(chunk)
             e.decode(chunk, e.n_tokens, logits_from=len(chunk) - 1 if i == len(tokens) else None)
+            self.n_fed += len(chunk)
         if tokens:
             self._logits_at = e.n_tokens
 
