@@ -113,3 +113,8 @@ def test_a_chat_session_continues_across_processes(runner, tmp_path):
     assert both.exit_code == 0, both.output
     replies = [ln.removeprefix(">>> ") for ln in both.stdout.splitlines() if ln.startswith(">>> ") and ln[4:].strip()]
     assert replies == [first.stdout.strip(), second.stdout.strip()]
+
+
+def test_a_session_path_that_cannot_be_written_is_one_line(runner, tmp_path):
+    r = runner.invoke(app, ["chat", "--session", str(tmp_path / "no" / "such" / "x.state"), "--prompt", "Hi"])
+    assert_one_line_error(r, "does not exist")

@@ -51,6 +51,10 @@ def chat_cmd(
     if ctx < 0:
         raise BadOption(f"--ctx must be >= 0, got {ctx}")
     gen = GenerationConfig(max_tokens=max_tokens, temperature=temperature, seed=seed)
+    if session_file is not None:
+        from kvq_cli.gguf.write import check_output
+
+        check_output(session_file)   # before the model loads, not after the first reply
     err = stderr_console()
     resolved = resolve_or_pull(model, err)
     with Engine(model_ref(resolved, [policy], opts), kv=policy, n_ctx=ctx, seed=seed, n_threads=threads, kvq=opts) as engine:
