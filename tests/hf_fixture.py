@@ -78,17 +78,20 @@ def build_hf_checkpoint(gguf_path: Path, out: Path, dtype=np.float16) -> Path:
 
 
 def build_tiny_checkpoint(gguf_path: Path, out: Path, *, n_layer: int = 3, n_head: int = 4, n_head_kv: int = 2,
-                          head_dim: int = 64, n_ff: int = 512, seed: int = 0) -> Path:
+                          head_dim: int = 64, n_ff: int = 512, seed: int = 0, n_embd: int | None = None) -> Path:
     """A tiny random llama checkpoint (GQA, head_dim 64) with the real model's tokenizer: fast runtime tests.
 
     Weights are random, with Q/K scaled so that attention is far from uniform (scores of a few units):
-    the KV cache and its kernels see varied attention, not the flat one of an untrained model."""
+    the KV cache and its kernels see varied attention, not the flat one of an untrained model.
+    `n_embd` (default n_head * head_dim) other than that writes config.json's head_dim, as models with
+    wide attention over a narrow residual stream do."""
     import gguf
     from safetensors.numpy import save_file
 
     r = gguf.GGUFReader(gguf_path)
     n_vocab = len(r.fields["tokenizer.ggml.tokens"].contents())
-    n_embd = n_head * head_dim
+    n_q = n_head * head_dim
+    n_embd = n_embd or n_q
     rng = np.random.default_rng(seed)
 
     def w(rows, cols, std):
@@ -100,10 +103,10 @@ def build_tiny_checkpoint(gguf_path: Path, out: Path, *, n_layer: int = 3, n_hea
         tensors.update({
             pre + "input_layernorm.weight": np.ones(n_embd, np.float16),
             pre + "post_attention_layernorm.weight": np.ones(n_embd, np.float16),
-            pre + "self_attn.q_proj.weight": w(n_embd, n_embd, 0.25 / np.sqrt(n_embd) * 8),
+            pre + "self_attn.q_proj.weight": w(n_q, n_embd, 0.25 / np.sqrt(n_embd) * 8),
             pre + "self_attn.k_proj.weight": w(n_head_kv * head_dim, n_embd, 0.25 / np.sqrt(n_embd) * 8),
             pre + "self_attn.v_proj.weight": w(n_head_kv * head_dim, n_embd, 1 / np.sqrt(n_embd)),
-            pre + "self_attn.o_proj.weight": w(n_embd, n_embd, 0.5 / np.sqrt(n_embd)),
+            pre + "self_attn.o_proj.weight": w(n_embd, n_q, 0.5 / np.sqrt(n_q)),
             pre + "mlp.gate_proj.weight": w(n_ff, n_embd, 1 / np.sqrt(n_embd)),
             pre + "mlp.up_proj.weight": w(n_ff, n_embd, 1 / np.sqrt(n_embd)),
             pre + "mlp.down_proj.weight": w(n_embd, n_ff, 0.5 / np.sqrt(n_ff)),
@@ -112,7 +115,8 @@ def build_tiny_checkpoint(gguf_path: Path, out: Path, *, n_layer: int = 3, n_hea
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     config = {"hidden_size": n_embd, "intermediate_size": n_ff, "num_hidden_layers": n_layer,
               "num_attention_heads": n_head, "num_key_value_heads": n_head_kv, "max_position_embeddings": 4096,
-              "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": True}
+              "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": True,
+              **({"head_dim": head_dim} if n_q != n_embd else {})}
     _write_config_and_tokenizer(r, out, config)
     return out
 

@@ -55,7 +55,9 @@ def inspect_tables(info) -> None:
                  ("train context", d.n_ctx_train), ("vocab", d.n_vocab),
                  ("KV elems / token", d.kv_elems_per_token),
                  ("tensors", f"{info.n_tensors} ({', '.join(f'{k}: {v}' for k, v in info.tensor_types.items())})"),
-                 ("kvq controller", controller_text(info.controller))]:
+                 ("kvq controller", controller_text(info.controller)),
+                 ("loads", "yes" if not info.problems else f"no: {info.problems[0]}"
+                  + (f" (+{len(info.problems) - 1} more)" if len(info.problems) > 1 else ""))]:
         summary.add_row(k, str(v))
     out.print(summary)
     meta = Table(title="metadata")

@@ -117,7 +117,7 @@ class ControllerSpec:
             raise ControllerError("controller has no features or no hidden units")
         unknown = [f for f in self.features if f not in KNOWN_FEATURES]
         if unknown:
-            raise ControllerError(f"controller uses unknown feature(s) {', '.join(unknown)}",
+            raise ControllerError(f"controller uses unknown feature(s) {', '.join(map(str, unknown))}",
                                   hint=f"known: {', '.join(KNOWN_FEATURES)}")
         if len(set(self.features)) != nf:
             raise ControllerError("controller lists a feature twice")
@@ -132,13 +132,13 @@ class ControllerSpec:
         for name, vec in (("feature_mean", self.feature_mean), ("feature_std", self.feature_std)):
             if len(vec) != nf:
                 raise ControllerError(f"controller {name} must have {nf} values")
-        if any(s <= 0 for s in self.feature_std if math.isfinite(s)):
-            raise ControllerError("controller feature_std must be > 0")
         for name in ("w1", "b1", "w2", "b2", "feature_mean", "feature_std"):
             value = getattr(self, name)
             flat = [x for r in value for x in r] if name in ("w1", "w2") else value
             if not all(isinstance(x, (int, float)) and math.isfinite(x) for x in flat):
-                raise ControllerError(f"controller {name} has non-finite values")
+                raise ControllerError(f"controller {name} has non-numeric or non-finite values")
+        if any(s <= 0 for s in self.feature_std):
+            raise ControllerError("controller feature_std must be > 0")
         if self.granularity not in GRANULARITIES:
             raise ControllerError(f"controller granularity {self.granularity!r} must be one of {', '.join(GRANULARITIES)}")
         if self.head not in HEADS:
@@ -230,7 +230,7 @@ class ControllerSpec:
                        norm_prior=d.get("norm_prior", 0))
         except KeyError as e:
             raise ControllerError(f"controller file lacks field {e.args[0]!r}") from None
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, OverflowError) as e:   # e.g. "version": Infinity
             raise ControllerError(f"controller file has a malformed field ({e})") from None
         return spec.validate()
 
@@ -291,7 +291,7 @@ class ControllerSpec:
             prior = get(K.NORM_PRIOR)
             if prior is not None:
                 spec.norm_prior = prior   # validate refuses a value that is not an integer
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, OverflowError) as e:   # values of the wrong type, NaN or inf counts
             raise ControllerError(f"GGUF controller metadata is incomplete or malformed ({e})") from None
         return spec.validate()
 

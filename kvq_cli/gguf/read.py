@@ -1,6 +1,7 @@
 """Read and validate GGUF files: the check every command runs, and model dimensions."""
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,56 +73,12 @@ def read_gguf(path: str | os.PathLike):
     return reader
 
 
-# GGUF value types (gguf-py GGUFValueType): fixed sizes of the scalar ones; 8 = string, 9 = array
-_SCALAR_SIZE = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-
-
 def metadata_keys(path: str | os.PathLike) -> set[str]:
-    """The metadata keys of a GGUF, read from its header without decoding any value.
+    """The metadata keys of a GGUF, read from its header (gguf.header: milliseconds, where gguf-py's
+    reader decodes a tokenizer's ~50k strings in seconds). Damaged headers raise InvalidGGUF."""
+    from kvq_cli.gguf.header import read_header
 
-    gguf-py's reader decodes every array (a tokenizer's ~50k strings take seconds); this skips
-    them, so checking for a key costs milliseconds. Damaged headers raise InvalidGGUF."""
-    import struct
-
-    p = check_gguf(path)
-    try:
-        with p.open("rb") as f:
-            def read(n: int) -> bytes:
-                b = f.read(n)
-                if len(b) != n:
-                    raise EOFError
-                return b
-
-            def u64() -> int:
-                return struct.unpack("<Q", read(8))[0]
-
-            def skip(vtype: int) -> None:
-                if vtype in _SCALAR_SIZE:
-                    f.seek(_SCALAR_SIZE[vtype], 1)
-                elif vtype == 8:
-                    f.seek(u64(), 1)
-                elif vtype == 9:
-                    sub, n = struct.unpack("<I", read(4))[0], u64()
-                    if sub in _SCALAR_SIZE:
-                        f.seek(_SCALAR_SIZE[sub] * n, 1)
-                    else:
-                        for _ in range(n):
-                            skip(sub)
-                else:
-                    raise ValueError(f"unknown value type {vtype}")
-
-            read(4)
-            version = struct.unpack("<I", read(4))[0]
-            if version < 2:
-                raise ValueError(f"GGUF version {version}")
-            u64()   # tensor count
-            keys = set()
-            for _ in range(u64()):
-                keys.add(read(u64()).decode("utf-8"))
-                skip(struct.unpack("<I", read(4))[0])
-            return keys
-    except (EOFError, ValueError, UnicodeDecodeError, struct.error) as e:
-        raise InvalidGGUF(f"{p} is truncated or corrupt ({type(e).__name__}: {e})") from None
+    return set(read_header(path).fields)
 
 
 def field_value(reader, key: str, default: Any = None) -> Any:
@@ -132,25 +89,35 @@ def field_value(reader, key: str, default: Any = None) -> Any:
     return f.contents()
 
 
+def _as_int(v: Any) -> int:
+    """A dimension as an int: a per-layer array's first value; 0 for a missing or non-numeric one."""
+    if isinstance(v, list):
+        v = v[0] if v else 0
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        return 0
+    return int(v)
+
+
 def model_dims(reader) -> tuple[str, ModelDims]:
     """Architecture name and KV-relevant dims from the metadata."""
     arch = field_value(reader, Llm.ARCHITECTURE)
-    if not arch:
+    if not arch or not isinstance(arch, str):
         raise InvalidGGUF("GGUF has no general.architecture")
 
     def get(key: str, default: Any = None) -> Any:
         return field_value(reader, key.format(arch=arch), default)
 
-    n_embd = int(get(Llm.EMBEDDING_LENGTH, 0))
-    n_head = int(get(Llm.HEAD_COUNT, 0) or 0)
-    n_head_kv = int(get(Llm.HEAD_COUNT_KV, n_head) or n_head)
-    head_dim = int(get(Llm.KEY_LENGTH, 0) or (n_embd // n_head if n_head else 0))
+    n_embd = _as_int(get(Llm.EMBEDDING_LENGTH))
+    n_head = _as_int(get(Llm.HEAD_COUNT))
+    n_head_kv = _as_int(get(Llm.HEAD_COUNT_KV)) or n_head
+    head_dim = _as_int(get(Llm.KEY_LENGTH)) or (n_embd // n_head if n_head else 0)
     n_vocab = get(Llm.VOCAB_SIZE)
     if n_vocab is None:
         toks = reader.fields.get("tokenizer.ggml.tokens")
-        n_vocab = len(toks.data) if toks is not None else 0
+        # a gguf.header.Field counts its items; a gguf-py ReaderField indexes them
+        n_vocab = 0 if toks is None else toks.count if hasattr(toks, "count") else len(toks.data)
     dims = ModelDims(
-        n_layer=int(get(Llm.BLOCK_COUNT, 0)), n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv,
-        head_dim=head_dim, n_ctx_train=int(get(Llm.CONTEXT_LENGTH, 0)), n_vocab=int(n_vocab),
+        n_layer=_as_int(get(Llm.BLOCK_COUNT)), n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv,
+        head_dim=head_dim, n_ctx_train=_as_int(get(Llm.CONTEXT_LENGTH)), n_vocab=_as_int(n_vocab),
     )
     return arch, dims

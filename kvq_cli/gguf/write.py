@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import os
 import tempfile
 from pathlib import Path
@@ -24,16 +25,49 @@ def check_output(path: str | os.PathLike) -> Path:
     return out
 
 
+def _temp_prefix(out: Path) -> str:
+    """Temp files of `out` are named .NAME.kvq-PID-XXXXXXXX.tmp: hidden, and naming their writer."""
+    return f".{out.name}.kvq-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # another user's process
+        return True
+    return True
+
+
+def remove_stale_temps(out: Path) -> list[Path]:
+    """Remove the temp files earlier writers of `out` left when killed before their rename (SIGKILL,
+    OOM, power loss): those whose writer pid no longer runs on this machine. Returns what it removed."""
+    parent = out.parent if str(out.parent) else Path(".")
+    prefix = _temp_prefix(out)
+    removed = []
+    for p in parent.glob(glob.escape(prefix) + "*.tmp"):
+        pid = p.name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+                removed.append(p)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path next to `path`; rename it over `path` only if the block succeeds.
 
-    Any failure (including Ctrl-C) removes the temp file, so no partial output ever exists.
+    Any failure (including Ctrl-C) removes the temp file, so no partial output ever exists. A writer
+    killed outright (SIGKILL) cannot clean up: its hidden temp file names its pid, and the next write
+    of the same output removes it (remove_stale_temps).
     """
     out = check_output(path)
     parent = out.parent if str(out.parent) else Path(".")
+    remove_stale_temps(out)
     try:
-        fd, tmp_name = tempfile.mkstemp(dir=parent, prefix=f".{out.name}.", suffix=".tmp")
+        fd, tmp_name = tempfile.mkstemp(dir=parent, prefix=f"{_temp_prefix(out)}{os.getpid()}-", suffix=".tmp")
     except OSError as e:
         raise _output_error(out, e) from None
     os.close(fd)

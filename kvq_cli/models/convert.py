@@ -238,6 +238,9 @@ def convert(model_dir: str | Path, out: str | Path, *, outtype: str = "f16",
         w.add_file_type(ftype)
         w.add_vocab_size(hp.n_vocab)
         w.add_rope_dimension_count(hp.head_dim)
+        if hp.head_dim * hp.n_head != hp.n_embd:   # config.json's head_dim (llama.cpp's default is n_embd / n_head)
+            w.add_key_length(hp.head_dim)
+            w.add_value_length(hp.head_dim)
         if outtype != "f16":
             w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         w.add_tokenizer_model("gpt2")

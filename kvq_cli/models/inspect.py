@@ -4,13 +4,14 @@ from __future__ import annotations
 import os
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from kvq_cli.controller.spec import controller_from_reader
-from kvq_cli.errors import ControllerError
+from kvq_cli.errors import ControllerError, InvalidGGUF
+from kvq_cli.gguf.header import read_header
 from kvq_cli.gguf.keys import KVQ_PREFIX, Llm
-from kvq_cli.gguf.read import ModelDims, summarise, field_value, model_dims, read_gguf
+from kvq_cli.gguf.preflight import TRUNCATED, model_problems, type_name
+from kvq_cli.gguf.read import MAX_ARRAY_ITEMS, ModelDims, field_value, model_dims, summarise
 
 
 @dataclass
@@ -28,6 +29,7 @@ class GGUFInfo:
     metadata: dict[str, Any] = field(default_factory=dict)
     kvq: dict[str, Any] = field(default_factory=dict)
     controller: dict[str, Any] | None = None
+    problems: list[str] = field(default_factory=list)   # why llama.cpp would refuse it (gguf.preflight)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-serialisable dict."""
@@ -53,26 +55,26 @@ def _controller_summary(reader) -> dict[str, Any] | None:
 
 
 def inspect_gguf(path: str | os.PathLike) -> GGUFInfo:
-    """Architecture, dims, tensor types and metadata (incl. `kvq.*`) of a GGUF file."""
-    reader = read_gguf(path)
-    arch, dims = model_dims(reader)
-    types = Counter(t.tensor_type.name for t in reader.tensors)
+    """Architecture, dims, tensor types, metadata (incl. `kvq.*`) and load problems of a GGUF file."""
+    head = read_header(path)
+    problems = model_problems(head)
+    cut = next((p for p in problems if p.endswith(TRUNCATED)), None)
+    if cut:   # an incomplete file (a copy or download cut short): not a model to describe
+        raise InvalidGGUF(f"{path}: {cut}")
+    try:
+        arch, dims = model_dims(head)
+    except InvalidGGUF:   # no architecture: what the file holds is still worth showing (problems say why)
+        arch, dims = "", ModelDims(0, 0, 0, 0, 0, 0, 0)
+    types = Counter(type_name(t.type) for t in head.tensors)
     meta: dict[str, Any] = {}
     kvq: dict[str, Any] = {}
-    for key, f in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        try:
-            value = f.contents()
-        except Exception:  # an unreadable value is reported, not fatal for inspect
-            value = "<unreadable>"
-        if key.startswith(KVQ_PREFIX):
-            kvq[key] = value if not isinstance(value, list) else summarise(value)
-        else:
-            meta[key] = summarise(value)
+    for key, f in head.fields.items():
+        # a long string array (vocab, merges) was read only in part: its length and first items
+        value = summarise(f.value) if f.complete else {"array_len": f.count, "head": f.value[:MAX_ARRAY_ITEMS]}
+        (kvq if key.startswith(KVQ_PREFIX) else meta)[key] = value
     return GGUFInfo(
-        controller=_controller_summary(reader), path=str(path), size_bytes=Path(path).stat().st_size,
-        gguf_version=int(field_value(reader, "GGUF.version", 0)), architecture=arch,
-        name=field_value(reader, Llm.NAME), dims=dims, n_tensors=len(reader.tensors),
-        tensor_types=dict(sorted(types.items())), metadata=meta, kvq=kvq,
+        controller=_controller_summary(head), path=str(path), size_bytes=head.file_size,
+        gguf_version=head.version, architecture=arch, name=field_value(head, Llm.NAME),
+        dims=dims, n_tensors=len(head.tensors), tensor_types=dict(sorted(types.items())), metadata=meta, kvq=kvq,
+        problems=problems,
     )

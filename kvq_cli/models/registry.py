@@ -94,7 +94,7 @@ def resolve(name: str | None) -> ResolvedModel:
     """Resolve a CLI MODEL argument (alias, hub id or .gguf path) to a local GGUF."""
     name = name or DEFAULT_MODEL
     if looks_like_path(name):
-        # Validity (exists, GGUF, not truncated) is checked by gguf.read.check_gguf when it loads.
+        # Validity (exists, GGUF, loadable) is checked by gguf.preflight when it loads.
         return ResolvedModel(name, Path(name), None)
     spec = get_spec(name)
     path = local_gguf(spec)

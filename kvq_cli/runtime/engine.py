@@ -9,12 +9,15 @@ from typing import Any
 
 from kvq_cli.errors import BadOption, ContextOverflow, ControllerError, InvalidGGUF, KvqError, RuntimeMissing
 from kvq_cli.gguf.keys import Controller, Llm
-from kvq_cli.gguf.read import ModelDims, check_gguf, read_gguf
+from kvq_cli.gguf.preflight import preflight
+from kvq_cli.gguf.read import ModelDims, model_dims, read_gguf
 from kvq_cli.runtime.kv import KvPolicy, KvqOptions
+from kvq_cli.runtime.load_log import load_errors, load_reason
 
 log = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
+KVQ_BLOCK = 64   # values per kvq2 block: one head's K or V row is whole blocks (head_dim % 64 == 0)
 
 
 @dataclass(frozen=True)
@@ -139,7 +142,13 @@ class Engine:
         self._batch = None   # decode()'s llama_batch, made on first use
         self.model = as_model_ref(model)
         model_path = self.model.path
-        check_gguf(model_path)   # missing file, not GGUF: one clear line before llama.cpp runs
+        head = preflight(model_path)   # missing, not GGUF, damaged or one llama.cpp would crash on: one line, first
+        head_dim = model_dims(head)[1].head_dim
+        if not kv.is_stock and head_dim % KVQ_BLOCK:
+            # (llama.cpp would refuse the placeholder q2_0 cache below with a message about q2_0)
+            raise BadOption(f"--kv {kv.name}: kvq needs head_dim % {KVQ_BLOCK} == 0 (its 2-bit blocks hold {KVQ_BLOCK} "
+                            f"values of one head); the model's head_dim is {head_dim}",
+                            hint="a stock cache runs it, e.g. --kv stock-f16")
         if kv.kvq == "adaptive" and self.model.source is None:
             self.model = ModelRef.with_controller(model_path)   # embedded, else the generic controller
         self.path = Path(model_path)
@@ -147,6 +156,7 @@ class Engine:
         self.kvq_opts = kvq or KvqOptions()
         self.window, self.window_bits = 0, 16   # kvq: the window W and its rows' bits (set when kvq is enabled)
         llama_cpp = _import_llama_cpp()
+        import jinja2
         # every core for decode and batches (llama-cpp-python would decode on cpu_count // 2)
         n_threads = n_threads or os.cpu_count() or 1
         lib = None
@@ -161,15 +171,17 @@ class Engine:
         flash = (kv.needs_flash or bool(flash_attn)) if kv.is_stock else True
         n_ctx = max(n_ctx, 0)   # 0: the model's training context (llama.cpp's default)
         try:
-            self.llm = llama_cpp.Llama(
-                model_path=str(model_path), n_ctx=n_ctx, n_batch=min(n_batch, n_ctx) if n_ctx else n_batch,
-                n_ubatch=min(n_ubatch, n_batch, n_ctx) if n_ctx else min(n_ubatch, n_batch), n_threads=n_threads,
-                n_threads_batch=n_threads, seed=seed, type_k=ggml_type, type_v=ggml_type,
-                flash_attn=flash, logits_all=logits_all, verbose=False,
-            )
-        except ValueError as e:
-            read_gguf(model_path)   # a damaged file: its precise reason (truncated, corrupt header)
-            raise InvalidGGUF(f"llama.cpp could not load {model_path}: {e}") from None
+            with load_errors(llama_cpp) as errors:
+                self.llm = llama_cpp.Llama(
+                    model_path=str(model_path), n_ctx=n_ctx, n_batch=min(n_batch, n_ctx) if n_ctx else n_batch,
+                    n_ubatch=min(n_ubatch, n_batch, n_ctx) if n_ctx else min(n_ubatch, n_batch), n_threads=n_threads,
+                    n_threads_batch=n_threads, seed=seed, type_k=ggml_type, type_v=ggml_type,
+                    flash_attn=flash, logits_all=logits_all, verbose=False,
+                )
+        except ValueError as e:   # llama.cpp refused the file (its reason went to the log) or the context
+            raise InvalidGGUF(f"llama.cpp could not load {model_path}: {load_reason(errors) or e}") from None
+        except jinja2.TemplateError as e:   # llama-cpp-python compiles the model's chat template as it loads
+            raise InvalidGGUF(f"the chat template of {model_path} (tokenizer.chat_template) does not compile: {e}") from None
         self.n_ctx = n_ctx or self.llm.n_ctx()
         self.arch, self.dims = _loaded_dims(llama_cpp, self.llm.model)
         self.controller = None   # a supplied controller (ControllerSpec), checked against this model
@@ -431,5 +443,9 @@ class Engine:
 
         fmt = Jinja2ChatFormatter(template=template, eos_token=text(self.llm.token_eos()),
                                   bos_token=text(self.llm.token_bos()), add_generation_prompt=add_generation_prompt)
-        result = fmt(messages=messages)
+        try:
+            result = fmt(messages=messages)
+        except Exception as e:   # the template is the model file's code: raise_exception(), bad indexing, ...
+            raise InvalidGGUF(f"the chat template of {self.path} (tokenizer.chat_template) failed: "
+                              f"{type(e).__name__}: {e}") from None
         return result.prompt, not result.added_special
