@@ -31,8 +31,9 @@ def chat_cmd(
         "--session", help="Session file: the conversation (its KV cache) is restored from it when it exists and "
                           "saved to it after every reply; it needs the same model, --kv and --ctx.")] = None,
 ) -> None:
-    """Chat with a model (streaming, multi-turn; /exit quits, /reset forgets). A full context shifts:
-    the oldest half of the conversation after the system prompt goes, and the chat goes on.
+    """Chat with a model (streaming, multi-turn; /exit quits, /reset forgets).
+
+    A full context shifts: the oldest half of the conversation after the system prompt goes, and the chat goes on.
 
     Example: kvq chat --prompt "Name three colours." --seed 1
     """

@@ -27,7 +27,7 @@ def serve_cmd(
 ) -> None:
     """Serve a model with llama.cpp's llama-server (OpenAI-compatible API) on a kvq cache; Ctrl-C stops it.
 
-    Arguments after `--` go to llama-server as they are.
+    Arguments after `--` go to llama-server as they are: `-- --context-shift` (a full slot drops its oldest half and goes on), `-- --slot-save-path DIR` (slot save/restore).
 
     Example: kvq serve smollm2-135m --kv adaptive@3 --parallel 4 --port 8080
     """
