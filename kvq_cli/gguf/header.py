@@ -196,13 +196,19 @@ def _read(buf: bytes, size: int, path: Path) -> GGUFHeader:
     return head
 
 
-def read_header(path: str | os.PathLike) -> GGUFHeader:
-    """Parse a GGUF's header; InvalidGGUF (one line) if it is missing, not GGUF, truncated or corrupt."""
+def existing_file(path: str | os.PathLike) -> Path:
+    """`path` if it names an existing file, else InvalidGGUF (one line)."""
     p = Path(path)
     if not p.exists():
         raise InvalidGGUF(f"no such file: {p}")
     if not p.is_file():
         raise InvalidGGUF(f"not a file: {p}")
+    return p
+
+
+def read_header(path: str | os.PathLike) -> GGUFHeader:
+    """Parse a GGUF's header; InvalidGGUF (one line) if it is missing, not GGUF, truncated or corrupt."""
+    p = existing_file(path)
     try:
         with p.open("rb") as f:
             size = os.fstat(f.fileno()).st_size

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from kvq_cli.errors import InvalidGGUF
+from kvq_cli.gguf.header import existing_file
 from kvq_cli.gguf.keys import Llm
 
 GGUF_MAGIC = b"GGUF"
@@ -42,11 +43,7 @@ def summarise(value: Any) -> Any:
 
 def check_gguf(path: str | os.PathLike) -> Path:
     """Fail with InvalidGGUF unless `path` is an existing, readable GGUF file."""
-    p = Path(path)
-    if not p.exists():
-        raise InvalidGGUF(f"no such file: {p}")
-    if not p.is_file():
-        raise InvalidGGUF(f"not a file: {p}")
+    p = existing_file(path)
     try:
         with p.open("rb") as f:
             magic = f.read(4)

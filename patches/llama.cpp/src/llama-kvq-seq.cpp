@@ -99,6 +99,15 @@ void kvq_seq_forget_token(kvq_seq & S, int32_t pos) {
     }
 }
 
+// The last position S holds (-1: none); every layer holds the same positions, so the first layer's tell.
+static int32_t kvq_seq_last_pos(const kvq_seq & S) {
+    int32_t m = -1;
+    for (const kvq_pool & P : S.layers[0].pools) {
+        for (int32_t pos : P.pos) m = std::max(m, pos);
+    }
+    return m;
+}
+
 void kvq_seq_remove(llama_kvq_state & s, kvq_seq & S, int32_t p0, int32_t p1, bool refund) {
     if (!S.used()) return;
     if (p0 < 0) p0 = 0;
@@ -125,13 +134,8 @@ void kvq_seq_remove(llama_kvq_state & s, kvq_seq & S, int32_t p0, int32_t p1, bo
         }
     }
     for (int32_t p = p0; p <= S.max_pos && p < p1; ++p) kvq_seq_forget_token(S, p);
-    // every layer holds the same positions: the first layer's say what is left
-    int32_t m = -1;
-    for (const kvq_pool & P : S.layers[0].pools) {
-        for (int32_t pos : P.pos) m = std::max(m, pos);
-    }
-    S.max_pos = m;
-    if (m < 0 && refund) S.norm = kvq_feature_norm(); // emptied: its statistics start over, as its price
+    S.max_pos = kvq_seq_last_pos(S);
+    if (S.max_pos < 0 && refund) S.norm = kvq_feature_norm(); // emptied: its statistics start over, as its price
 }
 
 // Copy the rows of positions [p0, p1) of sequence src to dst (its window rows with their feature
@@ -288,11 +292,7 @@ bool kvq_seq_move(llama_kvq_state & s, kvq_seq & S, int32_t p0, int32_t p1, int3
         if (S.tok_at[p] >= 0) toks.push_back({ moved(p), S.tok_at[p] });
         kvq_seq_forget_token(S, p);
     }
-    int32_t m = -1;
-    for (const kvq_pool & P : S.layers[0].pools) {
-        for (int32_t pos : P.pos) m = std::max(m, pos);
-    }
-    S.max_pos = m;
+    const int32_t m = S.max_pos = kvq_seq_last_pos(S);
     if ((int64_t) S.tok_at.size() <= m) S.tok_at.resize(m + 1, -1);
     for (const auto & pt : toks) {
         if (pt.first < 0 || pt.first > m) continue;
