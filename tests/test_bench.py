@@ -41,6 +41,11 @@ def test_bench_json_records(runner, tmp_path, tiny_model):
         assert 4.5 < by[("rule", c)]["bits_per_elem"] < 16
         assert by[("stock-f16", c)]["policy_share"] == 0 and by[("rule", c)]["policy_ms_per_tok"] > 0
     assert "decode t/s" in r.stdout and "rule" in r.stdout
+    # every record and the header name the machine: its CPU and SIMD level, and kvq's kernel tiles
+    from kvq_cli.eval.machine import cpu_name
+
+    assert {x["cpu"] for x in recs} == {cpu_name()} and all(" tiles" in x["simd"] for x in recs)
+    assert cpu_name() in " ".join(r.stdout.split()) and recs[0]["simd"] in " ".join(r.stdout.split())
 
 
 def test_bench_ratios_roofline_plot_reuse_prefill(runner, tmp_path, tiny_model):

@@ -194,7 +194,7 @@ def bench_cmd(
                         kvq=opts, n_threads=threads, vs=baselines, roofline=roofline, reuse_prefill=reuse_prefill,
                         on_run=lambda name, c: bar.update(task, description=f"{name} @ {c} done", advance=1))
     title = (f"kvq bench: {resolved.path.name}, text {source}, gen {gen}, median of {repeats}, "
-             f"{records[0].threads} threads")
+             f"{records[0].threads} threads; {records[0].cpu} ({records[0].simd})")
     if reuse_prefill:
         title += ", one prefill per policy"
     if roofline:

@@ -19,6 +19,7 @@ from typing import Callable
 import numpy as np
 
 from kvq_cli.errors import BadOption
+from kvq_cli.eval.machine import cpu_name, simd_level
 from kvq_cli.runtime.engine import Engine, ModelRef, as_model_ref
 from kvq_cli.runtime.kv import STOCK_POLICIES, KvPolicy, KvqOptions
 
@@ -55,6 +56,8 @@ class BenchRecord:
     bandwidth_gb_s: float | None = None  # measured read bandwidth of this machine
     bound_tok_s: float | None = None     # bandwidth / bytes_per_token
     bound_frac: float | None = None      # decode_tok_s / bound_tok_s
+    cpu: str = ""                        # the machine that measured it (eval.machine.cpu_name)
+    simd: str = ""                       # its SIMD level and the tiles kvq's attention ran (eval.machine.simd_level)
 
 
 def default_text(min_chars: int = 400_000) -> str:
@@ -213,6 +216,7 @@ def bench(model: str | Path | ModelRef, policies: list[KvPolicy], ctxs: list[int
     if missing:
         raise BadOption(f"--vs {', '.join(missing)} is not among the --kv policies")
     bandwidth = measure_bandwidth(n_threads) if roofline else None
+    cpu, simd = cpu_name(), simd_level()
     wbytes = weight_bytes_per_token(model.path) if roofline else None
     with Engine(model, kv=STOCK_POLICIES["stock-f16"], n_ctx=64) as tok_engine:  # tokenizer only
         all_tokens = tok_engine.tokenize(text)
@@ -259,7 +263,7 @@ def bench(model: str | Path | ModelRef, policies: list[KvPolicy], ctxs: list[int
                 kv_bytes=rs[-1]["kv_bytes"], bits_per_elem=rs[-1]["bits"], policy_ms_per_tok=pol,
                 policy_share=pol / ms, attn_ms_per_tok=attn, threads=n_threads,
                 decode_tok_s_runs=[round(x, 3) for x in dec_runs], prefill_tok_s_runs=[round(x, 2) for x in pre_runs],
-                reuse_prefill=reuse_prefill)
+                reuse_prefill=reuse_prefill, cpu=cpu, simd=simd)
             if bandwidth is not None:
                 r.weight_bytes = wbytes
                 r.bytes_per_token = wbytes + r.kv_bytes
