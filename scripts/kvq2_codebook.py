@@ -6,8 +6,9 @@ kvq2 codes each group of 4 values of a Hadamard-rotated KV row as one byte: 4 si
 16 magnitude patterns, times the block's f16 step (one per 64 values). The patterns come from
 Lloyd's algorithm on |x| of unit Gaussian 4-vectors, with the patterns tied to orbits under
 permutations of the coordinates (all small; one large; one very large; two large; all large:
-1 + 4 + 4 + 6 + 1 = 16), so 8 numbers describe them. Prints those numbers (the A_..H_ of
-ggml-quants.c, rounded to 4 decimals) and the normalised squared error of blocks of 64 Gaussian
+1 + 4 + 4 + 6 + 1 = 16), so 8 numbers describe them. Prints those numbers rounded to multiples
+of 1/55 (the A_..H_ of ggml-quants.c: a codeword is then an int8 vector over 55, the largest
+number 127/55, so integer dot products are exact) and the normalised squared error of blocks of 64 Gaussian
 values coded as the runtime codes them (step rms, 3 rounds of nearest patterns and a
 least-squares step), next to scalar 2-bit codes with one step per 64 values.
 """
@@ -25,6 +26,7 @@ PATTERNS = ([(0, 0, 0, 0)]
             + [tuple(3 if i == j else 4 for i in range(4)) for j in range(4)]
             + [tuple(5 if i in s else 6 for i in range(4)) for s in itertools.combinations(range(4), 2)]
             + [(7, 7, 7, 7)])
+INT_SCALE = 55   # codewords are int8 vectors over 55 (the largest number, about 2.31, is 127/55)
 START = np.array([0.35, 1.2, 0.45, 2.2, 0.55, 1.5, 0.55, 1.5])
 
 
@@ -85,11 +87,12 @@ def main() -> int:
         print("kvq2_codebook: error: need --samples >= 1000 and --iters >= 1", file=sys.stderr)
         return 1
     p = lloyd(a.samples, a.iters, a.seed)
-    for name, v in zip("ABCDEFGH", p):
-        print(f"#define {name}_ {v:.4f}f")
+    n = np.round(p * INT_SCALE)
+    for name, v, k in zip("ABCDEFGH", p, n):
+        print(f"#define {name}_ ({k:.0f}.0f/{INT_SCALE}.0f)   // Lloyd {v:.4f}")
     x = np.random.default_rng(a.seed + 1).standard_normal((8000, 64))
-    print(f"normalised MSE, blocks of 64 Gaussian values: codebook {vq_nmse(x, table(np.round(p, 4))):.4f}, "
-          f"scalar 2-bit codes {scalar_nmse(x):.4f}")
+    print(f"normalised MSE, blocks of 64 Gaussian values: codebook {vq_nmse(x, table(n / INT_SCALE)):.4f} "
+          f"(unrounded {vq_nmse(x, table(p)):.4f}), scalar 2-bit codes {scalar_nmse(x):.4f}")
     return 0
 
 
