@@ -9,9 +9,12 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=.venv
 
-# Build tools from Debian when missing: patch (applies the series), ccache (fast rebuilds).
+# Build tools from Debian when missing: patch (applies the series), ccache (fast rebuilds), and the
+# aarch64 cross compiler and qemu-user (the kernel test's ARM build, scripts/kernel_test.py); TOOL:PACKAGE.
 missing=""
-for tool in patch ccache cmake; do command -v "$tool" >/dev/null 2>&1 || missing="$missing $tool"; done
+for want in patch ccache cmake aarch64-linux-gnu-g++:g++-aarch64-linux-gnu qemu-aarch64:qemu-user; do
+  command -v "${want%%:*}" >/dev/null 2>&1 || missing="$missing ${want##*:}"
+done
 if [ -n "$missing" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   echo "[setup] installing$missing" >&2
   (apt-get update -qq && apt-get install -y -qq $missing) >/dev/null 2>&1 || echo "[setup] could not install$missing" >&2

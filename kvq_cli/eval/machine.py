@@ -32,9 +32,33 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
+# The tiles of kvq's fused attention kernel, widest first, and the CPU flags each needs (the
+# runtime's kvq_isa_best; KVQ_ATTN_ISA=NAME forces one the CPU supports).
+_TILES = (
+    ("avx512", "AVX-512", {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c"}),
+    ("avx2", "AVX2", {"avx2", "fma", "f16c"}),
+    ("neon", "NEON", {"asimd"}),
+    ("scalar", "scalar", set()),
+)
+
+
+def kvq_tiles(flags: set[str] | None = None) -> str:
+    """The tiles kvq's attention runs here, e.g. "AVX-512 + VNNI" (AVX-512 with VNNI and VBMI runs
+    q4_0 and kvq2 rows in integers), "AVX2", "NEON" or "scalar"."""
+    flags = _cpu_flags() if flags is None else flags
+    if platform.machine() in ("aarch64", "arm64"):
+        flags = flags | {"asimd"}
+    have = [(name, label) for name, label, need in _TILES if need <= flags]
+    forced = os.environ.get("KVQ_ATTN_ISA")
+    name, label = next(((n, lab) for n, lab in have if n == forced), have[0])
+    if name == "avx512" and {"avx512_vnni", "avx512vbmi"} <= flags:
+        label += " + VNNI"
+    return label
+
+
 def simd_level() -> str:
-    """The widest SIMD the CPU has, and the tiles kvq's attention kernel runs on it (chosen at run time:
-    AVX2 with FMA and F16C, else scalar; KVQ_ATTN_SIMD=0 forces scalar), e.g. "AVX-512, kvq AVX2 tiles"."""
+    """The widest SIMD the CPU has, and the tiles kvq's attention kernel runs on it, e.g.
+    "AVX-512 + AMX, kvq AVX-512 + VNNI tiles"."""
     flags = _cpu_flags()
     if "avx512f" in flags:
         level = "AVX-512" + (" + AMX" if "amx_tile" in flags else "")
@@ -44,5 +68,4 @@ def simd_level() -> str:
         level = "NEON"
     else:
         level = "scalar"
-    avx2_tiles = {"avx2", "fma", "f16c"} <= flags and os.environ.get("KVQ_ATTN_SIMD", "1") != "0"
-    return f"{level}, kvq {'AVX2' if avx2_tiles else 'scalar'} tiles"
+    return f"{level}, kvq {kvq_tiles(flags)} tiles"

@@ -16,6 +16,7 @@ N_POOLS = len(POOL_NAMES)
 POLICY_STATIC, POLICY_RULE, POLICY_LEARNED, POLICY_ASSIGN = 0, 1, 2, 3
 # enum llama_kvq_attn_kernel
 ATTN_DEFAULT, ATTN_REF, ATTN_FUSED_SCALAR, ATTN_FUSED_SIMD = 0, 1, 2, 3
+ATTN_FUSED_AVX2, ATTN_FUSED_AVX512, ATTN_FUSED_NEON = 4, 5, 6
 
 
 class KvqParams(ctypes.Structure):
@@ -118,6 +119,8 @@ _PROTOTYPES = {
     # int32_t llama_kvq_attend_kernel(struct llama_context * ctx, int32_t kernel, int32_t il, const float * q,
     #                                 int32_t n_q, const int32_t * q_pos, float * out);
     "llama_kvq_attend_kernel": (c_int32, [c_void_p, c_int32, c_int32, _P_f32, c_int32, _P_i32, _P_f32]),
+    # const char * llama_kvq_attn_isa(const struct llama_context * ctx)
+    "llama_kvq_attn_isa": (c_char_p, [c_void_p]),
 }
 
 

@@ -84,15 +84,31 @@ int32_t llama_kvq_attend(llama_context * ctx, int32_t il, const float * q, int32
     return llama_kvq_attend_kernel(ctx, LLAMA_KVQ_ATTN_DEFAULT, il, q, n_q, q_pos, out);
 }
 
+const char * llama_kvq_attn_isa(const llama_context * ctx) {
+    const llama_kvq_state * s = kvq_of(ctx);
+    return s ? kvq_isa_name(s->isa) : nullptr;
+}
+
 int32_t llama_kvq_attend_kernel(llama_context * ctx, int32_t kernel, int32_t il, const float * q, int32_t n_q,
                                 const int32_t * q_pos, float * out) {
     llama_kvq_state * s = kvq_of(ctx);
     if (!s) return kvq_fail("kvq is not enabled");
     if (il < 0 || il >= s->n_layer) return kvq_fail("layer out of range");
-    if (kernel < LLAMA_KVQ_ATTN_DEFAULT || kernel > LLAMA_KVQ_ATTN_FUSED_SIMD) return kvq_fail("unknown attention kernel");
+    if (kernel < LLAMA_KVQ_ATTN_DEFAULT || kernel > LLAMA_KVQ_ATTN_FUSED_NEON) return kvq_fail("unknown attention kernel");
     if (n_q < 0) return kvq_fail("n_q must be >= 0");
-    if (kernel == LLAMA_KVQ_ATTN_FUSED_SIMD && !kvq_simd_supported(s->hd, s->n_head / s->n_head_kv)) {
-        return kvq_fail("the AVX2 attention tiles need head_dim 64, at most 64 query heads per KV head and an AVX2/FMA/F16C CPU");
+    const int n_group = s->n_head / s->n_head_kv;
+    kvq_isa isa = s->isa;
+    switch (kernel) {
+        case LLAMA_KVQ_ATTN_FUSED_SCALAR: isa = KVQ_ISA_SCALAR; break;
+        case LLAMA_KVQ_ATTN_FUSED_SIMD:   isa = kvq_isa_best(s->hd, n_group); break;
+        case LLAMA_KVQ_ATTN_FUSED_AVX2:   isa = KVQ_ISA_AVX2; break;
+        case LLAMA_KVQ_ATTN_FUSED_AVX512: isa = KVQ_ISA_AVX512; break;
+        case LLAMA_KVQ_ATTN_FUSED_NEON:   isa = KVQ_ISA_NEON; break;
+        default: break;
+    }
+    if (kernel >= LLAMA_KVQ_ATTN_FUSED_SIMD && (isa == KVQ_ISA_SCALAR || !kvq_isa_supported(isa, s->hd, n_group))) {
+        return kvq_fail("no such SIMD attention tiles here: they need head_dim 64, at most 64 query heads per KV head "
+                        "and the CPU's support (AVX2 + FMA + F16C, AVX-512 F/BW/VL/DQ, or NEON)");
     }
     std::vector<float> buf;
     const float scale = 1.0f / std::sqrt((float) s->hd);
@@ -101,8 +117,8 @@ int32_t llama_kvq_attend_kernel(llama_context * ctx, int32_t kernel, int32_t il,
     const bool ref = kernel == LLAMA_KVQ_ATTN_REF || (kernel == LLAMA_KVQ_ATTN_DEFAULT && s->attn_ref);
     if (!ref) {
         // same chunking as in a graph; one thread runs every work item
-        const bool simd = s->simd;
-        if (kernel != LLAMA_KVQ_ATTN_DEFAULT) s->simd = kernel == LLAMA_KVQ_ATTN_FUSED_SIMD;
+        const kvq_isa isa0 = s->isa;
+        s->isa = isa;
         const int nc = kvq_n_chunks(kvq_layer_rows(L), kvq_chunk_slots(s->n_ctx));
         std::vector<float> part((size_t) nc * n_q * s->n_head * kvq_st_size(s->hd));
         const kvq_qsrc qs{ (const char *) q, s->hd * sizeof(float), (size_t) s->n_head * s->hd * sizeof(float) };
@@ -110,7 +126,7 @@ int32_t llama_kvq_attend_kernel(llama_context * ctx, int32_t kernel, int32_t il,
         kvq_fused_partial(*s, L, qs, Q, scale, part.data(), nc, 0, 1, buf, nullptr, 0);
         kvq_fused_merge(*s, L, 0, part.data(), nc, Q, (char *) out, (size_t) s->n_head * s->hd * sizeof(float),
                         0, 1, false, nullptr, 0, qs);
-        s->simd = simd;
+        s->isa = isa0;
         return 0;
     }
     for (int32_t i = 0; i < n_q; ++i) {

@@ -1,5 +1,5 @@
 // kvq: the fused kernel's AVX2 + FMA + F16C pieces (head_dim 64), compiled for that target
-// and chosen at run time (kvq_cpu_has_avx2, kvq_simd_supported): K/V tiles, received attention,
+// and chosen at run time (kvq_isa_best): K/V tiles, received attention,
 // query-aware rounding's accumulation.
 #include "llama-kvq-impl.h"
 
@@ -12,6 +12,31 @@ bool kvq_cpu_has_avx2() {
     static const bool ok = [] {
         __builtin_cpu_init();
         return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    }();
+    return ok;
+#else
+    return false;
+#endif
+}
+
+bool kvq_cpu_has_avx512() {
+#ifdef KVQ_HAVE_X86
+    static const bool ok = [] {
+        __builtin_cpu_init();
+        return kvq_cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+    }();
+    return ok;
+#else
+    return false;
+#endif
+}
+
+bool kvq_cpu_has_avx512_int() {
+#ifdef KVQ_HAVE_X86
+    static const bool ok = [] {
+        __builtin_cpu_init();
+        return kvq_cpu_has_avx512() && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vbmi");
     }();
     return ok;
 #else
@@ -156,7 +181,7 @@ KVQ_AVX2 static inline __m256 kvq_dot64_avx2(const __m256 * q, const float * k) 
 // tiles, features
 //
 
-// One tile of n <= KVQ_KB rows for the B.G <= 64 query heads of KV head B.g (kvq_simd_supported).
+// One tile of n <= KVQ_KB rows for the B.G <= 64 query heads of KV head B.g (kvq_isa_supported).
 KVQ_AVX2 void kvq_tile_avx2(const kvq_tile & T, const kvq_qblock & B, float * kt, float * vt, float * sbuf) {
     const int n = T.n, n8 = (n + 7) & ~7, ss = kvq_st_size(64);
     alignas(32) float zero[KVQ_KB] = {};

@@ -1,5 +1,6 @@
 // kvq: the fused attention kernel: partial states per (query block, key chunk), their merge,
-// the scalar tiles. The AVX2 tiles are in llama-kvq-attention-x86.cpp.
+// the scalar tiles and the choice of tiles. The SIMD tiles: llama-kvq-attention-x86.cpp (AVX2),
+// -avx512.cpp (AVX-512), -arm.cpp (NEON).
 #include "llama-kvq-impl.h"
 
 #include <algorithm>
@@ -44,6 +45,39 @@ static inline float kvq_h2f(const uint8_t * p) {
     ggml_fp16_t h;
     memcpy(&h, p, sizeof(h));
     return ggml_fp16_to_fp32(h);
+}
+
+//
+// the choice of tiles
+//
+
+bool kvq_isa_supported(kvq_isa isa, int hd, int n_group) {
+    const bool shape = hd == 64 && n_group <= 64;
+    switch (isa) {
+        case KVQ_ISA_SCALAR: return true;
+        case KVQ_ISA_AVX2:   return shape && kvq_cpu_has_avx2();
+        case KVQ_ISA_AVX512: return shape && kvq_cpu_has_avx512();
+#ifdef KVQ_HAVE_NEON
+        case KVQ_ISA_NEON:   return shape;
+#endif
+        default:             return false;
+    }
+}
+
+kvq_isa kvq_isa_best(int hd, int n_group) {
+    for (kvq_isa isa : { KVQ_ISA_AVX512, KVQ_ISA_AVX2, KVQ_ISA_NEON }) {
+        if (kvq_isa_supported(isa, hd, n_group)) return isa;
+    }
+    return KVQ_ISA_SCALAR;
+}
+
+const char * kvq_isa_name(kvq_isa isa) {
+    switch (isa) {
+        case KVQ_ISA_AVX2:   return "avx2";
+        case KVQ_ISA_AVX512: return "avx512";
+        case KVQ_ISA_NEON:   return "neon";
+        default:             return "scalar";
+    }
 }
 
 //
@@ -140,11 +174,58 @@ static void kvq_tile_scalar(const kvq_tile & T, const kvq_qblock & B, float * kt
 // driver: partial states, merge
 //
 
-// Per-thread scratch: q (plain, rotated), states, K/V tiles, scores.
+// Per-thread scratch: q (plain, rotated), states, K/V tiles, scores, int8 queries.
+static size_t kvq_q8_floats(int n_head) {
+    return ((size_t) KVQ_QB * n_head * 2 * sizeof(kvq_q8) + sizeof(float) - 1) / sizeof(float);
+}
+
 static float * kvq_fused_scratch(std::vector<float> & buf, int n_head, int hd) {
-    const size_t need = (size_t) KVQ_QB * n_head * (2 * hd + kvq_st_size(hd)) + 2 * (size_t) KVQ_KB * hd + (size_t) KVQ_KB * n_head + 64;
+    const size_t need = (size_t) KVQ_QB * n_head * (2 * hd + kvq_st_size(hd)) + 2 * (size_t) KVQ_KB * hd + (size_t) KVQ_KB * n_head + 64
+                      + kvq_q8_floats(n_head);
     if (buf.size() < need) buf.resize(need);
     return buf.data();
+}
+
+// int8 over the largest magnitude of n values; returns the step and the sum of the codes.
+static float kvq_q8_round(const float * q, int n, int8_t * v, int32_t & sum) {
+    float amax = 0.0f;
+    for (int e = 0; e < n; ++e) amax = std::max(amax, std::fabs(q[e]));
+    const float id = amax > 0.0f ? 127.0f / amax : 0.0f;
+    sum = 0;
+    for (int e = 0; e < n; ++e) {
+        v[e] = (int8_t) std::nearbyint(q[e] * id); // to nearest, ties to even (one instruction)
+        sum += v[e];
+    }
+    return amax / 127.0f;
+}
+
+void kvq_q8_prepare(const float * q, kvq_q8 & out) {
+    int8_t u[64];
+    out.d0 = kvq_q8_round(q, 32, u, out.s0);
+    out.d1 = kvq_q8_round(q + 32, 32, u + 32, out.s1);
+    for (int rep = 0; rep < 2; ++rep) {
+        for (int j = 0; j < 16; ++j) {
+            out.a[32 * rep + j] = u[j];
+            out.a[32 * rep + 16 + j] = u[32 + j];
+            out.b[32 * rep + j] = u[16 + j];
+            out.b[32 * rep + 16 + j] = u[48 + j];
+        }
+    }
+    for (int i = 0; i < 4; ++i) {
+        for (int g = 0; g < 16; ++g) out.c[16 * i + g] = u[4 * g + i];
+    }
+}
+
+// Tiles ahead whose K and V rows are prefetched: a tile's compute hides the next ones' memory
+// latency, which the hardware prefetcher does not (two streams, all heads of a row per line).
+#define KVQ_PF 2
+
+static inline void kvq_prefetch_rows(const kvq_pool & P, int64_t r0, int64_t r1) {
+    if (r0 >= r1) return;
+    const uint8_t * k = P.k.data() + r0 * P.row_k, * v = P.v.data() + r0 * P.row_v;
+    const size_t nk = (size_t) (r1 - r0) * P.row_k, nv = (size_t) (r1 - r0) * P.row_v;
+    for (size_t o = 0; o < nk; o += 64) __builtin_prefetch(k + o);
+    for (size_t o = 0; o < nv; o += 64) __builtin_prefetch(v + o);
 }
 
 // This thread's first local item of a set whose items start at global index work0.
@@ -167,6 +248,8 @@ void kvq_fused_partial(const llama_kvq_state & s, const kvq_layer & L, const kvq
     float * kt = qr + (size_t) KVQ_QB * nh * hd;
     float * vt = kt + (size_t) KVQ_KB * hd;
     float * sb = vt + (size_t) KVQ_KB * hd;
+    kvq_q8 * q8 = (kvq_q8 *) (sb + (size_t) KVQ_KB * nh + 64);
+    const bool use_q8 = s.isa == KVQ_ISA_AVX512 && kvq_cpu_has_avx512_int(); // the integer tiles' queries
     const int64_t N = kvq_layer_rows(L);
     const int n_qb = (n_tok + KVQ_QB - 1) / KVQ_QB;
     int prev_qb = -1; // a thread's consecutive items share a query block: prepare q once
@@ -183,6 +266,10 @@ void kvq_fused_partial(const llama_kvq_state & s, const kvq_layer & L, const kvq
                 float * dr = qr + ((size_t) t * nh + h) * hd;
                 memcpy(dr, d, hd * sizeof(float));
                 if (s.rotate) kvq_hadamard(dr, hd);
+                if (use_q8) {
+                    kvq_q8_prepare(d, q8[((size_t) t * nh + h) * 2]);
+                    kvq_q8_prepare(dr, q8[((size_t) t * nh + h) * 2 + 1]);
+                }
             }
         }
         prev_qb = qb;
@@ -190,7 +277,7 @@ void kvq_fused_partial(const llama_kvq_state & s, const kvq_layer & L, const kvq
             st[(size_t) t * ss] = -INFINITY;
             memset(st + (size_t) t * ss + 1, 0, (ss - 1) * sizeof(float));
         }
-        kvq_qblock B{ nt, qpos + tb, nh, G, 0, hd, qv, qr, st, nullptr, wsc_n };
+        kvq_qblock B{ nt, qpos + tb, nh, G, 0, hd, qv, qr, st, nullptr, wsc_n, use_q8 ? q8 : nullptr };
         const int64_t a = N * c / nc, b = N * (c + 1) / nc;
         int64_t off = 0;
         for (int p = 0; p < LLAMA_KVQ_N_STORED; ++p) {
@@ -200,17 +287,21 @@ void kvq_fused_partial(const llama_kvq_state & s, const kvq_layer & L, const kvq
             B.wsc = p == LLAMA_KVQ_WINDOW && wsc ? wsc + (size_t) tb * nh * wsc_n : nullptr;
             for (int64_t r0 = lo; r0 < hi; r0 += KVQ_KB) {
                 const int n = (int) std::min<int64_t>(KVQ_KB, hi - r0);
+                kvq_prefetch_rows(P, r0 + KVQ_PF * KVQ_KB, std::min<int64_t>(r0 + (KVQ_PF + 1) * KVQ_KB, hi));
                 for (int g = 0; g < s.n_head_kv; ++g) {
                     const kvq_tile T{ P.tk, P.tv, P.k.data() + r0 * P.row_k + g * P.head_k, P.v.data() + r0 * P.row_v + g * P.head_v,
                                       P.row_k, P.row_v, P.pos.data() + r0, n, P.rotated, r0 };
                     B.g = g;
+                    switch (s.isa) {
 #ifdef KVQ_HAVE_X86
-                    if (s.simd) {
-                        kvq_tile_avx2(T, B, kt, vt, sb);
-                        continue;
-                    }
+                        case KVQ_ISA_AVX2:   kvq_tile_avx2(T, B, kt, vt, sb); break;
+                        case KVQ_ISA_AVX512: kvq_tile_avx512(T, B, kt, vt, sb); break;
 #endif
-                    kvq_tile_scalar(T, B, kt, vt, sb);
+#ifdef KVQ_HAVE_NEON
+                        case KVQ_ISA_NEON:   kvq_tile_neon(T, B, kt, vt, sb); break;
+#endif
+                        default:             kvq_tile_scalar(T, B, kt, vt, sb); break;
+                    }
                 }
             }
         }
@@ -231,30 +322,34 @@ static void kvq_qacc_add(std::vector<float> & acc, const kvq_pool & W, int32_t q
     }
 }
 
-// Merge the chunks of the thread's tokens: token i's output row at out + idx[i] * out_nb1 bytes.
-// With `feat`, also the window features (thread slot ith) as the reference computes them;
+// Merge the chunks: work items are (token, KV head) pairs, so one decoded token's heads and
+// window features spread over the threads too. Token i's output row is at out + idx[i] * out_nb1
+// bytes. With `feat`, also the window features (thread slot ith) as the reference computes them;
 // their time is returned (ms) so it counts as policy work, not attention.
 double kvq_fused_merge(const llama_kvq_state & s, kvq_layer & L, size_t ub_base, const float * part, int nc,
                        const kvq_qset & Q, char * out, size_t out_nb1, int ith, int nth, bool feat, const float * wsc,
                        int64_t wsc_n, const kvq_qsrc & qs) {
-    const int hd = s.hd, nh = s.n_head, ss = kvq_st_size(hd);
+    const int hd = s.hd, nh = s.n_head, ss = kvq_st_size(hd), nkv = s.n_head_kv, G = nh / nkv;
     const int n_tok = Q.n;
     const int32_t * qpos = Q.qpos;
-    std::vector<float> buf(2 * (size_t) hd + 4 * (size_t) nh);
+    std::vector<float> buf(2 * (size_t) hd + 4 * (size_t) G);
     float * acc = buf.data();      // [2 * hd]: plain and rotated accumulators of one head
-    float * Mh = acc + 2 * hd;     // per head: merged max, sum, sum p*s, 1 / sum
-    float * lh = Mh + nh;
-    float * th = lh + nh;
-    float * inv_lh = th + nh;
+    float * Mh = acc + 2 * hd;     // per head of the group: merged max, sum, sum p*s, 1 / sum
+    float * lh = Mh + G;
+    float * th = lh + G;
+    float * inv_lh = th + G;
     bool qacc_simd = false; // the window's p^2 q accumulation by KV head, AVX2 (hd 64, up to 8 heads per KV head)
 #ifdef KVQ_HAVE_X86
-    qacc_simd = feat && s.simd && !L.qacc_t.empty() && hd == 64 && nh / s.n_head_kv <= 8;
+    qacc_simd = feat && (s.isa == KVQ_ISA_AVX2 || s.isa == KVQ_ISA_AVX512) && !L.qacc_t.empty() && hd == 64 && G <= 8;
 #endif
     double t_feat = 0.0;
-    for (int64_t i = kvq_first_item(Q.work0, ith, nth); i < n_tok; i += nth) {
+    for (int64_t it = kvq_first_item(Q.work0, ith, nth); it < (int64_t) n_tok * nkv; it += nth) {
+        const int64_t i = it / nkv;
+        const int g = (int) (it % nkv);
         const size_t ti = Q.idx ? (size_t) Q.idx[i] : (size_t) i; // the token's row in the ubatch
         float * o = (float *) (out + ti * out_nb1);
-        for (int h = 0; h < nh; ++h) {
+        for (int j = 0; j < G; ++j) {
+            const int h = g * G + j;
             float M = -INFINITY;
             for (int c = 0; c < nc; ++c) {
                 const float * st = part + (((size_t) c * n_tok + i) * nh + h) * ss;
@@ -273,9 +368,9 @@ double kvq_fused_merge(const llama_kvq_state & s, kvq_layer & L, size_t ub_base,
             if (s.rotate) kvq_hadamard(acc + hd, hd);
             const float inv = l > 0.0f ? 1.0f / l : 0.0f;
             for (int e = 0; e < hd; ++e) o[h * hd + e] = (acc[e] + acc[hd + e]) * inv;
-            Mh[h] = M;
-            lh[h] = l;
-            th[h] = t;
+            Mh[j] = M;
+            lh[j] = l;
+            th[j] = t;
         }
         if (!feat) continue;
         const double t0 = kvq_now_ms();
@@ -283,21 +378,22 @@ double kvq_fused_merge(const llama_kvq_state & s, kvq_layer & L, size_t ub_base,
         const kvq_pool & W = L.pools[LLAMA_KVQ_WINDOW];
         auto & recv = L.recv_t[ith];
         auto & nq = L.nq_t[ith];
-        for (int h = 0; h < nh; ++h) {
-            const float M = Mh[h], l = lh[h];
+        for (int j = 0; j < G; ++j) {
+            const int h = g * G + j;
+            const float M = Mh[j], l = lh[j];
             if (!(l > 0.0f)) continue;
             // entropy of this query's attention: -sum p log p = M + log l - t / l
-            const double ent = (double) M + std::log((double) l) - (double) th[h] / l;
+            const double ent = (double) M + std::log((double) l) - (double) th[j] / l;
             L.ent[(ub_base + i) * nh + h] = qp > 0 ? (float) (std::max(0.0, ent) / std::log((double) qp + 1.0)) : 0.0f;
             // attention received by earlier window rows
             const float * sc = wsc + ((size_t) i * nh + h) * wsc_n;
             const float rel = (float) (qp + 1) / l;
             if (!L.qacc_t.empty() && !qacc_simd) {
                 const float * qh = (const float *) (qs.data + ti * qs.nb2 + (size_t) h * qs.nb1);
-                kvq_qacc_add(L.qacc_t[ith], W, qp, sc, M, 1.0f / l, qh, (h / (nh / s.n_head_kv)) * hd, hd, s.n_embd_kv);
+                kvq_qacc_add(L.qacc_t[ith], W, qp, sc, M, 1.0f / l, qh, g * hd, hd, s.n_embd_kv);
             }
 #ifdef KVQ_HAVE_X86
-            if (s.simd) {
+            if (s.isa == KVQ_ISA_AVX2 || s.isa == KVQ_ISA_AVX512) {
                 kvq_recv_avx2(sc, W.pos.data(), W.n(), qp, M, rel, recv.data() + h, nq.data() + h, nh);
                 continue;
             }
@@ -310,14 +406,13 @@ double kvq_fused_merge(const llama_kvq_state & s, kvq_layer & L, size_t ub_base,
         }
 #ifdef KVQ_HAVE_X86
         if (qacc_simd) {
-            const int G = nh / s.n_head_kv;
             const float * qh[8];
-            for (int h = 0; h < nh; ++h) inv_lh[h] = lh[h] > 0.0f ? 1.0f / lh[h] : 0.0f;
-            for (int g = 0; g < s.n_head_kv; ++g) {
-                for (int j = 0; j < G; ++j) qh[j] = (const float *) (qs.data + ti * qs.nb2 + (size_t) (g * G + j) * qs.nb1);
-                kvq_qacc_group_avx2(L.qacc_t[ith].data() + g * hd, s.n_embd_kv, W.pos.data(), W.n(), qp,
-                                    wsc + ((size_t) i * nh + g * G) * wsc_n, wsc_n, Mh + g * G, inv_lh + g * G, qh, G);
+            for (int j = 0; j < G; ++j) {
+                inv_lh[j] = lh[j] > 0.0f ? 1.0f / lh[j] : 0.0f;
+                qh[j] = (const float *) (qs.data + ti * qs.nb2 + (size_t) (g * G + j) * qs.nb1);
             }
+            kvq_qacc_group_avx2(L.qacc_t[ith].data() + g * hd, s.n_embd_kv, W.pos.data(), W.n(), qp,
+                                wsc + ((size_t) i * nh + g * G) * wsc_n, wsc_n, Mh, inv_lh, qh, G);
         }
 #endif
         t_feat += kvq_now_ms() - t0;

@@ -196,11 +196,15 @@ int32_t llama_kvq_enable(llama_context * ctx, const llama_kvq_params * params) {
     s->rotate = p.rotate != 0; // in whole 64-value chunks per head (head_dim % 64 == 0)
     s->need_feat = p.policy == LLAMA_KVQ_POLICY_RULE || p.policy == LLAMA_KVQ_POLICY_LEARNED || p.trace || p.qar_mu > 0.0f;
     s->direct = p.policy == LLAMA_KVQ_POLICY_STATIC && s->p.window == 0;
-    // KVQ_ATTN_REF=1 / KVQ_ATTN_SIMD=0 override the kernel choice (benchmarks, fallback tests)
+    // KVQ_ATTN_REF=1 / KVQ_ATTN_ISA=scalar|avx2|avx512|neon override the kernel choice (benchmarks,
+    // fallback tests); an ISA the CPU or the shape does not support falls back to the best one
     const char * env_ref = getenv("KVQ_ATTN_REF");
-    const char * env_simd = getenv("KVQ_ATTN_SIMD");
+    const char * env_isa = getenv("KVQ_ATTN_ISA");
     s->attn_ref = p.attn_ref != 0 || (env_ref && atoi(env_ref) != 0);
-    s->simd = kvq_simd_supported(hd, n_head / n_head_kv) && !(env_simd && atoi(env_simd) == 0);
+    s->isa = kvq_isa_best(hd, n_head / n_head_kv);
+    for (kvq_isa isa : { KVQ_ISA_SCALAR, KVQ_ISA_AVX2, KVQ_ISA_AVX512, KVQ_ISA_NEON }) {
+        if (env_isa && strcmp(env_isa, kvq_isa_name(isa)) == 0 && kvq_isa_supported(isa, hd, n_head / n_head_kv)) s->isa = isa;
+    }
     if (p.record_q) {
         s->qrec.resize(s->n_layer);
         s->qrec_pos.resize(s->n_layer);

@@ -132,7 +132,7 @@ static void kvq_op_fused_merge(ggml_tensor * dst, int ith, int nth, void * userd
         kvq_seq & S = s.seqs[seq];
         kvq_layer & L = S.layers[a->il];
         const int nc = kvq_n_chunks(kvq_layer_rows(L), slots);
-        // work0 0: a sequence's token t merges on thread t % nth whatever else shares the ubatch, so the
+        // work0 0: a sequence's token t, KV head g merges on thread (t n_head_kv + g) % nth whatever else shares the ubatch, so the
         // window features it adds to per-thread slots (summed at the row's decision) add up in the same
         // order as when the sequence runs alone: a request's decisions do not depend on other requests
         const kvq_qset Q{ S.ub_n, s.ub_order.data() + S.ub_first, s.ub_qpos.data() + S.ub_first, 0 };

@@ -8,6 +8,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <string>
 #include <unordered_map>
@@ -16,9 +17,15 @@
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define KVQ_HAVE_X86 1
 #include <immintrin.h>
-// AVX2 + FMA + F16C code is compiled for that target and chosen at run time (kvq_cpu_has_avx2);
-// declarations carry the attribute too (a different one would declare another version)
+// AVX2 + FMA + F16C and AVX-512 (F, BW, VL, DQ) code is compiled for that target and chosen at
+// run time (kvq_isa_best); declarations carry the attribute too (a different one would declare
+// another version)
 #define KVQ_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define KVQ_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
+#define KVQ_AVX512I __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,avx2,fma,f16c")))
+#endif
+#if defined(__aarch64__) && defined(__ARM_NEON)
+#define KVQ_HAVE_NEON 1 // every aarch64 CPU has NEON (Advanced SIMD) and f16 conversions
 #endif
 
 //
@@ -30,11 +37,17 @@ int32_t kvq_fail(const std::string & msg);
 
 // AVX2, FMA and F16C (false off x86).
 bool kvq_cpu_has_avx2();
+// AVX-512 F, BW, VL and DQ (false off x86).
+bool kvq_cpu_has_avx512();
+// AVX-512 VNNI and VBMI besides: the AVX-512 tiles' integer path (q4_0 and kvq2 rows).
+bool kvq_cpu_has_avx512_int();
 
-// The fused kernel's AVX2 tiles: head_dim 64, at most 64 query heads per KV head, CPU support.
-static inline bool kvq_simd_supported(int hd, int n_group) {
-    return hd == 64 && n_group <= 64 && kvq_cpu_has_avx2();
-}
+// The tiles the fused attention kernel runs (llama-kvq-attention.cpp): scalar everywhere; the
+// SIMD ones need head_dim 64 and at most 64 query heads per KV head, and the CPU's support.
+enum kvq_isa { KVQ_ISA_SCALAR = 0, KVQ_ISA_AVX2 = 1, KVQ_ISA_AVX512 = 2, KVQ_ISA_NEON = 3 };
+bool        kvq_isa_supported(kvq_isa isa, int hd, int n_group);
+kvq_isa     kvq_isa_best(int hd, int n_group); // the widest supported
+const char * kvq_isa_name(kvq_isa isa);       // "scalar", "avx2", "avx512", "neon"
 
 static inline double kvq_now_ms() {
     return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count();
@@ -258,7 +271,7 @@ struct llama_kvq_state {
     std::vector<kvq_exit_row> exit_rows; // per layer, reused by after_ubatch
     std::vector<float> wsc;  // fused kernel, features: raw window scores [n_tok][n_head][wsc_n]
     int64_t wsc_n = 0;
-    bool simd = false;       // fused kernel: AVX2 tiles (kvq_simd_supported)
+    kvq_isa isa = KVQ_ISA_SCALAR; // fused kernel: the tiles it runs (kvq_isa_best, env KVQ_ATTN_ISA)
     bool attn_ref = false;   // reference attention (kvq_attend_group) instead of the fused kernel
     int64_t n_budget_demotions = 0;
     double t_policy_ms = 0.0, t_attn_ms = 0.0;
@@ -297,7 +310,7 @@ bool kvq_fits(const llama_kvq_state & s, int64_t delta, int64_t d_rows, int64_t 
 int  kvq_fit_pool(llama_kvq_state & s, int pool, int from, int64_t rows);
 
 //
-// quantization (llama-kvq-quant.cpp)
+// quantization (llama-kvq-quant.cpp; the rotation and the kvq2 table: llama-kvq-transform.cpp)
 //
 
 // Normalised fast Walsh-Hadamard transform over each 64-element chunk (self-inverse).
@@ -340,7 +353,7 @@ void kvq_attend_group(const llama_kvq_state & s, kvq_layer & L, const float * q,
 // Fused kernel (llama-kvq-attention.cpp, design there). Partial state layout, floats:
 // [m, l, t, pad, acc_plain[hd], acc_rot[hd]]
 #define KVQ_QB 16          // query tokens per block
-#define KVQ_KB 32          // key rows per tile
+#define KVQ_KB 64          // key rows per tile
 #define KVQ_MAX_CHUNKS 8   // key chunks (decode parallelism)
 #define KVQ_CHUNK_MIN 64   // fewest keys per chunk
 
@@ -357,6 +370,17 @@ struct kvq_tile {
     int64_t row0;           // first row's index in its pool (window scores)
 };
 
+// A scaled query row of 64 values as int8 for the integer tiles: q ~= d0 * u over values 0..31
+// and d1 * u over 32..63 (q8_0's blocks), s0 / s1 the sums of u per block, in the orders the
+// tiles read: for q4_0 rows a = [u0..15, u32..47] twice, b = [u16..31, u48..63] twice; for kvq2
+// rows c[16 i + g] = u[4 g + i].
+struct kvq_q8 {
+    int8_t a[64], b[64], c[64];
+    float d0, d1;
+    int32_t s0, s1;
+};
+void kvq_q8_prepare(const float * q, kvq_q8 & out);
+
 struct kvq_qblock {
     int nt;                 // tokens in the block
     const int32_t * qpos;   // [nt]
@@ -366,6 +390,7 @@ struct kvq_qblock {
     float * st;             // [nt][n_head][kvq_st_size(hd)]
     float * wsc;            // raw window scores [nt][n_head][wsc_n] or null
     int64_t wsc_n;
+    const kvq_q8 * q8;      // [nt][n_head][2] (plain, rotated) for the integer tiles, or null
 };
 
 // Query rows of a ubatch: element (token i, head h) at data + i*nb2 + h*nb1 (f32, hd values).
@@ -400,11 +425,49 @@ double  kvq_fused_merge(const llama_kvq_state & s, kvq_layer & L, size_t ub_base
                         int64_t wsc_n, const kvq_qsrc & qs);
 
 #ifdef KVQ_HAVE_X86
-// AVX2 pieces of the fused kernel (llama-kvq-attention-x86.cpp; head_dim 64, kvq_simd_supported).
+// AVX2 pieces of the fused kernel (llama-kvq-attention-x86.cpp; head_dim 64, kvq_isa_supported).
 KVQ_AVX2 void kvq_tile_avx2(const kvq_tile & T, const kvq_qblock & B, float * kt, float * vt, float * sbuf);
 KVQ_AVX2 void kvq_recv_avx2(const float * sc, const int32_t * pos, size_t n, int32_t qp, float M, float rel,
                             float * recv, int32_t * nq, int nh);
 KVQ_AVX2 void kvq_qacc_group_avx2(float * acc, size_t stride, const int32_t * pos, size_t n, int32_t qp,
                                   const float * sc, int64_t sc_n, const float * M, const float * inv_l,
                                   const float * const * qh, int G);
+#endif
+#ifdef KVQ_HAVE_X86
+// AVX-512 tiles (llama-kvq-attention-avx512.cpp; head_dim 64, kvq_isa_supported).
+KVQ_AVX512 void kvq_tile_avx512(const kvq_tile & T, const kvq_qblock & B, float * kt, float * vt, float * sbuf);
+// Their integer path (llama-kvq-attention-vnni.cpp): the K and V types it takes, the tile.
+bool kvq_tile_int_types(ggml_type tk, ggml_type tv);
+KVQ_AVX512I void kvq_tile_avx512_int(const kvq_tile & T, const kvq_qblock & B, float * sbuf, float * scratch);
+
+// Helpers of both AVX-512 files.
+KVQ_AVX512 static inline float kvq_h2f_512(const uint8_t * p) {
+    uint16_t h;
+    memcpy(&h, p, sizeof(h));
+    return _cvtsh_ss(h);
+}
+
+// exp(x) for x <= 0 (Cephes polynomial as kvq_exp_avx2; clamps below -87.3).
+KVQ_AVX512 static inline __m512 kvq_exp_512(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.33654f));
+    x = _mm512_min_ps(x, _mm512_set1_ps(88.3762626647949f));
+    __m512 fx = _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f));
+    fx = _mm512_roundscale_ps(fx, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
+    x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), x);
+    const __m512 z = _mm512_mul_ps(x, x);
+    __m512 y = _mm512_set1_ps(1.9875691500E-4f);
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507E-3f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073E-3f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894E-2f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459E-1f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201E-1f));
+    y = _mm512_fmadd_ps(y, z, _mm512_add_ps(x, _mm512_set1_ps(1.0f)));
+    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(fx), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(y, _mm512_castsi512_ps(e));
+}
+#endif
+#ifdef KVQ_HAVE_NEON
+// NEON tiles (llama-kvq-attention-arm.cpp; head_dim 64, kvq_isa_supported): kvq_tile_avx2's contract.
+void kvq_tile_neon(const kvq_tile & T, const kvq_qblock & B, float * kt, float * vt, float * sbuf);
 #endif

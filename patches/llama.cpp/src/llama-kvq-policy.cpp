@@ -354,6 +354,9 @@ static void kvq_seq_exits(llama_kvq_state & s, kvq_seq & S) {
     for (const auto & lr : leaving) {
         const int32_t pos = lr.first;
         const size_t i = lr.second;
+        // the per-layer work (decode, trial encoding, re-encoding) runs on the decode threads
+        // (ggml's OpenMP team); the decisions stay in position and layer order
+#pragma omp parallel for num_threads(s.n_threads_max) schedule(static) if (s.n_threads_max > 1)
         for (int il = 0; il < s.n_layer; ++il) kvq_exit_prepare(s, S.layers[il], i, full_feat, s.exit_rows[il]);
         if (s.p.per_layer) {
             for (int il = 0; il < s.n_layer; ++il) {
@@ -400,6 +403,7 @@ static void kvq_seq_exits(llama_kvq_state & s, kvq_seq & S) {
             }
         }
         // held already counts the rows in their new pools; the window copies go below
+#pragma omp parallel for num_threads(s.n_threads_max) schedule(static) if (s.n_threads_max > 1)
         for (int il = 0; il < s.n_layer; ++il) {
             kvq_exit_append(s, S.layers[il].pools[target[il]], s.exit_rows[il], pos);
         }
@@ -407,6 +411,7 @@ static void kvq_seq_exits(llama_kvq_state & s, kvq_seq & S) {
     std::vector<size_t> rows_desc;
     for (auto & lr : leaving) rows_desc.push_back(lr.second);
     std::sort(rows_desc.rbegin(), rows_desc.rend());
+#pragma omp parallel for num_threads(s.n_threads_max) schedule(static) if (s.n_threads_max > 1)
     for (int il = 0; il < s.n_layer; ++il) {
         for (size_t i : rows_desc) {
             kvq_window_remove(S.layers[il], i, s.n_head, s.n_embd_kv);

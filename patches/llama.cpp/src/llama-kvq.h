@@ -94,7 +94,7 @@ struct llama_kvq_params {
     float   rule_heavy;     // RULE: received attention >= rule_heavy x uniform share -> 8 bits
     int32_t rule_base_bits; // RULE: bits for the other tokens
     int32_t attn_ref;       // 1: reference attention (two-pass, per query token and KV head) instead of
-                            //    the fused kernel; env KVQ_ATTN_REF=1 forces it, KVQ_ATTN_SIMD=0 the scalar tiles
+                            //    the fused kernel; env KVQ_ATTN_REF=1 forces it, KVQ_ATTN_ISA=NAME the tiles
     int32_t record_q;       // 1: keep every query row per layer (llama_kvq_get_queries; training oracle)
     float   price_step;     // LEARNED with budget_bits: price change per row and effective bit of overspend;
                             //    decisions maximise logit - price * bits so the cache tracks budget_bits
@@ -215,13 +215,19 @@ LLAMA_API int32_t llama_kvq_attend(struct llama_context * ctx, int32_t il, const
                                    const int32_t * q_pos, float * out);
 
 // Kernels for llama_kvq_attend_kernel (tests, A/B): the context's choice, the reference,
-// the fused kernel with scalar tiles, the fused kernel with AVX2 tiles (error if unavailable).
+// the fused kernel with scalar tiles, with the widest SIMD tiles the CPU has, with the AVX2,
+// AVX-512 or NEON tiles (error if unavailable).
 enum llama_kvq_attn_kernel {
     LLAMA_KVQ_ATTN_DEFAULT      = 0,
     LLAMA_KVQ_ATTN_REF          = 1,
     LLAMA_KVQ_ATTN_FUSED_SCALAR = 2,
     LLAMA_KVQ_ATTN_FUSED_SIMD   = 3,
+    LLAMA_KVQ_ATTN_FUSED_AVX2   = 4,
+    LLAMA_KVQ_ATTN_FUSED_AVX512 = 5,
+    LLAMA_KVQ_ATTN_FUSED_NEON   = 6,
 };
+// The tiles a kvq context's fused kernel runs: "scalar", "avx2", "avx512" or "neon" (null: kvq off).
+LLAMA_API const char * llama_kvq_attn_isa(const struct llama_context * ctx);
 // llama_kvq_attend with an explicit kernel.
 LLAMA_API int32_t llama_kvq_attend_kernel(struct llama_context * ctx, int32_t kernel, int32_t il, const float * q,
                                           int32_t n_q, const int32_t * q_pos, float * out);
