@@ -6,6 +6,7 @@ import json
 import pytest
 
 from kvq_cli.cli.app import app
+from kvq_cli.eval.bench import BenchRecord
 
 from .conftest import TINY_EMBD_KV, TINY_LAYERS
 from .test_errors import assert_one_line_error
@@ -69,7 +70,11 @@ def test_bench_ratios_roofline_plot_reuse_prefill(runner, tmp_path, tiny_model):
         assert x["bound_tok_s"] == pytest.approx(x["bandwidth_gb_s"] * 1e9 / x["bytes_per_token"])
         assert 0 < x["bound_frac"] < 1.0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "decode ×" in r.stdout and "bound t/s" in r.stdout
+    assert "decode ×" in r.stdout and "bound t/s" in r.stdout and "attn × bound" in r.stdout
+    # the kvq attention beside its own bound: the KV bytes held read once at the measured bandwidth
+    rec = BenchRecord(**{**q4, "attn_ms_per_tok": 2.0})
+    assert rec.attn_vs_bound == pytest.approx(2.0 / (q4["kv_bytes"] / (q4["bandwidth_gb_s"] * 1e9) * 1e3))
+    assert BenchRecord(**base).attn_vs_bound is None   # a stock cache has no kvq attention
 
 
 @pytest.mark.parametrize("args,needle", [

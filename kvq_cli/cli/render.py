@@ -75,7 +75,7 @@ def bench_table(records, title: str, *, baselines: list[str] | None, roofline: b
     if baselines:
         cols += ["decode ×", "prefill ×"]
     if roofline:
-        cols += ["MB/tok", "bound t/s", "% of bound"]
+        cols += ["MB/tok", "bound t/s", "% of bound", "attn × bound"]
     t = _table(title, cols, left=("kv",))
     for r in records:
         row = [r.kv, str(r.ctx), f"{r.bits_per_elem:.2f}", f"{r.kv_bytes / 2**20:.2f}", f"{r.prefill_tok_s:.1f}",
@@ -84,7 +84,9 @@ def bench_table(records, title: str, *, baselines: list[str] | None, roofline: b
         if baselines:
             row += [f"{r.decode_vs:.2f}", f"{r.prefill_vs:.2f}"]
         if roofline:
-            row += [f"{r.bytes_per_token / 1e6:.0f}", f"{r.bound_tok_s:.1f}", f"{100 * r.bound_frac:.0f}"]
+            ab = r.attn_vs_bound
+            row += [f"{r.bytes_per_token / 1e6:.0f}", f"{r.bound_tok_s:.1f}", f"{100 * r.bound_frac:.0f}",
+                    f"{ab:.1f}" if ab is not None else "-"]
         t.add_row(*row)
     out = _out(200)
     out.print(t)

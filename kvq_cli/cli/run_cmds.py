@@ -158,7 +158,7 @@ def bench_cmd(
     text: Annotated[Optional[str], typer.Option("--text", help="Text file to prefill (default: wikitext-2 from --data, else Python's stdlib docstrings).")] = None,
     data: Annotated[Optional[str], typer.Option("--data", help="Evaluation data dir (uses wikitext2/wiki.test.nonempty-lf.raw).")] = None,
     vs: Annotated[Optional[str], typer.Option("--vs", help="Baseline policies (comma-separated, among --kv): print speed ratios against the fastest of them at each context.")] = None,
-    roofline: Annotated[bool, typer.Option("--roofline", help="Measure memory bandwidth; show bytes read per decoded token (weights + KV) and the bandwidth bound.")] = False,
+    roofline: Annotated[bool, typer.Option("--roofline", help="Measure memory bandwidth; show bytes read per decoded token (weights + KV), the bandwidth bound, and kvq's attention time over its own bound (KV bytes held / bandwidth).")] = False,
     plot_path: Annotated[Optional[str], typer.Option("--plot", help="Draw decode tokens/s vs context per policy to this PNG (needs kvq-cli\\[plot]).")] = None,
     reuse_prefill: Annotated[bool, typer.Option("--reuse-prefill", help="Prefill once per policy and context; repeats roll the cache back and decode again (for slow-prefill caches; prefill speed is then one run).")] = False,
     threads: ThreadsOpt = None,

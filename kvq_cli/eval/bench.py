@@ -59,6 +59,14 @@ class BenchRecord:
     cpu: str = ""                        # the machine that measured it (eval.machine.cpu_name)
     simd: str = ""                       # its SIMD level and the tiles kvq's attention ran (eval.machine.simd_level)
 
+    @property
+    def attn_vs_bound(self) -> float | None:
+        """The kvq attention's ms/token over its own bandwidth bound, the KV bytes held read once at
+        the measured bandwidth (--roofline; None for a stock cache or without a bandwidth)."""
+        if not self.bandwidth_gb_s or not self.attn_ms_per_tok or not self.kv_bytes:
+            return None
+        return self.attn_ms_per_tok / (self.kv_bytes / (self.bandwidth_gb_s * 1e9) * 1e3)
+
 
 def default_text(min_chars: int = 400_000) -> str:
     """Real English text available offline: the docstrings of the Python standard library."""

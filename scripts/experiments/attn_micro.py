@@ -55,7 +55,8 @@ def main() -> None:
         for b, c in zip(*np.unique(rows[:m], return_counts=True)):
             mix[int(b)] = mix.get(int(b), 0) + int(c)
     tot = sum(mix.values())
-    print("pool mix (bits: share):", {b: round(c / tot, 3) for b, c in sorted(mix.items())})
+    names = {0: "window", 1: "f16", 2: "q8", 3: "q4", 4: "k4v2", 5: "q2"}
+    print("rows per pool (share):", {names.get(b, b): round(c / tot, 3) for b, c in sorted(mix.items())})
     rng = np.random.default_rng(0)
     q = rng.standard_normal((1, d.n_head, d.head_dim)).astype(np.float32) * 2
     qpos = np.array([n], np.int32)
