@@ -249,7 +249,15 @@ void kvq_fused_partial(const llama_kvq_state & s, const kvq_layer & L, const kvq
     float * vt = kt + (size_t) KVQ_KB * hd;
     float * sb = vt + (size_t) KVQ_KB * hd;
     kvq_q8 * q8 = (kvq_q8 *) (sb + (size_t) KVQ_KB * nh + 64);
-    const bool use_q8 = s.isa == KVQ_ISA_AVX512 && kvq_cpu_has_avx512_int(); // the integer tiles' queries
+    // the integer tiles' queries: AVX-512 with VNNI and VBMI, and rows the tiles take (q4_0 / kvq2)
+    bool use_q8 = false;
+    if (s.isa == KVQ_ISA_AVX512 && kvq_cpu_has_avx512_int()) {
+        for (int p = 0; p < LLAMA_KVQ_N_STORED; ++p) {
+            const kvq_pool & P = L.pools[p];
+            const auto int_type = [](ggml_type t) { return t == GGML_TYPE_Q4_0 || t == GGML_TYPE_KVQ2; };
+            use_q8 = use_q8 || (P.n() > 0 && int_type(P.tk) && int_type(P.tv));
+        }
+    }
     const int64_t N = kvq_layer_rows(L);
     const int n_qb = (n_tok + KVQ_QB - 1) / KVQ_QB;
     int prev_qb = -1; // a thread's consecutive items share a query block: prepare q once
